@@ -1,0 +1,195 @@
+//! The nodes a run can address: inline `[[node]]` entries from the config
+//! and/or an R2LAB-style JSON inventory file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// One lab node as the inventory describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Node {
+    /// Full inventory name, e.g. `fit05` or `hv-west`.
+    pub name: String,
+    /// The digits ending the name (`fit05` → 5), if any.
+    pub number: Option<u32>,
+    /// Host name or IP the controller reaches it at over SSH.
+    pub address: String,
+    /// SSH port override (else `[ssh] port`).
+    pub port: Option<u16>,
+    /// SSH user override (else `[ssh] user`).
+    pub user: Option<String>,
+    /// Target override (else `[load] target`); may hold placeholders.
+    pub target: Option<String>,
+    /// MAC address, for hooks (`{mac}`).
+    pub mac: Option<String>,
+    /// Address on a separate data network, for relays between nodes.
+    pub data_address: Option<String>,
+    /// Loaded in-process on the controller, without SSH.
+    pub local: bool,
+    /// Other attributes (R2LAB `cmc.*` and the like), usable in hooks.
+    pub extra: BTreeMap<String, String>,
+}
+
+/// The digits that end `name`, as a node number: `fit05` → 5, `hv-west` → None.
+pub fn number_of(name: &str) -> Option<u32> {
+    let digits_start = name
+        .char_indices()
+        .rev()
+        .take_while(|(_, c)| c.is_ascii_digit())
+        .last()
+        .map(|(i, _)| i)?;
+    name[digits_start..].parse().ok()
+}
+
+/// All nodes, in inventory order.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub nodes: Vec<Node>,
+}
+
+impl Inventory {
+    pub fn new(nodes: Vec<Node>) -> Self {
+        Inventory { nodes }
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot read inventory {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("inventory {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+#[derive(Deserialize)]
+struct R2labEntry {
+    control: R2labControl,
+    #[serde(default)]
+    cmc: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    data: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+struct R2labControl {
+    hostname: String,
+    ip: Option<String>,
+    mac: Option<String>,
+}
+
+/// Parse an R2LAB JSON inventory: `[{"control": {"hostname", "ip", "mac"}, "cmc": {…}}, …]`.
+///
+/// Strict JSON: comments and trailing commas are rejected with the line and
+/// column of the offending character (JSON has neither; we don't guess).
+pub fn parse_r2lab_json(path: &Path, text: &str) -> Result<Vec<Node>, InventoryError> {
+    let shown = path.display().to_string();
+    let entries: Vec<R2labEntry> =
+        serde_json::from_str(text).map_err(|e| InventoryError::Parse {
+            path: shown.clone(),
+            message: format!(
+                "{e} (expected strict JSON: a list of {{\"control\": {{\"hostname\", \"ip\", \"mac\"}}, \"cmc\": {{…}}}}; comments and trailing commas are not allowed)"
+            ),
+        })?;
+    let mut nodes = Vec::with_capacity(entries.len());
+    for (i, e) in entries.into_iter().enumerate() {
+        let name = e.control.hostname.trim().to_string();
+        if name.is_empty() {
+            return Err(InventoryError::Parse {
+                path: shown,
+                message: format!("entry {} has an empty control.hostname", i + 1),
+            });
+        }
+        let mut extra = BTreeMap::new();
+        for (k, v) in e.cmc {
+            extra.insert(format!("cmc.{k}"), json_scalar(&v));
+        }
+        if let Some(data) = e.data {
+            for (k, v) in data {
+                extra.insert(format!("data.{k}"), json_scalar(&v));
+            }
+        }
+        let data_address = extra.get("data.ip").cloned();
+        nodes.push(Node {
+            number: number_of(&name),
+            address: e.control.ip.unwrap_or_else(|| name.clone()),
+            mac: e.control.mac,
+            name,
+            data_address,
+            extra,
+            ..Node::default()
+        });
+    }
+    Ok(nodes)
+}
+
+fn json_scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn read_r2lab_json(path: &Path) -> Result<Vec<Node>, InventoryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_r2lab_json(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_is_the_trailing_digits() {
+        assert_eq!(number_of("fit05"), Some(5));
+        assert_eq!(number_of("reboot12"), Some(12));
+        assert_eq!(number_of("37"), Some(37));
+        assert_eq!(number_of("hv-west"), None);
+        assert_eq!(number_of("a1b"), None);
+        assert_eq!(number_of("n99999999999999999999"), None);
+    }
+
+    #[test]
+    fn r2lab_inventory_is_read() {
+        let text = r#"[
+          {"control": {"hostname": "fit01", "ip": "192.168.3.1", "mac": "00:03:1d:0e:03:19"},
+           "cmc": {"hostname": "reboot01", "ip": "192.168.1.1", "mac": "00:03:1d:0e:03:18"}},
+          {"control": {"hostname": "fit02", "ip": "192.168.3.2", "mac": "00:03:1d:0e:03:1a"},
+           "cmc": {"hostname": "reboot02", "ip": "192.168.1.2"}}
+        ]"#;
+        let nodes = parse_r2lab_json(Path::new("inv.json"), text).unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].name, "fit01");
+        assert_eq!(nodes[0].number, Some(1));
+        assert_eq!(nodes[0].address, "192.168.3.1");
+        assert_eq!(nodes[0].mac.as_deref(), Some("00:03:1d:0e:03:19"));
+        assert_eq!(nodes[1].extra["cmc.hostname"], "reboot02");
+    }
+
+    #[test]
+    fn trailing_comma_is_rejected_with_position() {
+        let text = "[\n {\"control\": {\"hostname\": \"fit01\"}},\n]";
+        let err = parse_r2lab_json(Path::new("inv.json"), text).unwrap_err().to_string();
+        assert!(err.contains("inv.json"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("trailing commas"), "{err}");
+    }
+
+    #[test]
+    fn missing_control_is_rejected() {
+        let err = parse_r2lab_json(Path::new("inv.json"), r#"[{"cmc": {}}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("control"), "{err}");
+    }
+}

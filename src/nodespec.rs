@@ -1,0 +1,1 @@
+//! Node selection grammar (placeholder; being written).

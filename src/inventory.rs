@@ -179,7 +179,9 @@ mod tests {
     #[test]
     fn trailing_comma_is_rejected_with_position() {
         let text = "[\n {\"control\": {\"hostname\": \"fit01\"}},\n]";
-        let err = parse_r2lab_json(Path::new("inv.json"), text).unwrap_err().to_string();
+        let err = parse_r2lab_json(Path::new("inv.json"), text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("inv.json"), "{err}");
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("trailing commas"), "{err}");

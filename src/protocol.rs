@@ -1,0 +1,607 @@
+//! The agent protocol, shared by the controller and `imaging agent`.
+//!
+//! A frame is `len: u32 LE` followed by `len` bytes: a one-byte tag and the
+//! message body. Integers are little-endian; strings and byte strings are a
+//! `u32` length and the bytes. Readers refuse a frame longer than
+//! [`MAX_FRAME`] before allocating it, and decoding checks every length
+//! against what is left, so garbage gives an error, never a panic.
+//!
+//! Load:  C→A Hello, A→C Hello, C→A LoadBegin, A→C Needed,
+//!        C→A Chunk… (A→C Written after each), C→A Finish, A→C Finished.
+//! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd.
+//! Either side may send Error instead of its next message and then stop.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const MAGIC: [u8; 8] = *b"IMAGING\0";
+pub const VERSION: u16 = 1;
+/// Largest frame either side accepts: the largest chunk plus headroom.
+pub const MAX_FRAME: u32 = (64 << 20) + (1 << 20);
+
+/// How a chunk's bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    Hello {
+        magic: [u8; 8],
+        version: u16,
+        /// Free text: the sender's build (`imaging 0.1.0`).
+        build: String,
+    },
+    Error {
+        message: String,
+    },
+    LoadBegin {
+        target: String,
+        size: u64,
+        chunk_size: u32,
+        identity: u128,
+        /// Rewrite everything: no stamp shortcut, every chunk needed.
+        force: bool,
+        /// Write to a block device even if it is mounted.
+        force_mounted: bool,
+        digests: Vec<u128>,
+        /// Bit i set: chunk i of the image is all zeros (never sent).
+        zero: Vec<u8>,
+    },
+    Needed {
+        up_to_date: bool,
+        /// Bit i set: the agent needs chunk i's data.
+        bitmap: Vec<u8>,
+        /// Bytes the agent already wrote while checking (zeroing regions).
+        bytes_written: u64,
+    },
+    Chunk {
+        index: u32,
+        codec: Codec,
+        data: Vec<u8>,
+    },
+    Written {
+        index: u32,
+        bytes_written: u64,
+    },
+    Finish,
+    Finished {
+        bytes_written: u64,
+    },
+    SaveBegin {
+        target: String,
+        chunk_size: u32,
+        /// zstd level for the data; 0 = raw.
+        level: i32,
+    },
+    SaveInfo {
+        size: u64,
+    },
+    SaveChunk {
+        index: u32,
+        digest: u128,
+        zero: bool,
+        codec: Codec,
+        data: Vec<u8>,
+    },
+    SaveEnd,
+}
+
+impl Msg {
+    pub fn hello() -> Msg {
+        Msg::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            build: format!("imaging {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Error { .. } => "Error",
+            Msg::LoadBegin { .. } => "LoadBegin",
+            Msg::Needed { .. } => "Needed",
+            Msg::Chunk { .. } => "Chunk",
+            Msg::Written { .. } => "Written",
+            Msg::Finish => "Finish",
+            Msg::Finished { .. } => "Finished",
+            Msg::SaveBegin { .. } => "SaveBegin",
+            Msg::SaveInfo { .. } => "SaveInfo",
+            Msg::SaveChunk { .. } => "SaveChunk",
+            Msg::SaveEnd => "SaveEnd",
+        }
+    }
+
+    fn tag(&self) -> u8 {
+        match self {
+            Msg::Hello { .. } => 1,
+            Msg::Error { .. } => 2,
+            Msg::LoadBegin { .. } => 10,
+            Msg::Needed { .. } => 11,
+            Msg::Chunk { .. } => 12,
+            Msg::Written { .. } => 13,
+            Msg::Finish => 14,
+            Msg::Finished { .. } => 15,
+            Msg::SaveBegin { .. } => 20,
+            Msg::SaveInfo { .. } => 21,
+            Msg::SaveChunk { .. } => 22,
+            Msg::SaveEnd => 23,
+        }
+    }
+
+    /// The frame body (tag and fields, without the length prefix).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![self.tag()];
+        match self {
+            Msg::Hello {
+                magic,
+                version,
+                build,
+            } => {
+                b.extend_from_slice(magic);
+                b.extend_from_slice(&version.to_le_bytes());
+                put_bytes(&mut b, build.as_bytes());
+            }
+            Msg::Error { message } => put_bytes(&mut b, message.as_bytes()),
+            Msg::LoadBegin {
+                target,
+                size,
+                chunk_size,
+                identity,
+                force,
+                force_mounted,
+                digests,
+                zero,
+            } => {
+                put_bytes(&mut b, target.as_bytes());
+                b.extend_from_slice(&size.to_le_bytes());
+                b.extend_from_slice(&chunk_size.to_le_bytes());
+                b.extend_from_slice(&identity.to_le_bytes());
+                b.push(*force as u8);
+                b.push(*force_mounted as u8);
+                b.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    b.extend_from_slice(&d.to_le_bytes());
+                }
+                put_bytes(&mut b, zero);
+            }
+            Msg::Needed {
+                up_to_date,
+                bitmap,
+                bytes_written,
+            } => {
+                b.push(*up_to_date as u8);
+                put_bytes(&mut b, bitmap);
+                b.extend_from_slice(&bytes_written.to_le_bytes());
+            }
+            Msg::Chunk { index, codec, data } => {
+                b.extend_from_slice(&index.to_le_bytes());
+                b.push(*codec as u8);
+                put_bytes(&mut b, data);
+            }
+            Msg::Written {
+                index,
+                bytes_written,
+            } => {
+                b.extend_from_slice(&index.to_le_bytes());
+                b.extend_from_slice(&bytes_written.to_le_bytes());
+            }
+            Msg::Finish | Msg::SaveEnd => {}
+            Msg::Finished { bytes_written } => b.extend_from_slice(&bytes_written.to_le_bytes()),
+            Msg::SaveBegin {
+                target,
+                chunk_size,
+                level,
+            } => {
+                put_bytes(&mut b, target.as_bytes());
+                b.extend_from_slice(&chunk_size.to_le_bytes());
+                b.extend_from_slice(&level.to_le_bytes());
+            }
+            Msg::SaveInfo { size } => b.extend_from_slice(&size.to_le_bytes()),
+            Msg::SaveChunk {
+                index,
+                digest,
+                zero,
+                codec,
+                data,
+            } => {
+                b.extend_from_slice(&index.to_le_bytes());
+                b.extend_from_slice(&digest.to_le_bytes());
+                b.push(*zero as u8);
+                b.push(*codec as u8);
+                put_bytes(&mut b, data);
+            }
+        }
+        b
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Msg, ProtocolError> {
+        let mut r = Reader { buf: body, at: 0 };
+        let tag = r.u8("tag")?;
+        let msg = match tag {
+            1 => {
+                let magic: [u8; 8] = r.array("magic")?;
+                Msg::Hello {
+                    magic,
+                    version: r.u16("version")?,
+                    build: r.string("build")?,
+                }
+            }
+            2 => Msg::Error {
+                message: r.string("message")?,
+            },
+            10 => {
+                let target = r.string("target")?;
+                let size = r.u64("size")?;
+                let chunk_size = r.u32("chunk_size")?;
+                let identity = r.u128("identity")?;
+                let force = r.bool("force")?;
+                let force_mounted = r.bool("force_mounted")?;
+                let n = r.u32("digest count")? as usize;
+                if n > r.remaining() / 16 {
+                    return Err(ProtocolError::Malformed(format!(
+                        "LoadBegin announces {n} digests but the frame holds fewer"
+                    )));
+                }
+                let mut digests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    digests.push(r.u128("digest")?);
+                }
+                Msg::LoadBegin {
+                    target,
+                    size,
+                    chunk_size,
+                    identity,
+                    force,
+                    force_mounted,
+                    digests,
+                    zero: r.bytes("zero bitmap")?,
+                }
+            }
+            11 => Msg::Needed {
+                up_to_date: r.bool("up_to_date")?,
+                bitmap: r.bytes("bitmap")?,
+                bytes_written: r.u64("bytes_written")?,
+            },
+            12 => Msg::Chunk {
+                index: r.u32("index")?,
+                codec: r.codec()?,
+                data: r.bytes("data")?,
+            },
+            13 => Msg::Written {
+                index: r.u32("index")?,
+                bytes_written: r.u64("bytes_written")?,
+            },
+            14 => Msg::Finish,
+            15 => Msg::Finished {
+                bytes_written: r.u64("bytes_written")?,
+            },
+            20 => Msg::SaveBegin {
+                target: r.string("target")?,
+                chunk_size: r.u32("chunk_size")?,
+                level: r.i32("level")?,
+            },
+            21 => Msg::SaveInfo {
+                size: r.u64("size")?,
+            },
+            22 => Msg::SaveChunk {
+                index: r.u32("index")?,
+                digest: r.u128("digest")?,
+                zero: r.bool("zero")?,
+                codec: r.codec()?,
+                data: r.bytes("data")?,
+            },
+            23 => Msg::SaveEnd,
+            other => {
+                return Err(ProtocolError::Malformed(format!(
+                    "unknown message tag {other}"
+                )));
+            }
+        };
+        if r.remaining() != 0 {
+            return Err(ProtocolError::Malformed(format!(
+                "{} has {} unexpected trailing bytes",
+                msg.name(),
+                r.remaining()
+            )));
+        }
+        Ok(msg)
+    }
+}
+
+fn put_bytes(b: &mut Vec<u8>, data: &[u8]) {
+    b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    b.extend_from_slice(data);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes refused (the limit is {MAX_FRAME})")]
+    TooLarge(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("the peer speaks protocol version {0}, this build speaks {VERSION}")]
+    Version(u16),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], ProtocolError> {
+        if n > self.remaining() {
+            return Err(ProtocolError::Malformed(format!(
+                "truncated: {what} needs {n} bytes, {} left",
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    fn bool(&mut self, what: &str) -> Result<bool, ProtocolError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(ProtocolError::Malformed(format!(
+                "{what} is {v}, not 0 or 1"
+            ))),
+        }
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn i32(&mut self, what: &str) -> Result<i32, ProtocolError> {
+        Ok(i32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    fn u128(&mut self, what: &str) -> Result<u128, ProtocolError> {
+        Ok(u128::from_le_bytes(self.array(what)?))
+    }
+    fn bytes(&mut self, what: &str) -> Result<Vec<u8>, ProtocolError> {
+        let n = self.u32(what)? as usize;
+        Ok(self.take(n, what)?.to_vec())
+    }
+    fn string(&mut self, what: &str) -> Result<String, ProtocolError> {
+        String::from_utf8(self.bytes(what)?)
+            .map_err(|_| ProtocolError::Malformed(format!("{what} is not UTF-8")))
+    }
+    fn codec(&mut self) -> Result<Codec, ProtocolError> {
+        match self.u8("codec")? {
+            0 => Ok(Codec::Raw),
+            1 => Ok(Codec::Zstd),
+            v => Err(ProtocolError::Malformed(format!("unknown codec {v}"))),
+        }
+    }
+}
+
+/// Read one frame. A clean end of stream before a frame starts is `Closed`.
+pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtocolError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    if len == 0 {
+        return Err(ProtocolError::Malformed("empty frame".into()));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Malformed(format!("truncated frame: announced {len} bytes"))
+        } else {
+            e.into()
+        }
+    })?;
+    Msg::decode(&body)
+}
+
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), ProtocolError> {
+    let body = msg.encode();
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Check a peer's Hello.
+pub fn check_hello(msg: &Msg) -> Result<(), ProtocolError> {
+    match msg {
+        Msg::Hello { magic, version, .. } if *magic == MAGIC => {
+            if *version == VERSION {
+                Ok(())
+            } else {
+                Err(ProtocolError::Version(*version))
+            }
+        }
+        Msg::Hello { .. } => Err(ProtocolError::Malformed("bad magic in Hello".into())),
+        Msg::Error { message } => Err(ProtocolError::Malformed(format!("peer error: {message}"))),
+        other => Err(ProtocolError::Malformed(format!(
+            "expected Hello, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// Bit `i` of a bitmap.
+pub fn bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+pub fn set_bit(bitmap: &mut [u8], i: usize) {
+    if let Some(b) = bitmap.get_mut(i / 8) {
+        *b |= 1 << (i % 8);
+    }
+}
+
+pub fn bitmap_len(chunks: usize) -> usize {
+    chunks.div_ceil(8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Msg> {
+        vec![
+            Msg::hello(),
+            Msg::Error {
+                message: "disk full".into(),
+            },
+            Msg::LoadBegin {
+                target: "/dev/sda".into(),
+                size: 1 << 30,
+                chunk_size: 4 << 20,
+                identity: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+                force: true,
+                force_mounted: false,
+                digests: vec![1, 2, u128::MAX],
+                zero: vec![0b101],
+            },
+            Msg::Needed {
+                up_to_date: false,
+                bitmap: vec![0xff, 0x01],
+                bytes_written: 7,
+            },
+            Msg::Chunk {
+                index: 3,
+                codec: Codec::Zstd,
+                data: vec![9; 100],
+            },
+            Msg::Written {
+                index: 3,
+                bytes_written: 1 << 22,
+            },
+            Msg::Finish,
+            Msg::Finished { bytes_written: 99 },
+            Msg::SaveBegin {
+                target: "/tmp/x".into(),
+                chunk_size: 1 << 20,
+                level: 3,
+            },
+            Msg::SaveInfo { size: 12345 },
+            Msg::SaveChunk {
+                index: 1,
+                digest: 42,
+                zero: false,
+                codec: Codec::Raw,
+                data: vec![1, 2, 3],
+            },
+            Msg::SaveEnd,
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        for m in samples() {
+            let body = m.encode();
+            for cut in 0..body.len() {
+                assert!(
+                    Msg::decode(&body[..cut]).is_err(),
+                    "{} cut at {cut}",
+                    m.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_unknown_tags_are_refused() {
+        let mut body = Msg::Finish.encode();
+        body.push(0);
+        assert!(
+            Msg::decode(&body)
+                .unwrap_err()
+                .to_string()
+                .contains("trailing")
+        );
+        assert!(
+            Msg::decode(&[200])
+                .unwrap_err()
+                .to_string()
+                .contains("unknown message tag 200")
+        );
+    }
+
+    #[test]
+    fn huge_digest_count_is_refused_without_allocating() {
+        let mut body = vec![10u8];
+        put_bytes(&mut body, b"/t");
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&0u128.to_le_bytes());
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = Msg::decode(&body).unwrap_err().to_string();
+        assert!(err.contains("digests"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_length_is_refused() {
+        let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let err = read_msg(&mut input).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge(u32::MAX)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn frames_stream_in_order() {
+        let mut buf = Vec::new();
+        for m in samples() {
+            write_msg(&mut buf, &m).await.unwrap();
+        }
+        let mut r: &[u8] = &buf;
+        for m in samples() {
+            assert_eq!(read_msg(&mut r).await.unwrap(), m);
+        }
+        assert!(matches!(read_msg(&mut r).await, Err(ProtocolError::Closed)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = Msg::decode(&body);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The one SSH session builder every command uses (on the `openssh` crate).
+//!
+//! Sessions never prompt (BatchMode), honour the configured user, port,
+//! identity, known-hosts policy and connect timeout, and keep their control
+//! sockets in a private runtime directory that is emptied when they close.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder};
+
+use crate::config::{Config, KnownHostsPolicy, expand_home};
+use crate::inventory::Node;
+
+/// Resolved SSH settings (from `[ssh]`), shared by all nodes of a run.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    pub user: String,
+    pub port: u16,
+    pub identity_file: Option<PathBuf>,
+    pub known_hosts: KnownHostsPolicy,
+    pub known_hosts_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub control_dir: PathBuf,
+}
+
+impl SshSettings {
+    pub fn from_config(config: &Config) -> std::io::Result<Self> {
+        let ssh = &config.ssh;
+        Ok(SshSettings {
+            user: ssh.user.clone(),
+            port: ssh.port,
+            identity_file: ssh.identity_file.as_deref().map(expand_home),
+            known_hosts: ssh.known_hosts,
+            known_hosts_file: ssh.known_hosts_file.as_deref().map(expand_home),
+            connect_timeout: Duration::from_secs(ssh.connect_timeout.max(1)),
+            control_dir: control_dir()?,
+        })
+    }
+}
+
+/// A private directory for control sockets. Unix socket paths are short
+/// (108 bytes), so a deep runtime dir falls back to the temp dir.
+fn control_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let preferred = directories::BaseDirs::new()
+        .and_then(|b| b.runtime_dir().map(Path::to_path_buf))
+        .map(|d| d.join("imaging"))
+        .filter(|d| d.as_os_str().len() < 60);
+    let dir = preferred.unwrap_or_else(|| {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        std::env::temp_dir().join(format!("imaging-{uid}"))
+    });
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    Ok(dir)
+}
+
+/// Why an SSH connection failed, in words for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SshError(pub String);
+
+/// Open a session to `node`. `limit` caps the connect timeout (a deadline
+/// that is closer than `connect_timeout`), so a hung handshake never outlives it.
+pub async fn connect(
+    settings: &SshSettings,
+    node: &Node,
+    limit: Option<Duration>,
+) -> Result<Session, SshError> {
+    let mut timeout = settings.connect_timeout;
+    if let Some(limit) = limit {
+        timeout = timeout.min(limit.max(Duration::from_secs(1)));
+    }
+    let mut b = SessionBuilder::default();
+    b.user(node.user.clone().unwrap_or_else(|| settings.user.clone()))
+        .port(node.port.unwrap_or(settings.port))
+        .connect_timeout(timeout)
+        .server_alive_interval(Duration::from_secs(5))
+        .control_directory(&settings.control_dir)
+        // A safety net: a master orphaned by a killed controller exits on its own.
+        .control_persist(ControlPersist::IdleFor(
+            std::num::NonZeroUsize::new(30).expect("30 is not zero"),
+        ));
+    if let Some(id) = &settings.identity_file {
+        b.keyfile(id);
+    }
+    match settings.known_hosts {
+        KnownHostsPolicy::Strict => {
+            b.known_hosts_check(KnownHosts::Strict);
+        }
+        KnownHostsPolicy::AcceptNew => {
+            b.known_hosts_check(KnownHosts::Add);
+        }
+        KnownHostsPolicy::Off => {
+            b.known_hosts_check(KnownHosts::Accept);
+            b.user_known_hosts_file("/dev/null");
+        }
+    }
+    if let (Some(file), false) = (
+        &settings.known_hosts_file,
+        settings.known_hosts == KnownHostsPolicy::Off,
+    ) {
+        b.user_known_hosts_file(file);
+    }
+    let attempt = b.connect(&node.address);
+    // ssh's own ConnectTimeout covers TCP and the handshake; this outer bound
+    // is for anything it doesn't (it is whole seconds, we allow one more).
+    match tokio::time::timeout(timeout + Duration::from_secs(1), attempt).await {
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err(e)) => Err(SshError(describe(&e))),
+        Err(_) => Err(SshError(format!(
+            "no SSH handshake within {}s",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+/// Run `command` (a shell command line) and require exit status 0.
+pub async fn run_ok(session: &Session, command: &str) -> Result<(), SshError> {
+    let status = session
+        .shell(command)
+        .stdin(openssh::Stdio::null())
+        .stdout(openssh::Stdio::null())
+        .stderr(openssh::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| SshError(describe(&e)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(SshError(format!("`{command}` exited with {status}")))
+    }
+}
+
+/// Turn openssh's error (often ssh's own stderr) into one short reason.
+pub fn describe(e: &openssh::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = s.to_string();
+        source = s.source();
+    }
+    let lower = text.to_lowercase();
+    let known = [
+        ("connection refused", "connection refused"),
+        (
+            "connection timed out during banner exchange",
+            "no SSH handshake (timed out during banner exchange)",
+        ),
+        ("operation timed out", "connection timed out"),
+        ("connection timed out", "connection timed out"),
+        (
+            "host key verification failed",
+            "host key verification failed (unknown or changed host key)",
+        ),
+        (
+            "permission denied",
+            "authentication refused (permission denied)",
+        ),
+        ("no route to host", "no route to host"),
+        ("network is unreachable", "network is unreachable"),
+        ("could not resolve hostname", "could not resolve host name"),
+        ("connection closed by", "connection closed by the node"),
+        ("connection reset", "connection reset by the node"),
+    ];
+    for (needle, reason) in known {
+        if lower.contains(needle) {
+            return reason.to_string();
+        }
+    }
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
+        .unwrap_or("ssh failed")
+        .to_string()
+}
+
+/// Become the parent of orphaned processes (ssh masters daemonize with `-f`),
+/// so [`end_orphans`] can find any that a cancelled connect left behind.
+pub fn adopt_orphans() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag only.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// Terminate `ssh` processes that are still our children (an attempt that
+/// was cancelled mid-connect), so none outlives the run.
+pub fn end_orphans() {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ..." — comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if comm == "ssh" && ppid == Some(me) {
+            // SAFETY: sending a signal to a pid we just read; worst case it is gone.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `--json`: one object per line, each with an `"event"` field; the last
+//! line is the summary of the contract.
+
+use std::io::Write;
+
+use serde_json::json;
+
+use super::RunInfo;
+use crate::events::Event;
+
+pub fn to_value(info: &RunInfo, event: &Event) -> serde_json::Value {
+    let name = |i: &usize| info.names.get(*i).cloned().unwrap_or_default();
+    match event {
+        Event::State {
+            node,
+            state,
+            message,
+        } => json!({"event": "state", "node": name(node), "state": state, "message": message}),
+        Event::Progress {
+            node,
+            bytes_sent,
+            bytes_written,
+            total,
+        } => json!({
+            "event": "progress", "node": name(node), "bytes_sent": bytes_sent,
+            "bytes_written": bytes_written, "total": total
+        }),
+        Event::Log { node, text } => {
+            json!({"event": "log", "node": node.as_ref().map(name), "text": text})
+        }
+        Event::Finished(summary) => {
+            let mut v = serde_json::to_value(summary).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                // "event" first, like every other line.
+                let mut with_event = serde_json::Map::new();
+                with_event.insert("event".into(), "summary".into());
+                with_event.extend(std::mem::take(obj));
+                *obj = with_event;
+            }
+            v
+        }
+    }
+}
+
+pub fn show(out: &mut impl Write, info: &RunInfo, event: &Event) -> std::io::Result<()> {
+    writeln!(out, "{}", to_value(info, event))?;
+    out.flush()
+}

@@ -1,0 +1,100 @@
+//! `imaging wait`: probe every node until a real SSH login runs a command.
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::events::NodeState;
+use crate::inventory::Node;
+use crate::report::Reporter;
+use crate::ssh::{self, SshSettings};
+
+/// How many probes may be in flight at once (each is an `ssh` process).
+const MAX_PROBES: usize = 64;
+
+/// Wait for every node; each ends `Ok`, or `Failed` with the last reason.
+pub async fn wait_all(
+    nodes: Vec<Node>,
+    ssh: SshSettings,
+    deadline: Instant,
+    verbose: bool,
+    report: Reporter,
+) {
+    let ssh = std::sync::Arc::new(ssh);
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PROBES));
+    let mut tasks = JoinSet::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (ssh, report, limit) = (ssh.clone(), report.clone(), limit.clone());
+        tasks.spawn(async move {
+            report.state(i, NodeState::WaitingForSsh, None);
+            let outcome = tokio::time::timeout_at(
+                deadline,
+                wait_one(&node, &ssh, deadline, verbose, i, &report, &limit),
+            )
+            .await;
+            match outcome {
+                Ok(Ok(())) => report.state(i, NodeState::Ok, None),
+                Ok(Err(reason)) => report.state(i, NodeState::Failed, Some(reason)),
+                Err(_) => report.state(
+                    i,
+                    NodeState::Failed,
+                    Some("timeout: the SSH handshake never completed".into()),
+                ),
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Probe until success or the deadline; the error is the last failure's reason.
+pub async fn wait_one(
+    node: &Node,
+    ssh: &SshSettings,
+    deadline: Instant,
+    verbose: bool,
+    index: usize,
+    report: &Reporter,
+    limit: &tokio::sync::Semaphore,
+) -> Result<(), String> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(3));
+    let mut last = String::from("no attempt finished");
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(format!("timeout: {last}"));
+        }
+        let attempt = {
+            let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
+            probe(node, ssh, remaining).await
+        };
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if verbose {
+                    report.log(Some(index), format!("{}: {e}", node.name));
+                }
+                last = e.0;
+            }
+        }
+        let pause = backoff.next_delay();
+        if Instant::now() + pause >= deadline {
+            tokio::time::sleep_until(deadline).await;
+            return Err(format!("timeout: {last}"));
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One real login: connect, run `true`, close.
+pub async fn probe(
+    node: &Node,
+    ssh: &SshSettings,
+    remaining: Duration,
+) -> Result<(), ssh::SshError> {
+    let session = ssh::connect(ssh, node, Some(remaining)).await?;
+    let ran = ssh::run_ok(&session, "true").await;
+    let _ = session.close().await;
+    ran
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod events;
 pub mod inventory;
 pub mod nodespec;
+pub mod protocol;
 pub mod report;
 pub mod ssh;
 pub mod ui;

@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod digest;
 pub mod events;
 pub mod inventory;
 pub mod nodespec;

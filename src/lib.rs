@@ -5,6 +5,7 @@
 //! never touch the terminal; they report through [`report::Reporter`] and
 //! the front ends in [`ui`] draw.
 
+pub mod agent;
 pub mod backoff;
 pub mod cli;
 pub mod config;

@@ -407,11 +407,47 @@ impl Reader<'_> {
 /// Read one frame. A clean end of stream before a frame starts is `Closed`.
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtocolError> {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
-        Err(e) => return Err(e.into()),
-    }
+    r.read_exact(&mut len).await.map_err(length_error)?;
+    let len = body_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| body_error(e, len))?;
+    Msg::decode(&body)
+}
+
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), ProtocolError> {
+    w.write_all(&frame(msg)).await?;
+    Ok(())
+}
+
+/// [`read_msg`] for blocking readers (the agent), with the same framing and limits.
+pub fn read_msg_sync<R: io::Read>(r: &mut R) -> Result<Msg, ProtocolError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).map_err(length_error)?;
+    let len = body_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| body_error(e, len))?;
+    Msg::decode(&body)
+}
+
+/// [`write_msg`] for blocking writers (the agent).
+pub fn write_msg_sync<W: io::Write>(w: &mut W, msg: &Msg) -> Result<(), ProtocolError> {
+    w.write_all(&frame(msg))?;
+    Ok(())
+}
+
+/// The length prefix and the body, in one buffer so a frame is one write.
+fn frame(msg: &Msg) -> Vec<u8> {
+    let body = msg.encode();
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Check a length prefix before anything is allocated for the body.
+fn body_len(len: [u8; 4]) -> Result<usize, ProtocolError> {
     let len = u32::from_le_bytes(len);
     if len > MAX_FRAME {
         return Err(ProtocolError::TooLarge(len));
@@ -419,24 +455,24 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtocolEr
     if len == 0 {
         return Err(ProtocolError::Malformed("empty frame".into()));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtocolError::Malformed(format!("truncated frame: announced {len} bytes"))
-        } else {
-            e.into()
-        }
-    })?;
-    Msg::decode(&body)
+    Ok(len as usize)
 }
 
-pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), ProtocolError> {
-    let body = msg.encode();
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
-    w.write_all(&frame).await?;
-    Ok(())
+/// The stream ending inside the length prefix is a clean close.
+fn length_error(e: io::Error) -> ProtocolError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ProtocolError::Closed
+    } else {
+        e.into()
+    }
+}
+
+fn body_error(e: io::Error, len: usize) -> ProtocolError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ProtocolError::Malformed(format!("truncated frame: announced {len} bytes"))
+    } else {
+        e.into()
+    }
 }
 
 /// Check a peer's Hello.
@@ -596,6 +632,32 @@ mod tests {
             assert_eq!(read_msg(&mut r).await.unwrap(), m);
         }
         assert!(matches!(read_msg(&mut r).await, Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn sync_frames_stream_in_order_like_async_ones() {
+        let mut buf = Vec::new();
+        for m in samples() {
+            write_msg_sync(&mut buf, &m).unwrap();
+        }
+        let mut r: &[u8] = &buf;
+        for m in samples() {
+            assert_eq!(read_msg_sync(&mut r).unwrap(), m);
+        }
+        assert!(matches!(read_msg_sync(&mut r), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn sync_reader_refuses_oversized_empty_and_truncated_frames() {
+        let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let err = read_msg_sync(&mut input).unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge(u32::MAX)), "{err}");
+        let mut input: &[u8] = &[0, 0, 0, 0];
+        let err = read_msg_sync(&mut input).unwrap_err();
+        assert!(err.to_string().contains("empty frame"), "{err}");
+        let mut input: &[u8] = &[10, 0, 0, 0, 14];
+        let err = read_msg_sync(&mut input).unwrap_err();
+        assert!(err.to_string().contains("truncated frame"), "{err}");
     }
 
     proptest::proptest! {

@@ -475,6 +475,27 @@ fn body_error(e: io::Error, len: usize) -> ProtocolError {
     }
 }
 
+/// Write a `Chunk` frame straight from borrowed data, exactly as
+/// `write_msg(&Msg::Chunk { .. })` would, without copying the data into a
+/// message first (a chunk is shared by every node that takes it).
+pub async fn write_chunk<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    index: u32,
+    codec: Codec,
+    data: &[u8],
+) -> Result<(), ProtocolError> {
+    let body_len = 1 + 4 + 1 + 4 + data.len();
+    let mut head = Vec::with_capacity(4 + 10);
+    head.extend_from_slice(&(body_len as u32).to_le_bytes());
+    head.push(12);
+    head.extend_from_slice(&index.to_le_bytes());
+    head.push(codec as u8);
+    head.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    w.write_all(&head).await?;
+    w.write_all(data).await?;
+    Ok(())
+}
+
 /// Check a peer's Hello.
 pub fn check_hello(msg: &Msg) -> Result<(), ProtocolError> {
     match msg {
@@ -612,6 +633,25 @@ mod tests {
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         let err = Msg::decode(&body).unwrap_err().to_string();
         assert!(err.contains("digests"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn borrowed_chunk_frame_equals_the_encoded_message() {
+        let data = vec![5u8; 1000];
+        let mut a = Vec::new();
+        write_chunk(&mut a, 9, Codec::Zstd, &data).await.unwrap();
+        let mut b = Vec::new();
+        write_msg(
+            &mut b,
+            &Msg::Chunk {
+                index: 9,
+                codec: Codec::Zstd,
+                data,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(a, b);
     }
 
     #[tokio::test]

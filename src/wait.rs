@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use openssh::Session;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -58,6 +59,27 @@ pub async fn wait_one(
     report: &Reporter,
     limit: &tokio::sync::Semaphore,
 ) -> Result<(), String> {
+    let on_failure = |e: &str| {
+        if verbose {
+            report.log(Some(index), format!("{}: {e}", node.name));
+        }
+    };
+    let session = connect_when_up(node, ssh, deadline, Some(limit), &on_failure).await?;
+    let ran = ssh::run_ok(&session, "true").await;
+    let _ = session.close().await;
+    ran.map_err(|e| e.0)
+}
+
+/// Connect to `node`, retrying with backoff until it answers or `deadline`
+/// passes; `on_failure` sees every failed attempt. Used by `wait` and by
+/// every command that needs a node's SSH.
+pub async fn connect_when_up(
+    node: &Node,
+    ssh: &SshSettings,
+    deadline: Instant,
+    limit: Option<&tokio::sync::Semaphore>,
+    on_failure: &(dyn Fn(&str) + Send + Sync),
+) -> Result<Session, String> {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(3));
     let mut last = String::from("no attempt finished");
     loop {
@@ -66,15 +88,16 @@ pub async fn wait_one(
             return Err(format!("timeout: {last}"));
         }
         let attempt = {
-            let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
-            probe(node, ssh, remaining).await
+            let _permit = match limit {
+                Some(l) => Some(l.acquire().await.map_err(|e| e.to_string())?),
+                None => None,
+            };
+            ssh::connect(ssh, node, Some(remaining)).await
         };
         match attempt {
-            Ok(()) => return Ok(()),
+            Ok(session) => return Ok(session),
             Err(e) => {
-                if verbose {
-                    report.log(Some(index), format!("{}: {e}", node.name));
-                }
+                on_failure(&e.0);
                 last = e.0;
             }
         }
@@ -85,16 +108,4 @@ pub async fn wait_one(
         }
         tokio::time::sleep(pause).await;
     }
-}
-
-/// One real login: connect, run `true`, close.
-pub async fn probe(
-    node: &Node,
-    ssh: &SshSettings,
-    remaining: Duration,
-) -> Result<(), ssh::SshError> {
-    let session = ssh::connect(ssh, node, Some(remaining)).await?;
-    let ran = ssh::run_ok(&session, "true").await;
-    let _ = session.close().await;
-    ran
 }

@@ -1,0 +1,212 @@
+//! A running `imaging agent` and the pipes to it: over SSH for remote nodes,
+//! as a local child process for `local = true` nodes. Either way the
+//! controller speaks the same protocol.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openssh::Session;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::task::JoinHandle;
+
+use crate::protocol::{self, Msg};
+use crate::ssh::{self, SshError};
+
+/// Where the agent comes from on a node.
+#[derive(Debug, Clone)]
+pub struct AgentSource {
+    /// A configured path on the nodes (`[load] agent_path`), used as is.
+    pub configured: Option<String>,
+    /// This executable, uploaded to nodes that lack it.
+    pub exe: PathBuf,
+    /// Digest of `exe`: names the cached copy on the node.
+    pub digest_hex: String,
+}
+
+impl AgentSource {
+    pub fn new(configured: &str) -> std::io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let bytes = std::fs::read(&exe)?;
+        Ok(AgentSource {
+            configured: (!configured.is_empty()).then(|| configured.to_string()),
+            digest_hex: format!("{:032x}", crate::digest::chunk_digest(&bytes)),
+            exe,
+        })
+    }
+
+    /// The agent's path on the node (relative paths are from the login directory).
+    fn remote_path(&self) -> String {
+        match &self.configured {
+            Some(p) => p.clone(),
+            None => format!(".cache/imaging/agent-{}", &self.digest_hex[..16]),
+        }
+    }
+
+    /// Make sure the node has a matching agent: upload this executable into
+    /// the user's cache there unless a copy with the same digest is present.
+    /// The upload goes to a temporary name and is renamed when complete.
+    pub async fn ensure(&self, session: &Session) -> Result<String, SshError> {
+        let path = self.remote_path();
+        if ssh::run_ok(session, &format!("test -x {path}"))
+            .await
+            .is_ok()
+        {
+            return Ok(path);
+        }
+        if self.configured.is_some() {
+            return Err(SshError(format!(
+                "no executable agent at {path} on the node ([load] agent_path)"
+            )));
+        }
+        let file = std::fs::File::open(&self.exe)
+            .map_err(|e| SshError(format!("cannot read {}: {e}", self.exe.display())))?;
+        let script = format!(
+            "umask 077 && mkdir -p .cache/imaging && t={path}.$$ && cat > $t && chmod 700 $t && mv -f $t {path}"
+        );
+        let status = session
+            .shell(&script)
+            .stdin(openssh::Stdio::from(file))
+            .stdout(openssh::Stdio::null())
+            .stderr(openssh::Stdio::null())
+            .status()
+            .await
+            .map_err(|e| SshError(ssh::describe(&e)))?;
+        if !status.success() {
+            return Err(SshError(format!(
+                "uploading the agent to {path} failed ({status})"
+            )));
+        }
+        Ok(path)
+    }
+}
+
+enum Process {
+    Ssh(openssh::Child<Arc<Session>>),
+    Local(tokio::process::Child),
+}
+
+pub struct AgentLink {
+    pub tx: BufWriter<Box<dyn AsyncWrite + Unpin + Send>>,
+    pub rx: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    stderr: JoinHandle<String>,
+    process: Process,
+    session: Option<Arc<Session>>,
+}
+
+const PIPE_BUFFER: usize = 256 << 10;
+
+fn stderr_collector<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>) -> JoinHandle<String> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut text = String::new();
+        if let Some(mut r) = r {
+            let mut buf = Vec::new();
+            let _ = (&mut r).take(64 << 10).read_to_end(&mut buf).await;
+            text = String::from_utf8_lossy(&buf).into_owned();
+        }
+        text
+    })
+}
+
+impl AgentLink {
+    /// Start the agent over an open SSH session.
+    pub async fn over_ssh(session: Arc<Session>, agent_path: &str) -> Result<Self, SshError> {
+        let mut child = session
+            .clone()
+            .arc_command(agent_path)
+            .arg("agent")
+            .stdin(openssh::Stdio::piped())
+            .stdout(openssh::Stdio::piped())
+            .stderr(openssh::Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| SshError(ssh::describe(&e)))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin().take(), child.stdout().take()) else {
+            return Err(SshError("the agent's pipes are missing".into()));
+        };
+        let stderr = stderr_collector(child.stderr().take());
+        Ok(AgentLink {
+            tx: BufWriter::with_capacity(PIPE_BUFFER, Box::new(stdin)),
+            rx: BufReader::with_capacity(PIPE_BUFFER, Box::new(stdout)),
+            stderr,
+            process: Process::Ssh(child),
+            session: Some(session),
+        })
+    }
+
+    /// Start this executable's agent locally (a `local = true` node).
+    pub fn local() -> Result<Self, SshError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| SshError(format!("cannot find this executable: {e}")))?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("agent")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| SshError(format!("cannot start the local agent: {e}")))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(SshError("the agent's pipes are missing".into()));
+        };
+        let stderr = stderr_collector(child.stderr.take());
+        Ok(AgentLink {
+            tx: BufWriter::with_capacity(PIPE_BUFFER, Box::new(stdin)),
+            rx: BufReader::with_capacity(PIPE_BUFFER, Box::new(stdout)),
+            stderr,
+            process: Process::Local(child),
+            session: None,
+        })
+    }
+
+    /// Exchange Hellos.
+    pub async fn handshake(&mut self) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        protocol::write_msg(&mut self.tx, &Msg::hello())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.tx.flush().await.map_err(|e| e.to_string())?;
+        let hello = protocol::read_msg(&mut self.rx)
+            .await
+            .map_err(|e| e.to_string())?;
+        protocol::check_hello(&hello).map_err(|e| format!("agent: {e}"))
+    }
+
+    /// Close the pipes, wait for the agent, close the SSH session; returns
+    /// what the agent wrote on stderr (its last words, if it failed).
+    pub async fn close(self) -> String {
+        let AgentLink {
+            tx,
+            rx,
+            stderr,
+            process,
+            session,
+        } = self;
+        drop(tx);
+        drop(rx);
+        match process {
+            Process::Ssh(child) => {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+            }
+            Process::Local(mut child) => {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        let text = tokio::time::timeout(std::time::Duration::from_secs(2), stderr)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        if let Some(session) = session
+            && let Ok(session) = Arc::try_unwrap(session)
+        {
+            let _ = session.close().await;
+        }
+        text
+    }
+}

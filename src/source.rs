@@ -1,0 +1,176 @@
+//! The sending side of a load: each image chunk is read, checked against
+//! the manifest and compressed once, then shared by every node that needs
+//! it (a small cache of recent chunks), and a shared bandwidth cap.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::manifest::Manifest;
+use crate::protocol::Codec;
+
+/// One chunk as it travels.
+#[derive(Debug)]
+pub struct WireChunk {
+    pub index: u32,
+    pub codec: Codec,
+    pub data: Vec<u8>,
+    /// Image bytes it carries (before compression).
+    pub raw_len: u64,
+}
+
+/// Memory kept for chunks already prepared, whatever the image size.
+pub const CACHE_BYTES: u64 = 128 << 20;
+
+type Slot = Arc<OnceCell<Arc<WireChunk>>>;
+
+pub struct ChunkSource {
+    file: Arc<std::fs::File>,
+    manifest: Arc<Manifest>,
+    level: i32,
+    slots: Mutex<(HashMap<usize, Slot>, VecDeque<usize>)>,
+    max_slots: usize,
+    /// After a run of incompressible chunks, compression pauses for a while.
+    skip_compression: AtomicU32,
+    incompressible_streak: AtomicU32,
+    /// Chunks read from disk (each chunk once, unless evicted and asked again).
+    pub reads: AtomicU64,
+}
+
+impl ChunkSource {
+    pub fn new(file: std::fs::File, manifest: Arc<Manifest>, level: i32) -> Arc<Self> {
+        let max_slots = (CACHE_BYTES / manifest.chunk_size.max(1)).max(4) as usize;
+        Arc::new(ChunkSource {
+            file: Arc::new(file),
+            manifest,
+            level,
+            slots: Mutex::new((HashMap::new(), VecDeque::new())),
+            max_slots,
+            skip_compression: AtomicU32::new(0),
+            incompressible_streak: AtomicU32::new(0),
+            reads: AtomicU64::new(0),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn slot(&self, index: usize) -> Slot {
+        let mut guard = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *guard;
+        if let Some(slot) = map.get(&index) {
+            return slot.clone();
+        }
+        let slot: Slot = Arc::new(OnceCell::new());
+        map.insert(index, slot.clone());
+        order.push_back(index);
+        while order.len() > self.max_slots {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+        slot
+    }
+
+    /// Chunk `index`, prepared once and shared.
+    pub async fn get(self: &Arc<Self>, index: usize) -> Result<Arc<WireChunk>, String> {
+        let slot = self.slot(index);
+        let this = self.clone();
+        slot.get_or_try_init(|| async move {
+            tokio::task::spawn_blocking(move || this.prepare(index))
+                .await
+                .map_err(|e| format!("chunk reader failed: {e}"))?
+                .map(Arc::new)
+        })
+        .await
+        .cloned()
+    }
+
+    fn prepare(&self, index: usize) -> Result<WireChunk, String> {
+        let m = &self.manifest;
+        let len = m.chunk_len(index) as usize;
+        let mut raw = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut raw, m.chunk_offset(index))
+            .map_err(|e| format!("reading image chunk {index}: {e}"))?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        if crate::digest::chunk_digest(&raw) != m.digests[index] {
+            return Err(format!(
+                "the image changed while loading (chunk {index} no longer matches its manifest)"
+            ));
+        }
+        let (codec, data) = self.compress(raw);
+        Ok(WireChunk {
+            index: index as u32,
+            codec,
+            data,
+            raw_len: len as u64,
+        })
+    }
+
+    fn compress(&self, raw: Vec<u8>) -> (Codec, Vec<u8>) {
+        if self.level <= 0 {
+            return (Codec::Raw, raw);
+        }
+        // Incompressible data (random, already compressed) costs CPU for
+        // nothing: after 4 such chunks in a row, send 32 raw, then try again.
+        let skipping = self
+            .skip_compression
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if skipping {
+            return (Codec::Raw, raw);
+        }
+        match zstd::bulk::compress(&raw, self.level) {
+            Ok(packed) if packed.len() < raw.len() / 100 * 97 => {
+                self.incompressible_streak.store(0, Ordering::Relaxed);
+                (Codec::Zstd, packed)
+            }
+            _ => {
+                if self.incompressible_streak.fetch_add(1, Ordering::Relaxed) + 1 >= 4 {
+                    self.incompressible_streak.store(0, Ordering::Relaxed);
+                    self.skip_compression.store(32, Ordering::Relaxed);
+                }
+                (Codec::Raw, raw)
+            }
+        }
+    }
+}
+
+/// A token bucket shared by every node of a run: `rate` bytes per second
+/// on the wire, with one second of burst.
+pub struct RateLimit {
+    rate: f64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    /// None when `bytes_per_sec` is 0 (no cap).
+    pub fn new(bytes_per_sec: u64) -> Option<Arc<Self>> {
+        (bytes_per_sec > 0).then(|| {
+            Arc::new(RateLimit {
+                rate: bytes_per_sec as f64,
+                state: tokio::sync::Mutex::new((bytes_per_sec as f64, Instant::now())),
+            })
+        })
+    }
+
+    pub async fn take(&self, bytes: u64) {
+        let mut state = self.state.lock().await;
+        let (tokens, last) = &mut *state;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        *last = now;
+        *tokens -= bytes as f64;
+        if *tokens < 0.0 {
+            // Sleeping with the lock held queues the other senders behind us.
+            tokio::time::sleep(Duration::from_secs_f64(-*tokens / self.rate)).await;
+        }
+    }
+}

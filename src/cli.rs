@@ -47,6 +47,14 @@ pub struct NodeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write an image onto every selected node's target
+    #[command(after_help = EXIT_CODES)]
+    Load(LoadArgs),
+    /// Read nodes' targets back into new images in the repository
+    #[command(after_help = EXIT_CODES)]
+    Save(SaveArgs),
+    /// Images in the repository: size, data size, date, links, manifest state
+    List(ListArgs),
     /// Return once every node accepts SSH, or report those that never did
     #[command(after_help = EXIT_CODES)]
     Wait(WaitArgs),
@@ -59,6 +67,76 @@ pub enum Command {
         /// Directory for the links (e.g. ~/.local/bin)
         dir: PathBuf,
     },
+    /// The node side, started by the controller over SSH (speaks the agent protocol on stdin/stdout)
+    #[command(hide = true)]
+    Agent,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Image name in the repository, or a path (default: [repository] default_image)
+    #[arg(short = 'i', long = "image", value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// Give up after SECS seconds (default: [load] timeout)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Rewrite every chunk, and write block devices even if mounted
+    #[arg(long)]
+    pub force: bool,
+    /// Total bandwidth cap, bytes per second (suffixes K, M, G: 100M)
+    #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// Show what would be done, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SaveArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// A name for the image(s): saving__<node>__<date>__<NAME>.img
+    #[arg(short = 'o', long = "output", value_name = "NAME")]
+    pub output: Option<String>,
+    /// Give up after SECS seconds (default: [save] timeout)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Show what would be done, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only images whose name matches (a glob with * and ?, or a substring)
+    pub pattern: Option<String>,
+}
+
+/// `100M` → 104857600 bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
+    let value: f64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number like 100M"))?;
+    let factor = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("B/S")
+        .trim_end_matches('B')
+    {
+        "" => 1u64,
+        "K" | "KI" => 1 << 10,
+        "M" | "MI" => 1 << 20,
+        "G" | "GI" => 1 << 30,
+        other => return Err(format!("`{text}`: unknown unit `{other}` (use K, M or G)")),
+    };
+    Ok((value * factor as f64) as u64)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -115,6 +193,15 @@ mod tests {
             dispatch_argv(os(&["imaging", "nodes", "1"])),
             os(&["imaging", "nodes", "1"])
         );
+    }
+
+    #[test]
+    fn rates_take_binary_suffixes() {
+        assert_eq!(parse_rate("100M"), Ok(100 << 20));
+        assert_eq!(parse_rate("1.5K"), Ok(1536));
+        assert_eq!(parse_rate("2048"), Ok(2048));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10X").is_err());
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct LoadConfig {
     pub bandwidth: u64,
     /// Reconnections per node after a dropped connection.
     pub retries: u32,
+    /// Seconds a reconnection waits for the node's SSH to come back.
+    pub reconnect_wait: u64,
     /// Path of the agent on the nodes; empty: upload our own executable.
     pub agent_path: String,
     /// Local command run before a node is loaded.
@@ -128,6 +130,7 @@ impl Default for LoadConfig {
             compression: 3,
             bandwidth: 0,
             retries: 3,
+            reconnect_wait: 60,
             agent_path: String::new(),
             before: String::new(),
             after: String::new(),

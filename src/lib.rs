@@ -6,17 +6,23 @@
 //! the front ends in [`ui`] draw.
 
 pub mod agent;
+pub mod agentlink;
 pub mod backoff;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod events;
+pub mod hooks;
 pub mod inventory;
+pub mod load;
 pub mod manifest;
 pub mod nodespec;
 pub mod protocol;
 pub mod repo;
 pub mod report;
+pub mod save;
+pub mod source;
 pub mod ssh;
 pub mod ui;
 pub mod wait;
@@ -63,6 +69,10 @@ pub fn main_with_args(argv: Vec<OsString>) -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if let Command::Agent = cli.command {
+        // The node side: plain blocking I/O on stdin/stdout, no runtime.
+        return ExitCode::from(agent::run_agent().clamp(0, 255) as u8);
+    }
     ssh::adopt_orphans();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,11 +141,39 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             };
             let deadline = tokio::time::Instant::now() + timeout;
             let verbose = args.verbose;
-            Ok(drive(mode, info, move |report| {
-                wait::wait_all(nodes, ssh, deadline, verbose, report)
+            Ok(drive(mode, info, move |report, cancel| async move {
+                tokio::select! {
+                    _ = wait::wait_all(nodes, ssh, deadline, verbose, report) => {}
+                    _ = cancel.cancelled() => {}
+                }
             })
             .await)
         }
+        Command::Load(args) => run_load(&cli, args).await,
+        Command::Save(args) => run_save(&cli, args).await,
+        Command::List(args) => {
+            let loaded = loaded()?;
+            let repo = config::expand_home(&loaded.config.repository.dir);
+            let images = repo::list(
+                &repo,
+                args.pattern.as_deref(),
+                loaded.config.load.chunk_size,
+            )
+            .map_err(|e| UsageError::Other(format!("cannot list {}: {e}", repo.display())))?;
+            if cli.global.json {
+                for image in &images {
+                    let mut v = serde_json::to_value(image).unwrap_or_default();
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.insert("event".into(), "image".into());
+                    }
+                    println!("{v}");
+                }
+            } else {
+                print!("{}", repo::format_table(&images));
+            }
+            Ok(Exit::Success)
+        }
+        Command::Agent => Ok(Exit::Usage),
         Command::InstallLinks { dir } => {
             install_links(dir)?;
             Ok(Exit::Success)
@@ -143,20 +181,33 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
     }
 }
 
-/// Run an engine with a front end; Ctrl-C cancels the engine (dropping it
-/// closes its sessions), marks unfinished nodes cancelled and exits 130.
+/// Run an engine with a front end. The first Ctrl-C asks the engine to
+/// cancel (it stops transfers and still runs its cleanup, such as `after`
+/// hooks); a second one stops waiting for that cleanup. Exits 130 then.
 async fn drive<F, Fut>(mode: ui::Mode, info: ui::RunInfo, engine: F) -> Exit
 where
-    F: FnOnce(report::Reporter) -> Fut,
+    F: FnOnce(report::Reporter, cancel::Cancel) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let reporter = report::Reporter::new(&info.command, &info.names, tx);
     let frontend = tokio::spawn(ui::consume(mode, info, rx));
-    let interrupted = tokio::select! {
-        _ = engine(reporter.clone()) => false,
-        _ = tokio::signal::ctrl_c() => true,
-    };
+    let (canceller, cancel) = cancel::pair();
+    let engine = engine(reporter.clone(), cancel);
+    tokio::pin!(engine);
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            _ = &mut engine => break,
+            _ = tokio::signal::ctrl_c() => {
+                if interrupted {
+                    break;
+                }
+                interrupted = true;
+                canceller.cancel();
+            }
+        }
+    }
     if interrupted {
         reporter.close_unfinished(events::NodeState::Cancelled, "interrupted");
     }
@@ -169,6 +220,181 @@ where
     } else {
         Exit::NodesFailed
     }
+}
+
+fn output_mode(cli: &Cli) -> ui::Mode {
+    if cli.global.json {
+        ui::Mode::Json
+    } else {
+        ui::Mode::Lines
+    }
+}
+
+fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Instant, UsageError> {
+    let secs = timeout.unwrap_or(default_secs as f64);
+    let secs = if secs <= 0.0 {
+        10.0 * 365.0 * 86400.0
+    } else {
+        secs
+    };
+    let d = Duration::try_from_secs_f64(secs)
+        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))?;
+    Ok(tokio::time::Instant::now() + d)
+}
+
+/// Each node's target: its own, else `[load] target`, placeholders filled.
+fn targets(loaded: &Loaded, nodes: &[Node]) -> Vec<String> {
+    nodes
+        .iter()
+        .map(|n| {
+            let template = n.target.as_deref().unwrap_or(&loaded.config.load.target);
+            hooks::expand(template, n, "", "")
+        })
+        .collect()
+}
+
+fn ssh_and_agent(
+    loaded: &Loaded,
+) -> Result<(ssh::SshSettings, agentlink::AgentSource), UsageError> {
+    let ssh = ssh::SshSettings::from_config(&loaded.config)
+        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    let agent = agentlink::AgentSource::new(&loaded.config.load.agent_path).map_err(|e| {
+        UsageError::Other(format!("cannot read this executable for the agent: {e}"))
+    })?;
+    Ok((ssh, agent))
+}
+
+async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
+    let loaded = config::load(cli.global.config.as_deref())?;
+    let config = &loaded.config;
+    let nodes = select(&loaded, &args.nodes)?;
+    let repo_dir = config::expand_home(&config.repository.dir);
+    let image_arg = args
+        .image
+        .clone()
+        .unwrap_or_else(|| config.repository.default_image.clone());
+    let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
+    let file = std::fs::File::open(&image)
+        .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
+    let targets = targets(&loaded, &nodes);
+    let deadline = deadline(args.timeout, config.load.timeout)?;
+    let chunk_size = config.load.chunk_size;
+    let path = image.clone();
+    if !cli.global.json {
+        eprintln!("imaging: reading {} (manifest)", image.display());
+    }
+    let manifest = tokio::task::spawn_blocking(move || manifest::load_or_build(&path, chunk_size))
+        .await
+        .map_err(|e| UsageError::Other(e.to_string()))?
+        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    if args.dry_run {
+        println!(
+            "would load {} ({} bytes, {} of data, {} chunks) onto:",
+            image.display(),
+            manifest.size,
+            manifest.data_size(),
+            manifest.chunk_count()
+        );
+        for (n, t) in nodes.iter().zip(&targets) {
+            println!("  {} {}", n.name, t);
+        }
+        return Ok(Exit::Success);
+    }
+    let (ssh, agent) = ssh_and_agent(&loaded)?;
+    let image_name = image
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let job = load::LoadJob {
+        image_name,
+        source: source::ChunkSource::new(
+            file,
+            std::sync::Arc::new(manifest),
+            config.load.compression,
+        ),
+        targets,
+        ssh,
+        agent,
+        force: args.force,
+        retries: config.load.retries,
+        concurrency: config.load.concurrency,
+        rate: source::RateLimit::new(args.bandwidth.unwrap_or(config.load.bandwidth)),
+        before: config.load.before.clone(),
+        after: config.load.after.clone(),
+        deadline,
+        reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
+        nodes,
+    };
+    let info = ui::RunInfo {
+        command: "load".into(),
+        names: job.nodes.iter().map(|n| n.name.clone()).collect(),
+        verbose: true,
+    };
+    Ok(drive(output_mode(cli), info, move |report, cancel| {
+        load::load_all(job, report, cancel)
+    })
+    .await)
+}
+
+async fn run_save(cli: &Cli, args: &cli::SaveArgs) -> Result<Exit, UsageError> {
+    let loaded = config::load(cli.global.config.as_deref())?;
+    let config = &loaded.config;
+    let nodes = select(&loaded, &args.nodes)?;
+    let repo_dir = config::expand_home(&config.repository.dir);
+    if !repo_dir.is_dir() {
+        return Err(UsageError::Other(format!(
+            "image repository {} is not a directory",
+            repo_dir.display()
+        )));
+    }
+    let now = chrono::Local::now().naive_local();
+    let names = nodes
+        .iter()
+        .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
+    for name in &names {
+        if repo_dir.join(name).exists() {
+            return Err(UsageError::Other(format!(
+                "{} already exists in {}",
+                name,
+                repo_dir.display()
+            )));
+        }
+    }
+    let targets = targets(&loaded, &nodes);
+    if args.dry_run {
+        for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
+            println!(
+                "would save {}:{} as {}",
+                n.name,
+                t,
+                repo_dir.join(name).display()
+            );
+        }
+        return Ok(Exit::Success);
+    }
+    let (ssh, agent) = ssh_and_agent(&loaded)?;
+    let job = save::SaveJob {
+        targets,
+        names,
+        repo: repo_dir,
+        ssh,
+        agent,
+        chunk_size: config.load.chunk_size,
+        level: config.load.compression,
+        deadline: deadline(args.timeout, config.save.timeout)?,
+        nodes,
+    };
+    let info = ui::RunInfo {
+        command: "save".into(),
+        names: job.nodes.iter().map(|n| n.name.clone()).collect(),
+        verbose: true,
+    };
+    Ok(drive(output_mode(cli), info, move |report, cancel| {
+        save::save_all(job, report, cancel)
+    })
+    .await)
 }
 
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.

@@ -41,7 +41,10 @@ fn assert_clean(rig: &Rig) {
         if alive.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "ssh processes left behind: {alive:?}");
+        assert!(
+            Instant::now() < deadline,
+            "ssh processes left behind: {alive:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -50,9 +53,19 @@ fn assert_clean(rig: &Rig) {
 fn all_up_nodes_exit_0() {
     let rig = Rig::new(3);
     let (out, _) = run(rig.imaging().args(["wait", "-t", "20", "1-3"]));
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     for name in ["node01", "node02", "node03"] {
-        assert!(stdout(&out).contains(&format!("{name} ssh OK")), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains(&format!("{name} ssh OK")),
+            "{}",
+            stdout(&out)
+        );
     }
     assert_clean(&rig);
 }
@@ -73,11 +86,24 @@ fn node_whose_sshd_starts_late_is_waited_for() {
     rig.start(1);
     let out = child.wait_with_output().unwrap();
     let elapsed = started.elapsed();
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(stdout(&out).contains("node02 ssh OK"), "{}", stdout(&out));
     // -v shows the refused attempts made before the node came up.
-    assert!(stdout(&out).contains("node02: connection refused"), "{}", stdout(&out));
-    assert!(elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert!(
+        stdout(&out).contains("node02: connection refused"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(10),
+        "{elapsed:?}"
+    );
     assert_clean(&rig);
 }
 
@@ -90,13 +116,24 @@ fn closed_port_and_silent_listener_fail_at_the_deadline() {
         "[[node]]\nname = \"dead\"\naddress = \"127.0.0.1\"\nport = {dead_port}\n\
          [[node]]\nname = \"mute\"\naddress = \"127.0.0.1\"\nport = {mute_port}\n"
     ));
-    let (out, elapsed) = run(rig.imaging().args(["wait", "-t", "3", "node01", "dead", "mute"]));
+    let (out, elapsed) = run(rig
+        .imaging()
+        .args(["wait", "-t", "3", "node01", "dead", "mute"]));
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
     assert!(text.contains("node01 ssh OK"), "{text}");
-    assert!(text.contains("dead ssh KO (timeout: connection refused)"), "{text}");
-    let mute = text.lines().find(|l| l.starts_with("mute ssh KO (")).unwrap_or_else(|| panic!("{text}"));
-    assert!(mute.contains("handshake") || mute.contains("banner"), "{mute}");
+    assert!(
+        text.contains("dead ssh KO (timeout: connection refused)"),
+        "{text}"
+    );
+    let mute = text
+        .lines()
+        .find(|l| l.starts_with("mute ssh KO ("))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        mute.contains("handshake") || mute.contains("banner"),
+        "{mute}"
+    );
     assert!(
         elapsed >= Duration::from_millis(2900) && elapsed < Duration::from_millis(4200),
         "deadline 3 s, took {elapsed:?}"
@@ -108,8 +145,12 @@ fn closed_port_and_silent_listener_fail_at_the_deadline() {
 fn json_output_matches_the_contract() {
     let rig = Rig::new(2);
     let dead_port = closed_port();
-    rig.write_config(&format!("[[node]]\nname = \"dead\"\naddress = \"127.0.0.1\"\nport = {dead_port}\n"));
-    let (out, _) = run(rig.imaging().args(["wait", "--json", "-t", "2", "1-2", "dead"]));
+    rig.write_config(&format!(
+        "[[node]]\nname = \"dead\"\naddress = \"127.0.0.1\"\nport = {dead_port}\n"
+    ));
+    let (out, _) = run(rig
+        .imaging()
+        .args(["wait", "--json", "-t", "2", "1-2", "dead"]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let lines: Vec<serde_json::Value> = stdout(&out)
         .lines()
@@ -131,7 +172,12 @@ fn json_output_matches_the_contract() {
         assert_eq!(n["bytes_written"], 0);
     }
     assert_eq!(nodes[2]["state"], "failed");
-    assert!(nodes[2]["error"].as_str().unwrap().contains("connection refused"));
+    assert!(
+        nodes[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused")
+    );
 }
 
 #[test]
@@ -143,7 +189,11 @@ fn bad_spec_exits_2_naming_the_token() {
     assert!(stderr(&out).contains("`7x-`"), "{}", stderr(&out));
     let (out, _) = run(rig.imaging().args(["wait", "ubuntu.img"]));
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("did you forget -i?"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did you forget -i?"),
+        "{}",
+        stderr(&out)
+    );
     let (out, _) = run(rig.imaging().args(["nodes", "40"]));
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("`40`"), "{}", stderr(&out));
@@ -160,10 +210,22 @@ fn unknown_client_key_is_ko_with_a_reason() {
         .unwrap();
     assert!(ok.success());
     let cfg = rig.dir().join("wrong-key.conf");
-    std::fs::write(&cfg, format!("[ssh]\nidentity_file = \"{}\"\n", other_key.display())).unwrap();
-    let (out, elapsed) = run(rig.imaging().arg("--config").arg(&cfg).args(["wait", "-t", "2", "1"]));
+    std::fs::write(
+        &cfg,
+        format!("[ssh]\nidentity_file = \"{}\"\n", other_key.display()),
+    )
+    .unwrap();
+    let (out, elapsed) = run(rig
+        .imaging()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["wait", "-t", "2", "1"]));
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout(&out).contains("node01 ssh KO (timeout: authentication refused"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("node01 ssh KO (timeout: authentication refused"),
+        "{}",
+        stdout(&out)
+    );
     assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
 }
 
@@ -194,7 +256,9 @@ fn nodes_env_and_all_scope_select_nodes() {
 fn ctrl_c_exits_130_and_leaves_no_ssh_behind() {
     let rig = Rig::new(1);
     let (mute_port, _mute) = silent_listener();
-    rig.write_config(&format!("[[node]]\nname = \"mute\"\naddress = \"127.0.0.1\"\nport = {mute_port}\n"));
+    rig.write_config(&format!(
+        "[[node]]\nname = \"mute\"\naddress = \"127.0.0.1\"\nport = {mute_port}\n"
+    ));
     let child = rig
         .imaging()
         .args(["wait", "--json", "-t", "30", "node01", "mute"])
@@ -207,10 +271,33 @@ fn ctrl_c_exits_130_and_leaves_no_ssh_behind() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
     let out = child.wait_with_output().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    let last: serde_json::Value = serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
     assert_eq!(last["nodes"][0]["state"], "ok");
     assert_eq!(last["nodes"][1]["state"], "cancelled");
+    assert_clean(&rig);
+}
+
+/// Twenty nodes that are up: exit 0. The time is printed, not asserted (the
+/// machine is shared); see README for the measured figure.
+#[test]
+fn twenty_up_nodes_return_0() {
+    let rig = Rig::new(20);
+    let (out, elapsed) = run(rig.imaging().args(["wait", "-t", "60", "1-20"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out).matches(" ssh OK").count(), 20);
+    eprintln!("imaging wait on 20 nodes: {elapsed:?}");
     assert_clean(&rig);
 }

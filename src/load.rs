@@ -1,0 +1,390 @@
+//! `imaging load`: write an image onto every selected node's target.
+//!
+//! Per node: `before` hook, wait for SSH, start the agent, let it check
+//! what the target holds, send only the chunks it needs (each read and
+//! compressed once for all nodes), then Finish: the agent syncs and stamps.
+//! A dropped connection is retried with backoff and resumes from what the
+//! agent verified; the `after` hook runs whenever `before` ran.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::agentlink::{AgentLink, AgentSource};
+use crate::backoff::Backoff;
+use crate::cancel::Cancel;
+use crate::events::NodeState;
+use crate::hooks;
+use crate::inventory::Node;
+use crate::protocol::{self, Msg, ProtocolError};
+use crate::report::Reporter;
+use crate::source::{ChunkSource, RateLimit};
+use crate::ssh::SshSettings;
+use crate::wait;
+
+/// Chunks prepared ahead of the one being sent, per node.
+const LOOKAHEAD: usize = 3;
+
+pub struct LoadJob {
+    /// The image's name, for hooks (`{image}`).
+    pub image_name: String,
+    pub source: Arc<ChunkSource>,
+    pub nodes: Vec<Node>,
+    /// Each node's target, placeholders filled.
+    pub targets: Vec<String>,
+    pub ssh: SshSettings,
+    pub agent: AgentSource,
+    pub force: bool,
+    pub retries: u32,
+    pub concurrency: usize,
+    pub rate: Option<Arc<RateLimit>>,
+    pub before: String,
+    pub after: String,
+    pub deadline: Instant,
+    /// How long a retry waits for the node's SSH to come back.
+    pub reconnect_wait: Duration,
+}
+
+/// Why an attempt ended without success.
+enum AttemptError {
+    /// Worth another attempt: the connection dropped, SSH is not up yet.
+    Retry(String),
+    /// The node said no (target refused, verification failed, …).
+    Fatal(String),
+}
+
+impl From<ProtocolError> for AttemptError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Closed | ProtocolError::Io(_) => {
+                AttemptError::Retry(format!("connection lost ({e})"))
+            }
+            other => AttemptError::Fatal(other.to_string()),
+        }
+    }
+}
+
+/// Byte counters of one node, over all its attempts.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    written_before: AtomicU64,
+    written: AtomicU64,
+}
+
+pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
+    let job = Arc::new(job);
+    let slots = Arc::new(tokio::sync::Semaphore::new(job.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for i in 0..job.nodes.len() {
+        let (job, report, cancel, slots) =
+            (job.clone(), report.clone(), cancel.clone(), slots.clone());
+        tasks.spawn(async move {
+            let _slot = tokio::select! {
+                permit = slots.acquire_owned() => permit.ok(),
+                _ = cancel.cancelled() => None,
+            };
+            if cancel.is_cancelled() {
+                report.state(
+                    i,
+                    NodeState::Cancelled,
+                    Some("cancelled before it started".into()),
+                );
+                return;
+            }
+            load_node(i, &job, &report, &cancel).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn load_node(i: usize, job: &LoadJob, report: &Reporter, cancel: &Cancel) {
+    let node = &job.nodes[i];
+    let target = &job.targets[i];
+    let counters = Counters::default();
+    let mut before_ran = false;
+    let mut outcome: Result<NodeState, (NodeState, String)> = Ok(NodeState::Done);
+    if !job.before.is_empty() {
+        report.state(i, NodeState::Preparing, Some("before hook".into()));
+        before_ran = true;
+        let command = hooks::expand(&job.before, node, &job.image_name, target);
+        if let Err(e) = hooks::run(&command).await {
+            outcome = Err((NodeState::Failed, format!("before hook: {e}")));
+        }
+    }
+    if outcome.is_ok() {
+        outcome = tokio::select! {
+            r = tokio::time::timeout_at(job.deadline, transfer(i, job, report, &counters)) => match r {
+                Ok(Ok(state)) => Ok(state),
+                // Gave up because the deadline came (SSH never answered): a timeout.
+                Ok(Err(reason)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, reason)),
+                Ok(Err(reason)) => Err((NodeState::Failed, reason)),
+                Err(_) => Err((NodeState::Timeout, "deadline reached".into())),
+            },
+            _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".into())),
+        };
+    }
+    // The after hook runs whatever happened once before ran (an R2LAB
+    // next-boot link must never be left behind), even after a cancel.
+    if before_ran && !job.after.is_empty() {
+        let command = hooks::expand(&job.after, node, &job.image_name, target);
+        if let Err(e) = hooks::run(&command).await {
+            report.log(Some(i), format!("{}: after hook: {e}", node.name));
+            if outcome.is_ok() {
+                outcome = Err((NodeState::Failed, format!("after hook: {e}")));
+            }
+        }
+    }
+    let written =
+        counters.written_before.load(Ordering::Relaxed) + counters.written.load(Ordering::Relaxed);
+    report.progress(i, counters.sent.load(Ordering::Relaxed), written, 0);
+    match outcome {
+        Ok(state) => report.state(i, state, None),
+        Err((state, reason)) => report.state(i, state, Some(reason)),
+    }
+}
+
+/// Attempts with backoff until one succeeds, fails for good, or retries run out.
+async fn transfer(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+) -> Result<NodeState, String> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let mut failures = 0;
+    loop {
+        match attempt(i, job, report, counters, failures > 0).await {
+            Ok(state) => return Ok(state),
+            Err(AttemptError::Fatal(reason)) => return Err(reason),
+            Err(AttemptError::Retry(reason)) => {
+                failures += 1;
+                let written = counters.written.swap(0, Ordering::Relaxed);
+                counters
+                    .written_before
+                    .fetch_add(written, Ordering::Relaxed);
+                if failures > job.retries {
+                    return Err(format!("{reason}; gave up after {} retries", job.retries));
+                }
+                report.log(
+                    Some(i),
+                    format!(
+                        "{}: {reason}; retry {failures}/{} resumes from the verified data",
+                        job.nodes[i].name, job.retries
+                    ),
+                );
+                report.state(
+                    i,
+                    NodeState::WaitingForSsh,
+                    Some(format!("retrying: {reason}")),
+                );
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+async fn open_link(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    retry: bool,
+) -> Result<AgentLink, AttemptError> {
+    let node = &job.nodes[i];
+    if node.local {
+        report.state(i, NodeState::Connecting, Some("local agent".into()));
+        return AgentLink::local().map_err(|e| AttemptError::Fatal(e.0));
+    }
+    report.state(i, NodeState::WaitingForSsh, None);
+    // The first connection may wait for a node booting into its imaging
+    // environment; a reconnection waits only so long.
+    let until = if retry {
+        job.deadline.min(Instant::now() + job.reconnect_wait)
+    } else {
+        job.deadline
+    };
+    let session = wait::connect_when_up(node, &job.ssh, until, None, &|_| {})
+        .await
+        .map_err(|e| {
+            if retry {
+                AttemptError::Fatal(format!("did not come back: {e}"))
+            } else {
+                AttemptError::Fatal(e)
+            }
+        })?;
+    report.state(i, NodeState::Connecting, None);
+    let path = job
+        .agent
+        .ensure(&session)
+        .await
+        .map_err(|e| AttemptError::Retry(e.0))?;
+    AgentLink::over_ssh(Arc::new(session), &path)
+        .await
+        .map_err(|e| AttemptError::Retry(e.0))
+}
+
+async fn attempt(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    retry: bool,
+) -> Result<NodeState, AttemptError> {
+    let mut link = open_link(i, job, report, retry).await?;
+    let result = run_session(i, job, report, counters, &mut link).await;
+    let stderr = link.close().await;
+    result.map_err(|e| match e {
+        // The agent's own words say more than "connection lost".
+        AttemptError::Retry(r) | AttemptError::Fatal(r) if r.starts_with("agent:") => {
+            AttemptError::Fatal(r)
+        }
+        AttemptError::Retry(r) => match stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("imaging agent:"))
+        {
+            Some(last) => {
+                AttemptError::Fatal(last.trim_start_matches("imaging agent:").trim().to_string())
+            }
+            None => AttemptError::Retry(r),
+        },
+        other => other,
+    })
+}
+
+async fn run_session(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    link: &mut AgentLink,
+) -> Result<NodeState, AttemptError> {
+    link.handshake().await.map_err(AttemptError::Retry)?;
+    let m = job.source.manifest();
+    report.state(i, NodeState::Checking, None);
+    protocol::write_msg(
+        &mut link.tx,
+        &Msg::LoadBegin {
+            target: job.targets[i].clone(),
+            size: m.size,
+            chunk_size: m.chunk_size as u32,
+            identity: m.identity,
+            force: job.force,
+            force_mounted: job.force,
+            digests: m.digests.clone(),
+            zero: m.zero.clone(),
+        },
+    )
+    .await?;
+    link.tx.flush().await.map_err(ProtocolError::from)?;
+    let (bitmap, zeroed) = match protocol::read_msg(&mut link.rx).await? {
+        Msg::Needed {
+            up_to_date: true, ..
+        } => return Ok(NodeState::UpToDate),
+        Msg::Needed {
+            bitmap,
+            bytes_written,
+            ..
+        } => (bitmap, bytes_written),
+        Msg::Error { message } => return Err(AttemptError::Fatal(format!("agent: {message}"))),
+        other => {
+            return Err(AttemptError::Fatal(format!(
+                "agent answered {} to LoadBegin",
+                other.name()
+            )));
+        }
+    };
+    let needed: Vec<usize> = (0..m.chunk_count())
+        .filter(|&c| protocol::bit(&bitmap, c))
+        .collect();
+    let before = counters.written_before.load(Ordering::Relaxed);
+    let total = before + zeroed + needed.iter().map(|&c| m.chunk_len(c)).sum::<u64>();
+    counters.written.store(zeroed, Ordering::Relaxed);
+    report.state(i, NodeState::Transferring, None);
+    report.progress(
+        i,
+        counters.sent.load(Ordering::Relaxed),
+        before + zeroed,
+        total,
+    );
+
+    let AgentLink { tx, rx, .. } = link;
+    let send = async {
+        let mut ahead = VecDeque::new();
+        let mut queue = needed.iter().copied();
+        for _ in 0..LOOKAHEAD {
+            if let Some(c) = queue.next() {
+                let source = job.source.clone();
+                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+            }
+        }
+        while let Some(next) = ahead.pop_front() {
+            if let Some(c) = queue.next() {
+                let source = job.source.clone();
+                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+            }
+            let chunk = next
+                .await
+                .map_err(|e| AttemptError::Fatal(e.to_string()))?
+                .map_err(AttemptError::Fatal)?;
+            if let Some(rate) = &job.rate {
+                rate.take(chunk.data.len() as u64).await;
+            }
+            protocol::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
+            counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
+        }
+        protocol::write_msg(tx, &Msg::Finish).await?;
+        tx.flush().await.map_err(ProtocolError::from)?;
+        report.state(i, NodeState::Syncing, None);
+        Ok::<(), AttemptError>(())
+    };
+    let receive = async {
+        loop {
+            match protocol::read_msg(rx).await? {
+                Msg::Written { bytes_written, .. } => {
+                    counters.written.store(bytes_written, Ordering::Relaxed);
+                    report.progress(
+                        i,
+                        counters.sent.load(Ordering::Relaxed),
+                        before + bytes_written,
+                        total,
+                    );
+                }
+                Msg::Finished { bytes_written } => {
+                    counters.written.store(bytes_written, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Msg::Error { message } => {
+                    return Err(AttemptError::Fatal(format!("agent: {message}")));
+                }
+                other => {
+                    return Err(AttemptError::Fatal(format!(
+                        "agent sent {} during the transfer",
+                        other.name()
+                    )));
+                }
+            }
+        }
+    };
+    // The receiver may end first with an error; then stop sending.
+    tokio::pin!(send);
+    tokio::pin!(receive);
+    let mut sent = false;
+    loop {
+        tokio::select! {
+            r = &mut send, if !sent => { r?; sent = true; }
+            r = &mut receive => { r?; break; }
+        }
+    }
+    if !sent {
+        return Err(AttemptError::Fatal(
+            "agent finished before all chunks were sent".into(),
+        ));
+    }
+    Ok(NodeState::Done)
+}

@@ -1,0 +1,225 @@
+//! `imaging save`: read nodes' targets back into new images.
+//!
+//! Each image is written under a hidden temporary name, every chunk checked
+//! against the digest the agent computed, synced, re-read and compared,
+//! given its manifest, and only then linked to its final name (never over
+//! an existing file): an interrupted save never looks like a good image.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::agentlink::{AgentLink, AgentSource};
+use crate::cancel::Cancel;
+use crate::events::NodeState;
+use crate::inventory::Node;
+use crate::manifest::Manifest;
+use crate::protocol::{self, Codec, Msg};
+use crate::report::Reporter;
+use crate::ssh::SshSettings;
+use crate::wait;
+
+pub struct SaveJob {
+    pub nodes: Vec<Node>,
+    pub targets: Vec<String>,
+    /// Final file names in the repository, one per node.
+    pub names: Vec<String>,
+    pub repo: PathBuf,
+    pub ssh: SshSettings,
+    pub agent: AgentSource,
+    pub chunk_size: u64,
+    pub level: i32,
+    pub deadline: Instant,
+}
+
+pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
+    let job = Arc::new(job);
+    let mut tasks = JoinSet::new();
+    for i in 0..job.nodes.len() {
+        let (job, report, cancel) = (job.clone(), report.clone(), cancel.clone());
+        tasks.spawn(async move {
+            let partial = job.repo.join(crate::repo::partial_name(&job.names[i]));
+            let outcome = tokio::select! {
+                r = tokio::time::timeout_at(job.deadline, save_node(i, &job, &report, &partial)) => match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, e)),
+                    Ok(Err(e)) => Err((NodeState::Failed, e)),
+                    Err(_) => Err((NodeState::Timeout, "deadline reached".to_string())),
+                },
+                _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".to_string())),
+            };
+            match outcome {
+                Ok(()) => report.state(i, NodeState::Done, Some(job.names[i].clone())),
+                Err((state, reason)) => {
+                    // Nothing half-written stays behind.
+                    let _ = std::fs::remove_file(&partial);
+                    report.state(i, state, Some(reason));
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn save_node(
+    i: usize,
+    job: &SaveJob,
+    report: &Reporter,
+    partial: &Path,
+) -> Result<(), String> {
+    let node = &job.nodes[i];
+    let mut link = if node.local {
+        AgentLink::local().map_err(|e| e.0)?
+    } else {
+        report.state(i, NodeState::WaitingForSsh, None);
+        let session = wait::connect_when_up(node, &job.ssh, job.deadline, None, &|_| {}).await?;
+        report.state(i, NodeState::Connecting, None);
+        let path = job.agent.ensure(&session).await.map_err(|e| e.0)?;
+        AgentLink::over_ssh(Arc::new(session), &path)
+            .await
+            .map_err(|e| e.0)?
+    };
+    let result = receive(i, job, report, partial, &mut link).await;
+    let stderr = link.close().await;
+    let result = result.map_err(|e| {
+        match stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("imaging agent:"))
+        {
+            Some(last) if !e.starts_with("agent:") => format!("{e} ({})", last.trim()),
+            _ => e,
+        }
+    });
+    let manifest = result?;
+    let final_path = job.repo.join(&job.names[i]);
+    finish_file(partial, &final_path, &manifest)
+}
+
+async fn receive(
+    i: usize,
+    job: &SaveJob,
+    report: &Reporter,
+    partial: &Path,
+    link: &mut AgentLink,
+) -> Result<Manifest, String> {
+    link.handshake().await?;
+    protocol::write_msg(
+        &mut link.tx,
+        &Msg::SaveBegin {
+            target: job.targets[i].clone(),
+            chunk_size: job.chunk_size as u32,
+            level: job.level,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    link.tx.flush().await.map_err(|e| e.to_string())?;
+    let size = match protocol::read_msg(&mut link.rx)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Msg::SaveInfo { size } => size,
+        Msg::Error { message } => return Err(format!("agent: {message}")),
+        other => return Err(format!("agent answered {} to SaveBegin", other.name())),
+    };
+    // create_new: never overwrite, not even a stale partial of another run.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+    file.set_len(size)
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    let chunks = size.div_ceil(job.chunk_size) as usize;
+    let mut digests = Vec::with_capacity(chunks);
+    let mut zero = vec![0u8; protocol::bitmap_len(chunks)];
+    let (mut sent, mut written) = (0u64, 0u64);
+    report.state(i, NodeState::Transferring, None);
+    loop {
+        match protocol::read_msg(&mut link.rx)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Msg::SaveChunk {
+                index,
+                digest,
+                zero: is_zero,
+                codec,
+                data,
+            } => {
+                let index = index as usize;
+                if index != digests.len() || index >= chunks {
+                    return Err(format!("agent sent chunk {index} out of order"));
+                }
+                let offset = index as u64 * job.chunk_size;
+                let len = (size - offset).min(job.chunk_size) as usize;
+                if is_zero {
+                    protocol::set_bit(&mut zero, index);
+                } else {
+                    let raw = match codec {
+                        Codec::Raw => data,
+                        Codec::Zstd => zstd::bulk::decompress(&data, len)
+                            .map_err(|e| format!("chunk {index}: bad compressed data: {e}"))?,
+                    };
+                    if raw.len() != len || crate::digest::chunk_digest(&raw) != digest {
+                        return Err(format!("chunk {index} failed verification"));
+                    }
+                    file.write_all_at(&raw, offset)
+                        .map_err(|e| format!("writing {}: {e}", partial.display()))?;
+                    written += len as u64;
+                }
+                digests.push(digest);
+                sent += len as u64;
+                report.progress(i, sent, written, size);
+            }
+            Msg::SaveEnd => break,
+            Msg::Error { message } => return Err(format!("agent: {message}")),
+            other => return Err(format!("agent sent {} during the save", other.name())),
+        }
+    }
+    if digests.len() != chunks {
+        return Err(format!(
+            "agent ended after {} of {chunks} chunks",
+            digests.len()
+        ));
+    }
+    report.state(i, NodeState::Syncing, None);
+    file.sync_all()
+        .map_err(|e| format!("syncing {}: {e}", partial.display()))?;
+    let received = Manifest::from_parts(job.chunk_size, size, digests, zero);
+    let partial = partial.to_path_buf();
+    let chunk_size = job.chunk_size;
+    // Re-read what landed on disk: it must be what the node sent.
+    let on_disk = tokio::task::spawn_blocking(move || Manifest::build(&partial, chunk_size))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("verifying the saved image: {e}"))?;
+    if on_disk.identity != received.identity {
+        return Err("the saved file does not read back as received".into());
+    }
+    Ok(on_disk)
+}
+
+/// Write the verified file's manifest, then give the file its final name
+/// (never replacing a file).
+fn finish_file(partial: &Path, final_path: &Path, manifest: &Manifest) -> Result<(), String> {
+    // A missing manifest is only rebuilt later; it does not stop the save.
+    let _ = crate::manifest::store_renamed(partial, final_path, manifest);
+    std::fs::hard_link(partial, final_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            format!(
+                "{} already exists; nothing was overwritten",
+                final_path.display()
+            )
+        } else {
+            format!("cannot name the image {}: {e}", final_path.display())
+        }
+    })?;
+    let _ = std::fs::remove_file(partial);
+    Ok(())
+}

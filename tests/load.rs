@@ -1,0 +1,431 @@
+//! `imaging load`, `save` and `list` against real sshd nodes on 127.0.0.1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Rig, closed_port};
+
+const MIB: usize = 1 << 20;
+
+/// 64 MiB: random regions and zero regions (and a partial last chunk of data).
+fn write_image(path: &Path) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(42);
+    let mut data = vec![0u8; 64 * MIB];
+    for (start, len) in [
+        (0, 10 * MIB),
+        (20 * MIB, 5 * MIB + 4096),
+        (40 * MIB + 77, 3 * MIB),
+        (60 * MIB, 4 * MIB),
+    ] {
+        rng.fill(&mut data[start..start + len]);
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Layer with 1 MiB chunks (64 chunks), plus `extra`.
+fn layer(rig: &Rig, name: &str, extra: &str) -> PathBuf {
+    let path = rig.dir().join(name);
+    std::fs::write(&path, format!("[load]\nchunk_size = 1048576\n{extra}\n")).unwrap();
+    path
+}
+
+fn imaging(rig: &Rig, layer: &Path) -> Command {
+    let mut c = rig.imaging();
+    c.arg("--config").arg(layer);
+    c
+}
+
+fn summary(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["event"], "summary", "{last}");
+    v
+}
+
+fn node<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap()
+}
+
+fn assert_same(target: &Path, image: &[u8]) {
+    let got = std::fs::read(target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
+    assert_eq!(got.len(), image.len(), "{} size", target.display());
+    assert!(got == image, "{} differs from the image", target.display());
+}
+
+#[test]
+fn load_writes_identical_targets_then_recognises_them_and_sends_only_changes() {
+    let rig = Rig::new(4);
+    let image = write_image(&rig.dir().join("images/lab.img"));
+    let cfg = layer(&rig, "l.conf", "");
+
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "lab.img", "1-4"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{s}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in rig.nodes() {
+        assert_same(&n.target, &image);
+        let ns = node(&s, &n.name);
+        assert_eq!(ns["state"], "done");
+        // 22 MiB of data in 23 chunks of 1 MiB; the zero regions are never sent.
+        let sent = ns["bytes_sent"].as_u64().unwrap();
+        assert!(
+            sent <= 24 * MIB as u64 && sent >= 22 * MIB as u64,
+            "sent {sent}"
+        );
+        assert!(ns["bytes_written"].as_u64().unwrap() >= 22 * MIB as u64);
+    }
+
+    // Again: every node is up to date, nothing is sent.
+    let started = Instant::now();
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "lab.img", "1-4"])
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(0), "{s}");
+    for n in rig.nodes() {
+        assert_eq!(node(&s, &n.name)["state"], "up-to-date", "{s}");
+        assert_eq!(node(&s, &n.name)["bytes_sent"], 0);
+    }
+    eprintln!("reload of 4 up-to-date nodes: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+
+    // Three chunks overwritten on one node: only those are sent.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&rig.nodes()[2].target)
+            .unwrap();
+        for chunk in [1u64, 30, 62] {
+            f.write_all_at(&[0xAB; 100], chunk * MIB as u64 + 5)
+                .unwrap();
+        }
+    }
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "lab.img", "1-4"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(0), "{s}");
+    assert_eq!(node(&s, "node03")["state"], "done");
+    // Chunks 1 and 62 hold data; chunk 30 is a zero chunk, restored on the node without sending.
+    assert_eq!(node(&s, "node03")["bytes_sent"], 2 * MIB as u64, "{s}");
+    for other in ["node01", "node02", "node04"] {
+        assert_eq!(node(&s, other)["state"], "up-to-date");
+    }
+    assert_same(&rig.nodes()[2].target, &image);
+}
+
+#[test]
+fn hooks_run_once_per_node_on_success_and_failure() {
+    let rig = Rig::new(2);
+    let image = write_image(&rig.dir().join("images/lab.img"));
+    let log = rig.dir().join("hooks.log");
+    let dead = closed_port();
+    let cfg = layer(
+        &rig,
+        "h.conf",
+        &format!(
+            "before = \"echo before {{name}} >> {0}\"\nafter = \"echo after {{name}} {{image}} >> {0}\"\nreconnect_wait = 1\n\
+             [[node]]\nname = \"node01\"\naddress = \"127.0.0.1\"\nport = {1}\n\
+             [[node]]\nname = \"node02\"\naddress = \"127.0.0.1\"\nport = {2}\n\
+             [[node]]\nname = \"dead03\"\naddress = \"127.0.0.1\"\nport = {dead}\n",
+            log.display(),
+            rig.nodes()[0].port,
+            rig.nodes()[1].port,
+        ),
+    );
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-t", "6", "-i", "lab.img", "1-3"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert_eq!(node(&s, "node01")["state"], "done");
+    assert_eq!(node(&s, "node02")["state"], "done");
+    assert_eq!(node(&s, "dead03")["state"], "timeout");
+    assert_same(&rig.nodes()[0].target, &image);
+    let text = std::fs::read_to_string(&log).unwrap();
+    for name in ["node01", "node02", "dead03"] {
+        assert_eq!(
+            text.matches(&format!("before {name}\n")).count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches(&format!("after {name} lab.img\n")).count(),
+            1,
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn sigint_cancels_runs_after_hooks_and_exits_130() {
+    let rig = Rig::new(3);
+    write_image(&rig.dir().join("images/lab.img"));
+    let log = rig.dir().join("hooks.log");
+    let cfg = layer(
+        &rig,
+        "s.conf",
+        &format!(
+            "before = \"echo before {{name}} >> {0}\"\nafter = \"echo after {{name}} >> {0}\"\n",
+            log.display()
+        ),
+    );
+    let child = imaging(&rig, &cfg)
+        .args(["load", "--json", "-b", "4M", "-i", "lab.img", "1-3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&out);
+    for n in rig.nodes() {
+        assert_eq!(node(&s, &n.name)["state"], "cancelled", "{s}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    for n in rig.nodes() {
+        assert_eq!(
+            text.matches(&format!("before {}\n", n.name)).count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches(&format!("after {}\n", n.name)).count(),
+            1,
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn killed_sshd_resumes_when_restarted_and_fails_when_left_dead() {
+    let mut rig = Rig::new(3);
+    let image = write_image(&rig.dir().join("images/lab.img"));
+    // 5 MiB/s over all nodes: 3 x 22 MiB takes about 13 s.
+    let cfg = layer(&rig, "r.conf", "retries = 3\nreconnect_wait = 15\n");
+    let child = imaging(&rig, &cfg)
+        .args(["load", "--json", "-b", "5M", "-i", "lab.img", "1-3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    rig.kill(1);
+    std::thread::sleep(Duration::from_secs(1));
+    rig.start(1);
+    let out = child.wait_with_output().unwrap();
+    let s = summary(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{s}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in rig.nodes() {
+        assert_same(&n.target, &image);
+    }
+    let sent = node(&s, "node02")["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < 33 * MIB as u64,
+        "node02 sent {sent} bytes for 22 MiB of data"
+    );
+
+    // Left dead: that node fails with a reason, the others finish.
+    for n in rig.nodes() {
+        std::fs::remove_file(&n.target).unwrap();
+    }
+    let cfg = layer(&rig, "d.conf", "retries = 1\nreconnect_wait = 2\n");
+    let child = imaging(&rig, &cfg)
+        .args(["load", "--json", "-b", "5M", "-i", "lab.img", "1-3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    rig.kill(1);
+    let out = child.wait_with_output().unwrap();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert_eq!(node(&s, "node01")["state"], "done");
+    assert_eq!(node(&s, "node03")["state"], "done");
+    assert_eq!(node(&s, "node02")["state"], "failed");
+    let reason = node(&s, "node02")["error"].as_str().unwrap();
+    assert!(
+        reason.contains("did not come back") || reason.contains("connection"),
+        "{reason}"
+    );
+    assert_same(&rig.nodes()[0].target, &image);
+    assert_same(&rig.nodes()[2].target, &image);
+}
+
+#[test]
+fn save_gives_an_identical_image_and_list_shows_it() {
+    let rig = Rig::new(2);
+    let image = write_image(&rig.nodes()[0].target);
+    let cfg = layer(&rig, "v.conf", "");
+    let out = imaging(&rig, &cfg)
+        .args(["save", "--json", "1", "-o", "golden"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{s}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved: Vec<_> = std::fs::read_dir(rig.dir().join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let name = &saved[0];
+    assert!(
+        name.starts_with("saving__node01__") && name.ends_with("__golden.img"),
+        "{name}"
+    );
+    assert_same(&rig.dir().join("images").join(name), &image);
+
+    let out = imaging(&rig, &cfg)
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    assert_eq!(rows[0]["name"], name.as_str());
+    assert_eq!(rows[0]["manifest"], "fresh");
+    assert_eq!(rows[0]["size"], 64 * MIB as u64);
+
+    // Saving a node whose target is missing fails cleanly, leaving nothing.
+    let out = imaging(&rig, &cfg)
+        .args(["save", "--json", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all: Vec<_> = std::fs::read_dir(rig.dir().join("images"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        all.iter()
+            .all(|e| !e.file_name().to_string_lossy().contains("node02")),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn killed_save_leaves_nothing_that_list_shows_as_an_image() {
+    let rig = Rig::new(1);
+    write_image(&rig.nodes()[0].target);
+    let cfg = layer(&rig, "k.conf", "");
+    let mut child = imaging(&rig, &cfg)
+        .args(["save", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill as soon as the partial file exists.
+    let images = rig.dir().join("images");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let partial = std::fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"));
+        if partial {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = rig.imaging().args(["list", "--json"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn agent_refuses_garbage_with_a_clear_error() {
+    let bin = env!("CARGO_BIN_EXE_imaging");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "random bytes",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        (
+            "oversized frame length",
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+        ),
+        ("truncated frame", vec![100, 0, 0, 0, 1, b'I', b'M']),
+        ("empty input", vec![]),
+    ];
+    for (what, input) in cases {
+        let mut child = Command::new(bin)
+            .arg("agent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(&input);
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(2 | 3)),
+            "{what}: {:?} {err}",
+            out.status
+        );
+        assert!(err.starts_with("imaging agent:"), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+}

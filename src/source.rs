@@ -174,3 +174,62 @@ impl RateLimit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_chunk_is_read_once_however_many_nodes_take_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut data = vec![0u8; 16 << 16];
+        fastrand::Rng::with_seed(7).fill(&mut data);
+        std::fs::write(&path, &data).unwrap();
+        let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
+        let source = ChunkSource::new(std::fs::File::open(&path).unwrap(), manifest.clone(), 3);
+        let mut nodes = Vec::new();
+        for _ in 0..4 {
+            let source = source.clone();
+            nodes.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..16 {
+                    let c = source.get(i).await.unwrap();
+                    let raw = match c.codec {
+                        Codec::Raw => c.data.clone(),
+                        Codec::Zstd => zstd::bulk::decompress(&c.data, 1 << 16).unwrap(),
+                    };
+                    got.extend_from_slice(&raw);
+                }
+                got
+            }));
+        }
+        for n in nodes {
+            assert!(n.await.unwrap() == data);
+        }
+        assert_eq!(source.reads.load(Ordering::Relaxed), 16);
+    }
+
+    #[tokio::test]
+    async fn a_changed_image_is_refused_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![1u8; 1 << 16]).unwrap();
+        let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
+        std::fs::write(&path, vec![2u8; 1 << 16]).unwrap();
+        let source = ChunkSource::new(std::fs::File::open(&path).unwrap(), manifest, 3);
+        let err = source.get(0).await.unwrap_err();
+        assert!(err.contains("image changed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rate_limit_paces_senders() {
+        let rate = RateLimit::new(1 << 20).unwrap();
+        let started = Instant::now();
+        // One second of burst, then 1 MiB more takes about another second.
+        rate.take(1 << 20).await;
+        rate.take(1 << 20).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+    }
+}

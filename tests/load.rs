@@ -429,3 +429,53 @@ fn agent_refuses_garbage_with_a_clear_error() {
         assert!(!err.contains("panicked"), "{what}: {err}");
     }
 }
+
+#[test]
+fn local_node_is_loaded_by_the_same_engine_without_ssh() {
+    let rig = Rig::new(0);
+    let image = write_image(&rig.dir().join("images/lab.img"));
+    let target = rig.dir().join("targets/here.img");
+    let cfg = layer(
+        &rig,
+        "local.conf",
+        &format!(
+            "[[node]]\nname = \"local01\"\nlocal = true\ntarget = \"{}\"\n",
+            target.display()
+        ),
+    );
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "lab.img", "local01"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(0), "{s}");
+    assert_same(&target, &image);
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "lab.img", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(node(&summary(&out), "local01")["state"], "up-to-date");
+}
+
+#[test]
+fn bad_image_and_missing_nodes_are_usage_errors() {
+    let rig = Rig::new(1);
+    write_image(&rig.dir().join("images/lab.img"));
+    let out = rig
+        .imaging()
+        .args(["load", "-i", "lba.img", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lba.img") && err.contains("lab.img"), "{err}");
+    let out = rig
+        .imaging()
+        .args(["save", "1", "-o", "../escape"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("-o"), "{err}");
+    assert!(!rig.dir().join("escape.img").exists());
+}

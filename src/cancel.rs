@@ -3,8 +3,9 @@
 
 use tokio::sync::watch;
 
-/// The side that cancels.
-pub struct Canceller(watch::Sender<bool>);
+/// The side that cancels (Ctrl-C handler, dashboard keys).
+#[derive(Clone)]
+pub struct Canceller(std::sync::Arc<watch::Sender<bool>>);
 
 /// The side that listens; cheap to clone into every node task.
 #[derive(Clone)]
@@ -12,12 +13,16 @@ pub struct Cancel(watch::Receiver<bool>);
 
 pub fn pair() -> (Canceller, Cancel) {
     let (tx, rx) = watch::channel(false);
-    (Canceller(tx), Cancel(rx))
+    (Canceller(std::sync::Arc::new(tx)), Cancel(rx))
 }
 
 impl Canceller {
     pub fn cancel(&self) {
         let _ = self.0.send(true);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
     }
 }
 

@@ -1,7 +1,10 @@
-//! How engines report: a [`Reporter`] sends [`Event`]s to the front end and
-//! keeps the book from which the run's [`Summary`] is made, also when the
-//! run is cut short (Ctrl-C, deadline).
+//! How engines report. State changes and log lines travel as [`Event`]s;
+//! byte counters live on a [`Board`] of per-node atomics that front ends
+//! sample at their own pace, so a node reporting progress a million times
+//! a second costs the UI nothing. The board also makes the run's
+//! [`Summary`], also when the run is cut short (Ctrl-C, deadline).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -9,51 +12,123 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::events::{Event, NodeState, NodeSummary, Summary};
 
+/// One node's live counters and state.
+#[derive(Debug)]
+pub struct NodeCell {
+    pub name: String,
+    bytes_sent: AtomicU64,
+    bytes_written: AtomicU64,
+    total: AtomicU64,
+    state: Mutex<(NodeState, Option<String>)>,
+}
+
+/// A consistent-enough reading of one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeReading {
+    pub state: NodeState,
+    pub message: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_written: u64,
+    /// Bytes this node has to write in all (0 while unknown).
+    pub total: u64,
+}
+
+/// The live state of every node of a run.
+#[derive(Debug)]
+pub struct Board {
+    pub nodes: Vec<NodeCell>,
+}
+
+impl Board {
+    pub fn new(names: &[String]) -> Arc<Self> {
+        Arc::new(Board {
+            nodes: names
+                .iter()
+                .map(|name| NodeCell {
+                    name: name.clone(),
+                    bytes_sent: AtomicU64::new(0),
+                    bytes_written: AtomicU64::new(0),
+                    total: AtomicU64::new(0),
+                    state: Mutex::new((NodeState::Queued, None)),
+                })
+                .collect(),
+        })
+    }
+
+    pub fn read(&self, i: usize) -> NodeReading {
+        let cell = &self.nodes[i];
+        let (state, message) = cell.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        NodeReading {
+            state,
+            message,
+            bytes_sent: cell.bytes_sent.load(Ordering::Relaxed),
+            bytes_written: cell.bytes_written.load(Ordering::Relaxed),
+            total: cell.total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Set counters directly (engines call this through [`Reporter`]).
+    pub fn set_progress(&self, i: usize, bytes_sent: u64, bytes_written: u64, total: u64) {
+        let cell = &self.nodes[i];
+        cell.bytes_sent.store(bytes_sent, Ordering::Relaxed);
+        cell.bytes_written.store(bytes_written, Ordering::Relaxed);
+        if total > 0 {
+            cell.total.store(total, Ordering::Relaxed);
+        }
+    }
+
+    fn set_state(&self, i: usize, state: NodeState, message: Option<String>) {
+        *self.nodes[i]
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (state, message);
+    }
+
+    pub fn summary(&self, command: &str, elapsed_s: f64) -> Summary {
+        let nodes = (0..self.nodes.len())
+            .map(|i| {
+                let r = self.read(i);
+                NodeSummary {
+                    name: self.nodes[i].name.clone(),
+                    state: r.state,
+                    bytes_sent: r.bytes_sent,
+                    bytes_written: r.bytes_written,
+                    error: if r.state.is_success() {
+                        None
+                    } else {
+                        r.message
+                    },
+                }
+            })
+            .collect();
+        Summary::new(command, elapsed_s, nodes)
+    }
+}
+
 #[derive(Clone)]
 pub struct Reporter {
     tx: UnboundedSender<Event>,
-    book: Arc<Mutex<Vec<NodeSummary>>>,
+    board: Arc<Board>,
     command: String,
     started: Instant,
 }
 
 impl Reporter {
-    pub fn new(command: &str, names: &[String], tx: UnboundedSender<Event>) -> Self {
-        let book = names
-            .iter()
-            .map(|name| NodeSummary {
-                name: name.clone(),
-                state: NodeState::Queued,
-                bytes_sent: 0,
-                bytes_written: 0,
-                error: None,
-            })
-            .collect();
+    pub fn new(command: &str, board: Arc<Board>, tx: UnboundedSender<Event>) -> Self {
         Reporter {
             tx,
-            book: Arc::new(Mutex::new(book)),
+            board,
             command: command.into(),
             started: Instant::now(),
         }
     }
 
-    fn with_book<R>(&self, f: impl FnOnce(&mut Vec<NodeSummary>) -> R) -> R {
-        // A poisoned book only means another task panicked mid-update; the
-        // counters are still the best we know.
-        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut book)
+    pub fn board(&self) -> &Arc<Board> {
+        &self.board
     }
 
     pub fn state(&self, node: usize, state: NodeState, message: Option<String>) {
-        self.with_book(|b| {
-            b[node].state = state;
-            if matches!(
-                state,
-                NodeState::Failed | NodeState::Timeout | NodeState::Cancelled
-            ) {
-                b[node].error = message.clone();
-            }
-        });
+        self.board.set_state(node, state, message.clone());
         let _ = self.tx.send(Event::State {
             node,
             state,
@@ -61,17 +136,11 @@ impl Reporter {
         });
     }
 
+    /// Cumulative counters; `total` 0 keeps the known total. No event: front
+    /// ends sample the board.
     pub fn progress(&self, node: usize, bytes_sent: u64, bytes_written: u64, total: u64) {
-        self.with_book(|b| {
-            b[node].bytes_sent = bytes_sent;
-            b[node].bytes_written = bytes_written;
-        });
-        let _ = self.tx.send(Event::Progress {
-            node,
-            bytes_sent,
-            bytes_written,
-            total,
-        });
+        self.board
+            .set_progress(node, bytes_sent, bytes_written, total);
     }
 
     pub fn log(&self, node: Option<usize>, text: impl Into<String>) {
@@ -83,17 +152,18 @@ impl Reporter {
 
     /// Nodes not in a final state are marked `to` (e.g. cancelled) with `why`.
     pub fn close_unfinished(&self, to: NodeState, why: &str) {
-        let open: Vec<usize> =
-            self.with_book(|b| (0..b.len()).filter(|&i| !b[i].state.is_final()).collect());
-        for i in open {
-            self.state(i, to, Some(why.to_string()));
+        for i in 0..self.board.nodes.len() {
+            if !self.board.read(i).state.is_final() {
+                self.state(i, to, Some(why.to_string()));
+            }
         }
     }
 
-    /// The summary so far; also sent to the front end as the last event.
+    /// The summary; also sent to the front end as the last event.
     pub fn finish(&self) -> Summary {
-        let nodes = self.with_book(|b| b.clone());
-        let summary = Summary::new(&self.command, self.started.elapsed().as_secs_f64(), nodes);
+        let summary = self
+            .board
+            .summary(&self.command, self.started.elapsed().as_secs_f64());
         let _ = self.tx.send(Event::Finished(summary.clone()));
         summary
     }

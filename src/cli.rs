@@ -33,6 +33,15 @@ pub struct GlobalArgs {
     /// One JSON object per event on stdout, and a final summary
     #[arg(long, global = true)]
     pub json: bool,
+    /// Full-screen dashboard (q cancels, ? for keys)
+    #[arg(short = 'c', long = "curses", global = true)]
+    pub curses: bool,
+    /// Plain timestamped lines, even on a terminal
+    #[arg(long, global = true)]
+    pub plain: bool,
+    /// Append every event to FILE (default: ~/.local/state/imaging/imaging.log)
+    #[arg(long = "log", global = true, value_name = "FILE")]
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

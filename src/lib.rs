@@ -127,18 +127,13 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             let ssh = ssh::SshSettings::from_config(&loaded.config).map_err(|e| {
                 UsageError::Other(format!("cannot create the SSH control directory: {e}"))
             })?;
-            let mode = if cli.global.json {
-                ui::Mode::Json
-            } else if args.silent {
-                ui::Mode::Silent
-            } else {
-                ui::Mode::Lines
+            let mode = match output_mode(&cli) {
+                _ if args.silent && !cli.global.json => ui::Mode::Silent,
+                // `fit01 ssh OK` lines are what wait shows on a terminal too.
+                ui::Mode::Bars => ui::Mode::Lines,
+                mode => mode,
             };
-            let info = ui::RunInfo {
-                command: "wait".into(),
-                names: nodes.iter().map(|n| n.name.clone()).collect(),
-                verbose: args.verbose,
-            };
+            let info = run_info(&cli, "wait", &nodes, args.verbose, None);
             let deadline = tokio::time::Instant::now() + timeout;
             let verbose = args.verbose;
             Ok(drive(mode, info, move |report, cancel| async move {
@@ -190,9 +185,17 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let reporter = report::Reporter::new(&info.command, &info.names, tx);
-    let frontend = tokio::spawn(ui::consume(mode, info, rx));
+    let board = report::Board::new(&info.names);
+    let reporter = report::Reporter::new(&info.command, board.clone(), tx);
     let (canceller, cancel) = cancel::pair();
+    let feed = ui::Feed {
+        info,
+        board,
+        events: rx,
+        canceller: canceller.clone(),
+        started: std::time::Instant::now(),
+    };
+    let frontend = tokio::spawn(ui::consume(mode, feed));
     let engine = engine(reporter.clone(), cancel);
     tokio::pin!(engine);
     let mut interrupted = false;
@@ -208,6 +211,8 @@ where
             }
         }
     }
+    // A cancel may also come from the front end (the dashboard's `q`).
+    let interrupted = interrupted || canceller.is_cancelled();
     if interrupted {
         reporter.close_unfinished(events::NodeState::Cancelled, "interrupted");
     }
@@ -219,6 +224,22 @@ where
         Exit::Success
     } else {
         Exit::NodesFailed
+    }
+}
+
+fn run_info(
+    cli: &Cli,
+    command: &str,
+    nodes: &[Node],
+    verbose: bool,
+    image: Option<ui::ImageHeader>,
+) -> ui::RunInfo {
+    ui::RunInfo {
+        command: command.into(),
+        names: nodes.iter().map(|n| n.name.clone()).collect(),
+        verbose,
+        image,
+        log_path: cli.global.log.clone().or_else(ui::logfile::default_path),
     }
 }
 
@@ -305,6 +326,11 @@ async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let header = ui::ImageHeader {
+        name: image_name.clone(),
+        size: manifest.size,
+        data_size: manifest.data_size(),
+    };
     let job = load::LoadJob {
         image_name,
         source: source::ChunkSource::new(
@@ -325,11 +351,7 @@ async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
         reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
         nodes,
     };
-    let info = ui::RunInfo {
-        command: "load".into(),
-        names: job.nodes.iter().map(|n| n.name.clone()).collect(),
-        verbose: true,
-    };
+    let info = run_info(cli, "load", &job.nodes, true, Some(header));
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         load::load_all(job, report, cancel)
     })
@@ -386,11 +408,7 @@ async fn run_save(cli: &Cli, args: &cli::SaveArgs) -> Result<Exit, UsageError> {
         deadline: deadline(args.timeout, config.save.timeout)?,
         nodes,
     };
-    let info = ui::RunInfo {
-        command: "save".into(),
-        names: job.nodes.iter().map(|n| n.name.clone()).collect(),
-        verbose: true,
-    };
+    let info = run_info(cli, "save", &job.nodes, true, None);
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         save::save_all(job, report, cancel)
     })

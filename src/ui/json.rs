@@ -2,11 +2,15 @@
 //! line is the summary of the contract.
 
 use std::io::Write;
+use std::time::Duration;
 
 use serde_json::json;
 
-use super::RunInfo;
+use super::{RunInfo, View};
 use crate::events::Event;
+
+/// How often progress objects are printed (one per node that moved).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 pub fn to_value(info: &RunInfo, event: &Event) -> serde_json::Value {
     let name = |i: &usize| info.names.get(*i).cloned().unwrap_or_default();
@@ -44,5 +48,22 @@ pub fn to_value(info: &RunInfo, event: &Event) -> serde_json::Value {
 
 pub fn show(out: &mut impl Write, info: &RunInfo, event: &Event) -> std::io::Result<()> {
     writeln!(out, "{}", to_value(info, event))?;
+    out.flush()
+}
+
+/// One `progress` object per node still moving.
+pub fn progress(out: &mut impl Write, info: &RunInfo, view: &View) -> std::io::Result<()> {
+    for (i, n) in view.nodes.iter().enumerate() {
+        if n.state.is_final() || n.total == 0 {
+            continue;
+        }
+        let event = Event::Progress {
+            node: i,
+            bytes_sent: n.bytes_sent,
+            bytes_written: n.bytes_written,
+            total: n.total,
+        };
+        writeln!(out, "{}", to_value(info, &event))?;
+    }
     out.flush()
 }

@@ -1,68 +1,163 @@
-//! Plain lines, for pipes and logs: one line per notable event.
+//! Plain lines, for pipes and logs: a timestamped line per state change,
+//! a progress line every few seconds, and a summary table at the end.
 
 use std::io::Write;
+use std::time::Duration;
 
 use super::RunInfo;
+use super::view::{View, human_duration};
 use crate::events::{Event, NodeState};
+use crate::repo::{human_bytes, human_rate};
+
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Lines {
-    info: RunInfo,
+    command: String,
+    verbose: bool,
+}
+
+fn now() -> String {
+    chrono::Local::now().format("%H:%M:%S").to_string()
 }
 
 impl Lines {
     pub fn new(info: &RunInfo) -> Self {
-        Lines { info: info.clone() }
+        Lines {
+            command: info.command.clone(),
+            verbose: info.verbose,
+        }
     }
 
-    fn name(&self, i: usize) -> &str {
-        self.info.names.get(i).map(String::as_str).unwrap_or("?")
-    }
-
-    pub fn show(&mut self, out: &mut impl Write, event: &Event) -> std::io::Result<()> {
+    pub fn show(
+        &mut self,
+        out: &mut impl Write,
+        view: &View,
+        event: &Event,
+    ) -> std::io::Result<()> {
         match event {
             Event::State {
                 node,
                 state,
                 message,
             } => {
-                let name = self.name(*node);
-                if self.info.command == "wait" {
+                let name = view
+                    .nodes
+                    .get(*node)
+                    .map(|n| n.name.as_str())
+                    .unwrap_or("?");
+                if self.command == "wait" {
                     // rhubarbe's wording, which lab scripts grep for.
                     match state {
-                        NodeState::Ok => writeln!(out, "{name} ssh OK")?,
+                        NodeState::Ok => writeln!(out, "{} {name} ssh OK", now())?,
                         s if s.is_final() => writeln!(
                             out,
-                            "{name} ssh KO ({})",
+                            "{} {name} ssh KO ({})",
+                            now(),
                             message.as_deref().unwrap_or(s.label())
                         )?,
                         _ => {}
                     }
                 } else {
                     match message {
-                        Some(m) => writeln!(out, "{name} {} ({m})", state.label())?,
-                        None => writeln!(out, "{name} {}", state.label())?,
+                        Some(m) => writeln!(out, "{} {name} {} ({m})", now(), state.label())?,
+                        None => writeln!(out, "{} {name} {}", now(), state.label())?,
                     }
                 }
             }
             Event::Progress { .. } => {}
             Event::Log { text, .. } => {
-                if self.info.verbose {
-                    writeln!(out, "{text}")?
+                if self.verbose {
+                    writeln!(out, "{} {text}", now())?
                 }
             }
-            Event::Finished(summary) => {
-                let failed: Vec<&str> = summary.failed().map(|n| n.name.as_str()).collect();
-                if !failed.is_empty() && self.info.command != "wait" {
-                    writeln!(
-                        out,
-                        "{} of {} nodes failed: {}",
-                        failed.len(),
-                        summary.nodes.len(),
-                        failed.join(" ")
-                    )?;
-                }
-            }
+            Event::Finished(_) => self.summary(out, view)?,
         }
         out.flush()
+    }
+
+    /// Every few seconds while bytes move: one line for the whole run.
+    pub fn progress(&mut self, out: &mut impl Write, view: &View) -> std::io::Result<()> {
+        if self.command == "wait" || view.summary.is_some() {
+            return Ok(());
+        }
+        let moving = view
+            .nodes
+            .iter()
+            .any(|n| matches!(n.state, NodeState::Transferring | NodeState::Syncing));
+        if !moving {
+            return Ok(());
+        }
+        let (written, total, rate) = view.totals();
+        let done = view.nodes.iter().filter(|n| n.state.is_final()).count();
+        let eta = view
+            .eta()
+            .map(|d| format!(", ETA {}", human_duration(d)))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{} progress: {done}/{} nodes finished, {} of {} written, {}{eta}",
+            now(),
+            view.nodes.len(),
+            human_bytes(written),
+            human_bytes(total),
+            human_rate(rate),
+        )?;
+        out.flush()
+    }
+
+    fn summary(&mut self, out: &mut impl Write, view: &View) -> std::io::Result<()> {
+        let Some(summary) = &view.summary else {
+            return Ok(());
+        };
+        let failed: Vec<&str> = summary.failed().map(|n| n.name.as_str()).collect();
+        if self.command != "wait" {
+            let width = view
+                .nodes
+                .iter()
+                .map(|n| n.name.len())
+                .max()
+                .unwrap_or(4)
+                .max(4);
+            writeln!(
+                out,
+                "{:width$}  {:11}  {:>9}  {:>9}  ERROR",
+                "NODE", "STATE", "SENT", "WRITTEN"
+            )?;
+            for n in &summary.nodes {
+                writeln!(
+                    out,
+                    "{:width$}  {:11}  {:>9}  {:>9}  {}",
+                    n.name,
+                    n.state.label(),
+                    human_bytes(n.bytes_sent),
+                    human_bytes(n.bytes_written),
+                    n.error.as_deref().unwrap_or(""),
+                )?;
+            }
+        }
+        let took = human_duration(Duration::from_secs_f64(summary.elapsed_s));
+        if failed.is_empty() {
+            if self.command != "wait" {
+                writeln!(
+                    out,
+                    "{}: all {} nodes succeeded in {took}",
+                    self.command,
+                    summary.nodes.len()
+                )?;
+            }
+        } else {
+            writeln!(
+                out,
+                "{}: {} of {} nodes failed in {took}: {}",
+                self.command,
+                failed.len(),
+                summary.nodes.len(),
+                failed.join(" ")
+            )?;
+            if let Some(path) = &view.log_path {
+                writeln!(out, "log: {path}")?;
+            }
+        }
+        Ok(())
     }
 }

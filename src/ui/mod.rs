@@ -1,22 +1,50 @@
-//! Front ends. Each consumes the run's [`Event`] stream until
-//! [`Event::Finished`]; none of them is known to the engines.
+//! Front ends. Each consumes the run's [`Event`] stream and samples the
+//! run's [`Board`] at its own pace; none of them is known to the engines.
+//! One [`Mode`] is chosen per run.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::cancel::Canceller;
 use crate::events::{Event, Summary};
+use crate::report::Board;
 
+pub mod bars;
 pub mod json;
 pub mod lines;
+pub mod logfile;
+pub mod view;
+
+pub use view::{ImageHeader, View};
 
 /// How a run shows itself, resolved once per run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Timestamp-free lines for humans and logs.
+    /// A progress bar per node and a total (default on a terminal).
+    Bars,
+    /// Timestamped lines, periodic progress, a final summary table.
     Lines,
     /// One JSON object per event, then the summary.
     Json,
     /// Nothing at all (exit code only).
     Silent,
+}
+
+impl Mode {
+    /// `--json` wins; then `--plain`; then what stdout is.
+    pub fn resolve(json: bool, plain: bool) -> Mode {
+        if json {
+            Mode::Json
+        } else if plain || !std::io::stdout().is_terminal() {
+            Mode::Lines
+        } else {
+            Mode::Bars
+        }
+    }
 }
 
 /// What a front end knows about the run besides the events.
@@ -25,31 +53,90 @@ pub struct RunInfo {
     pub command: String,
     pub names: Vec<String>,
     pub verbose: bool,
+    pub image: Option<ImageHeader>,
+    /// Where every event is also appended.
+    pub log_path: Option<PathBuf>,
 }
 
-/// Drain `rx` with the chosen front end; returns the final summary if the
-/// engine sent one.
-pub async fn consume(
-    mode: Mode,
-    info: RunInfo,
-    mut rx: UnboundedReceiver<Event>,
-) -> Option<Summary> {
+/// Everything a front end gets.
+pub struct Feed {
+    pub info: RunInfo,
+    pub board: Arc<Board>,
+    pub events: UnboundedReceiver<Event>,
+    pub canceller: Canceller,
+    pub started: Instant,
+}
+
+/// Drain the feed with the chosen front end; returns the final summary if
+/// the engine sent one.
+pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
+    let mut view = View::new(
+        &feed.info.command,
+        &feed.info.names,
+        feed.info.image.clone(),
+    );
+    let mut log = feed
+        .info
+        .log_path
+        .as_deref()
+        .and_then(logfile::LogFile::open);
+    view.log_path = log.as_ref().map(|l| l.path().display().to_string());
+    if let Some(log) = &mut log {
+        log.start(&feed.info);
+    }
     let mut out = std::io::stdout();
-    let mut lines = lines::Lines::new(&info);
-    while let Some(event) = rx.recv().await {
-        let done = match &event {
-            Event::Finished(s) => Some(s.clone()),
-            _ => None,
-        };
-        match mode {
-            Mode::Lines => lines.show(&mut out, &event),
-            Mode::Json => json::show(&mut out, &info, &event),
-            Mode::Silent => Ok(()),
-        }
-        .ok();
-        if done.is_some() {
-            return done;
+    let mut lines = lines::Lines::new(&feed.info);
+    let mut bars = (mode == Mode::Bars).then(|| bars::Bars::new(&view));
+    let period = match mode {
+        Mode::Bars => bars::REFRESH,
+        Mode::Lines => lines::PROGRESS_EVERY,
+        Mode::Json => json::PROGRESS_EVERY,
+        Mode::Silent => Duration::from_secs(3600),
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            event = feed.events.recv() => {
+                let Some(event) = event else { return view.summary };
+                if matches!(event, Event::Finished(_)) {
+                    view.sample(&feed.board, feed.started.elapsed());
+                }
+                view.apply(&event);
+                if let Some(log) = &mut log {
+                    log.event(&feed.info, &view, &event);
+                }
+                if let Some(bars) = &mut bars {
+                    bars.event(&view, &event);
+                    if matches!(event, Event::Finished(_)) {
+                        bars.tick(&view);
+                        bars.finish();
+                    }
+                }
+                let _ = match mode {
+                    // The bars leave the summary table to the lines printer.
+                    Mode::Lines | Mode::Bars if matches!(event, Event::Finished(_)) || mode == Mode::Lines => {
+                        lines.show(&mut out, &view, &event)
+                    }
+                    Mode::Json => json::show(&mut out, &feed.info, &event),
+                    _ => Ok(()),
+                };
+                if let Event::Finished(summary) = event {
+                    return Some(summary);
+                }
+            }
+            _ = tick.tick() => {
+                view.sample(&feed.board, feed.started.elapsed());
+                if let Some(bars) = &mut bars {
+                    bars.tick(&view);
+                }
+                let _ = match mode {
+                    Mode::Lines => lines.progress(&mut out, &view),
+                    Mode::Json => json::progress(&mut out, &feed.info, &view),
+                    _ => Ok(()),
+                };
+            }
         }
     }
-    None
 }

@@ -71,6 +71,8 @@ pub enum Command {
     Nodes(NodeArgs),
     /// Print the effective configuration, each value with the file it came from
     Config,
+    /// The main job on simulated local nodes: generate an image, load it, save one node back, wait
+    Demo(DemoArgs),
     /// Create `imaging-<command>` symlinks to this executable in DIR
     InstallLinks {
         /// Directory for the links (e.g. ~/.local/bin)
@@ -115,6 +117,25 @@ pub struct SaveArgs {
     /// Show what would be done, touch nothing
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// How many simulated nodes
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nodes: u16,
+    /// Size of the generated image (suffixes K, M, G)
+    #[arg(long, default_value = "1G", value_parser = parse_rate)]
+    pub size: u64,
+    /// Total bandwidth cap, so the load can be watched (0: none)
+    #[arg(short = 'b', long = "bandwidth", default_value = "256M", value_parser = parse_rate)]
+    pub bandwidth: u64,
+    /// Use local agent processes even if sshd is available
+    #[arg(long)]
+    pub local: bool,
+    /// Keep the demo's directory (images, targets, config) and print where it is
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Clone, Args)]

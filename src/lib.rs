@@ -11,10 +11,12 @@ pub mod backoff;
 pub mod cancel;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod digest;
 pub mod events;
 pub mod hooks;
 pub mod inventory;
+pub mod lab;
 pub mod load;
 pub mod manifest;
 pub mod nodespec;
@@ -117,35 +119,10 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             println!("{}", names.join(" "));
             Ok(Exit::Success)
         }
-        Command::Wait(args) => {
-            let loaded = loaded()?;
-            let nodes = select(&loaded, &args.nodes)?;
-            let timeout = args.timeout.unwrap_or(loaded.config.wait.timeout as f64);
-            let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
-                UsageError::Other(format!("--timeout {timeout}: not a number of seconds"))
-            })?;
-            let ssh = ssh::SshSettings::from_config(&loaded.config).map_err(|e| {
-                UsageError::Other(format!("cannot create the SSH control directory: {e}"))
-            })?;
-            let mode = match output_mode(&cli) {
-                _ if args.silent && !cli.global.json => ui::Mode::Silent,
-                // `fit01 ssh OK` lines are what wait shows on a terminal too.
-                ui::Mode::Bars => ui::Mode::Lines,
-                mode => mode,
-            };
-            let info = run_info(&cli, "wait", &nodes, args.verbose, None);
-            let deadline = tokio::time::Instant::now() + timeout;
-            let verbose = args.verbose;
-            Ok(drive(mode, info, move |report, cancel| async move {
-                tokio::select! {
-                    _ = wait::wait_all(nodes, ssh, deadline, verbose, report) => {}
-                    _ = cancel.cancelled() => {}
-                }
-            })
-            .await)
-        }
-        Command::Load(args) => run_load(&cli, args).await,
-        Command::Save(args) => run_save(&cli, args).await,
+        Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::Load(args) => run_load(&cli, args, &loaded()?).await,
+        Command::Save(args) => run_save(&cli, args, &loaded()?).await,
+        Command::Demo(args) => demo::run(&cli, args).await,
         Command::List(args) => {
             let loaded = loaded()?;
             let repo = config::expand_home(&loaded.config.repository.dir);
@@ -174,6 +151,35 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
     }
+}
+
+pub(crate) async fn run_wait(
+    cli: &Cli,
+    args: &cli::WaitArgs,
+    loaded: &Loaded,
+) -> Result<Exit, UsageError> {
+    let nodes = select(loaded, &args.nodes)?;
+    let timeout = args.timeout.unwrap_or(loaded.config.wait.timeout as f64);
+    let timeout = Duration::try_from_secs_f64(timeout)
+        .map_err(|_| UsageError::Other(format!("--timeout {timeout}: not a number of seconds")))?;
+    let ssh = ssh::SshSettings::from_config(&loaded.config)
+        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    let mode = match output_mode(cli) {
+        _ if args.silent && !cli.global.json => ui::Mode::Silent,
+        // `fit01 ssh OK` lines are what wait shows on a terminal too.
+        ui::Mode::Bars => ui::Mode::Lines,
+        mode => mode,
+    };
+    let info = run_info(cli, "wait", &nodes, args.verbose, None);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let verbose = args.verbose;
+    Ok(drive(mode, info, move |report, cancel| async move {
+        tokio::select! {
+            _ = wait::wait_all(nodes, ssh, deadline, verbose, report) => {}
+            _ = cancel.cancelled() => {}
+        }
+    })
+    .await)
 }
 
 /// Run an engine with a front end. The first Ctrl-C asks the engine to
@@ -285,10 +291,13 @@ fn ssh_and_agent(
     Ok((ssh, agent))
 }
 
-async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
-    let loaded = config::load(cli.global.config.as_deref())?;
+pub(crate) async fn run_load(
+    cli: &Cli,
+    args: &cli::LoadArgs,
+    loaded: &Loaded,
+) -> Result<Exit, UsageError> {
     let config = &loaded.config;
-    let nodes = select(&loaded, &args.nodes)?;
+    let nodes = select(loaded, &args.nodes)?;
     let repo_dir = config::expand_home(&config.repository.dir);
     let image_arg = args
         .image
@@ -297,7 +306,7 @@ async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
     let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
     let file = std::fs::File::open(&image)
         .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
-    let targets = targets(&loaded, &nodes);
+    let targets = targets(loaded, &nodes);
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
@@ -321,7 +330,7 @@ async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
         }
         return Ok(Exit::Success);
     }
-    let (ssh, agent) = ssh_and_agent(&loaded)?;
+    let (ssh, agent) = ssh_and_agent(loaded)?;
     let image_name = image
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -358,10 +367,13 @@ async fn run_load(cli: &Cli, args: &cli::LoadArgs) -> Result<Exit, UsageError> {
     .await)
 }
 
-async fn run_save(cli: &Cli, args: &cli::SaveArgs) -> Result<Exit, UsageError> {
-    let loaded = config::load(cli.global.config.as_deref())?;
+pub(crate) async fn run_save(
+    cli: &Cli,
+    args: &cli::SaveArgs,
+    loaded: &Loaded,
+) -> Result<Exit, UsageError> {
     let config = &loaded.config;
-    let nodes = select(&loaded, &args.nodes)?;
+    let nodes = select(loaded, &args.nodes)?;
     let repo_dir = config::expand_home(&config.repository.dir);
     if !repo_dir.is_dir() {
         return Err(UsageError::Other(format!(
@@ -384,7 +396,7 @@ async fn run_save(cli: &Cli, args: &cli::SaveArgs) -> Result<Exit, UsageError> {
             )));
         }
     }
-    let targets = targets(&loaded, &nodes);
+    let targets = targets(loaded, &nodes);
     if args.dry_run {
         for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
             println!(
@@ -396,7 +408,7 @@ async fn run_save(cli: &Cli, args: &cli::SaveArgs) -> Result<Exit, UsageError> {
         }
         return Ok(Exit::Success);
     }
-    let (ssh, agent) = ssh_and_agent(&loaded)?;
+    let (ssh, agent) = ssh_and_agent(loaded)?;
     let job = save::SaveJob {
         targets,
         names,

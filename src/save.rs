@@ -174,7 +174,9 @@ async fn receive(
                     written += len as u64;
                 }
                 digests.push(digest);
-                sent += len as u64;
+                if !is_zero {
+                    sent += len as u64;
+                }
                 report.progress(i, sent, written, size);
             }
             Msg::SaveEnd => break,

@@ -29,6 +29,11 @@ pub async fn wait_all(
     for (i, node) in nodes.into_iter().enumerate() {
         let (ssh, report, limit) = (ssh.clone(), report.clone(), limit.clone());
         tasks.spawn(async move {
+            if node.local {
+                // A local node is this machine: up by definition.
+                report.state(i, NodeState::Ok, Some("local".into()));
+                return;
+            }
             report.state(i, NodeState::WaitingForSsh, None);
             let outcome = tokio::time::timeout_at(
                 deadline,

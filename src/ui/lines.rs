@@ -138,12 +138,10 @@ impl Lines {
         let took = human_duration(Duration::from_secs_f64(summary.elapsed_s));
         if failed.is_empty() {
             if self.command != "wait" {
-                writeln!(
-                    out,
-                    "{}: all {} nodes succeeded in {took}",
-                    self.command,
-                    summary.nodes.len()
-                )?;
+                match summary.nodes.len() {
+                    1 => writeln!(out, "{}: the node succeeded in {took}", self.command)?,
+                    n => writeln!(out, "{}: all {n} nodes succeeded in {took}", self.command)?,
+                }
             }
         } else {
             writeln!(

@@ -1,0 +1,47 @@
+//! `imaging demo`, the README's first command, end to end.
+
+use std::process::Command;
+
+fn demo(extra: &[&str]) -> (i32, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imaging"))
+        .args(["demo", "--nodes", "3", "--size", "48M", "-b", "0"])
+        .args(extra)
+        .env("HOME", home.path())
+        .env("XDG_STATE_HOME", home.path().join("state"))
+        .env("XDG_RUNTIME_DIR", home.path().join("run"))
+        .env_remove("IMAGING_CONFIG")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn demo_on_sshd_nodes_loads_saves_and_waits() {
+    let (code, text) = demo(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("real sshd processes"), "{text}");
+    assert!(text.contains("load: all 3 nodes succeeded"), "{text}");
+    assert!(text.contains("identical to demo.img"), "{text}");
+    assert_eq!(text.matches(" ssh OK").count(), 3, "{text}");
+    assert!(text.contains("all done"), "{text}");
+}
+
+#[test]
+fn demo_on_local_nodes_needs_no_sshd() {
+    let (code, text) = demo(&["--local"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("local agent processes"), "{text}");
+    assert!(text.contains("identical to demo.img"), "{text}");
+    // Piped output is lines, not a dashboard.
+    assert!(text.contains("NODE") && text.contains("WRITTEN"), "{text}");
+    assert!(
+        !text.contains("\x1b[?1049h"),
+        "alternate screen in piped output"
+    );
+}

@@ -250,8 +250,12 @@ fn run_info(
 }
 
 fn output_mode(cli: &Cli) -> ui::Mode {
+    use std::io::IsTerminal;
     if cli.global.json {
         ui::Mode::Json
+    } else if cli.global.curses && !cli.global.plain && std::io::stdout().is_terminal() {
+        // The dashboard needs a screen; piped, `-c` falls back to lines.
+        ui::Mode::Dashboard
     } else {
         ui::Mode::Lines
     }

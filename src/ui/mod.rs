@@ -14,6 +14,7 @@ use crate::events::{Event, Summary};
 use crate::report::Board;
 
 pub mod bars;
+pub mod dashboard;
 pub mod json;
 pub mod lines;
 pub mod logfile;
@@ -32,6 +33,8 @@ pub enum Mode {
     Json,
     /// Nothing at all (exit code only).
     Silent,
+    /// `-c`: the full-screen dashboard (on a terminal).
+    Dashboard,
 }
 
 impl Mode {
@@ -75,6 +78,9 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
         &feed.info.names,
         feed.info.image.clone(),
     );
+    if mode == Mode::Dashboard {
+        return dashboard::run(feed, view).await;
+    }
     let mut log = feed
         .info
         .log_path
@@ -88,7 +94,7 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
     let mut lines = lines::Lines::new(&feed.info);
     let mut bars = (mode == Mode::Bars).then(|| bars::Bars::new(&view));
     let period = match mode {
-        Mode::Bars => bars::REFRESH,
+        Mode::Bars | Mode::Dashboard => bars::REFRESH,
         Mode::Lines => lines::PROGRESS_EVERY,
         Mode::Json => json::PROGRESS_EVERY,
         Mode::Silent => Duration::from_secs(3600),

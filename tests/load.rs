@@ -61,6 +61,21 @@ fn node<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap()
 }
 
+/// Wait (bounded) until a target holds some data: the load reached it.
+fn wait_for_data(target: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let blocks = std::fs::metadata(target)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+            .unwrap_or(0);
+        if blocks > 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no data reached {} in 30 s", target.display());
+}
+
 fn assert_same(target: &Path, image: &[u8]) {
     let got = std::fs::read(target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
     assert_eq!(got.len(), image.len(), "{} size", target.display());
@@ -92,7 +107,12 @@ fn load_writes_identical_targets_then_recognises_them_and_sends_only_changes() {
         let sent = ns["bytes_sent"].as_u64().unwrap();
         assert!(
             sent <= 24 * MIB as u64 && sent >= 22 * MIB as u64,
-            "sent {sent}"
+            "sent {sent}: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("\"log\""))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert!(ns["bytes_written"].as_u64().unwrap() >= 22 * MIB as u64);
     }
@@ -160,7 +180,7 @@ fn hooks_run_once_per_node_on_success_and_failure() {
         ),
     );
     let out = imaging(&rig, &cfg)
-        .args(["load", "--json", "-t", "6", "-i", "lab.img", "1-3"])
+        .args(["load", "--json", "-t", "12", "-i", "lab.img", "1-3"])
         .output()
         .unwrap();
     let s = summary(&out);
@@ -239,12 +259,15 @@ fn killed_sshd_resumes_when_restarted_and_fails_when_left_dead() {
     // 5 MiB/s over all nodes: 3 x 22 MiB takes about 13 s.
     let cfg = layer(&rig, "r.conf", "retries = 3\nreconnect_wait = 15\n");
     let child = imaging(&rig, &cfg)
-        .args(["load", "--json", "-b", "5M", "-i", "lab.img", "1-3"])
+        .args([
+            "load", "--json", "-t", "120", "-b", "5M", "-i", "lab.img", "1-3",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(5));
+    wait_for_data(&rig.nodes()[1].target);
+    std::thread::sleep(Duration::from_secs(1));
     rig.kill(1);
     std::thread::sleep(Duration::from_secs(1));
     rig.start(1);
@@ -271,12 +294,15 @@ fn killed_sshd_resumes_when_restarted_and_fails_when_left_dead() {
     }
     let cfg = layer(&rig, "d.conf", "retries = 1\nreconnect_wait = 2\n");
     let child = imaging(&rig, &cfg)
-        .args(["load", "--json", "-b", "5M", "-i", "lab.img", "1-3"])
+        .args([
+            "load", "--json", "-t", "90", "-b", "5M", "-i", "lab.img", "1-3",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(4));
+    // Kill node02 once data is landing there (its first connection is up).
+    wait_for_data(&rig.nodes()[1].target);
     rig.kill(1);
     let out = child.wait_with_output().unwrap();
     let s = summary(&out);

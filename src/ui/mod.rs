@@ -38,12 +38,15 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// `--json` wins; then `--plain`; then what stdout is.
-    pub fn resolve(json: bool, plain: bool) -> Mode {
+    /// `--json` wins; then `--plain` or a stdout that is not a terminal
+    /// (`-c` included: the dashboard needs a screen); then `-c`; else bars.
+    pub fn resolve(json: bool, curses: bool, plain: bool) -> Mode {
         if json {
             Mode::Json
         } else if plain || !std::io::stdout().is_terminal() {
             Mode::Lines
+        } else if curses {
+            Mode::Dashboard
         } else {
             Mode::Bars
         }

@@ -4,10 +4,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::Rig;
+use common::{Rig, assert_same, imaging, lines, node, summary};
 
 const MIB: usize = 1 << 20;
 
@@ -29,47 +29,6 @@ fn layer(rig: &Rig, name: &str, extra: &str) -> PathBuf {
     )
     .unwrap();
     path
-}
-
-fn imaging(rig: &Rig, layer: &Path) -> Command {
-    let mut c = rig.imaging();
-    c.arg("--config").arg(layer);
-    c
-}
-
-fn lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
-
-fn summary(out: &Output) -> serde_json::Value {
-    let all = lines(out);
-    let last = all
-        .last()
-        .cloned()
-        .unwrap_or_else(|| panic!("no output: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(last["event"], "summary");
-    last
-}
-
-fn node<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap()
-}
-
-fn assert_same(target: &Path, image: &[u8]) {
-    let got = std::fs::read(target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
-    assert!(
-        got.len() == image.len() && got == image,
-        "{} differs from the image",
-        target.display()
-    );
 }
 
 #[test]

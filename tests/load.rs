@@ -3,10 +3,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Rig, closed_port};
+use common::{Rig, assert_same, closed_port, imaging, node, summary, wait_for_data};
 
 const MIB: usize = 1 << 20;
 
@@ -31,55 +31,6 @@ fn layer(rig: &Rig, name: &str, extra: &str) -> PathBuf {
     let path = rig.dir().join(name);
     std::fs::write(&path, format!("[load]\nchunk_size = 1048576\n{extra}\n")).unwrap();
     path
-}
-
-fn imaging(rig: &Rig, layer: &Path) -> Command {
-    let mut c = rig.imaging();
-    c.arg("--config").arg(layer);
-    c
-}
-
-fn summary(out: &Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let v: serde_json::Value = serde_json::from_str(last).unwrap();
-    assert_eq!(v["event"], "summary", "{last}");
-    v
-}
-
-fn node<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap()
-}
-
-/// Wait (bounded) until a target holds some data: the load reached it.
-fn wait_for_data(target: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let blocks = std::fs::metadata(target)
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
-            .unwrap_or(0);
-        if blocks > 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("no data reached {} in 30 s", target.display());
-}
-
-fn assert_same(target: &Path, image: &[u8]) {
-    let got = std::fs::read(target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
-    assert_eq!(got.len(), image.len(), "{} size", target.display());
-    assert!(got == image, "{} differs from the image", target.display());
 }
 
 #[test]

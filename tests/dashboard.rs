@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use ratatui::layout::Rect;
 use ratatui::style::Color;
 use tokio::sync::mpsc::unbounded_channel;
 
-use common::Rig;
+use common::{Rig, Tmux};
 
 const MIB: u64 = 1 << 20;
 
@@ -565,109 +564,6 @@ async fn the_loop_ends_when_the_events_end() {
 // ---------------------------------------------------------------------------
 // The real binary in a tmux pane.
 
-/// A private tmux server, killed when dropped (also when a test fails).
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn new(tag: &str) -> Tmux {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        Tmux {
-            socket: format!("imaging-{tag}-{}-{nanos}", std::process::id()),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run tmux");
-        assert!(
-            out.status.success(),
-            "tmux {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn capture(&self) -> String {
-        self.run(&["capture-pane", "-p", "-t", "dash"])
-    }
-
-    fn keys(&self, keys: &str) {
-        self.run(&["send-keys", "-t", "dash", keys]);
-    }
-
-    /// Poll (every 100 ms, at most `secs`) until `done` holds for the pane.
-    fn wait_for(&self, what: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let screen = self.capture();
-            if done(&screen) {
-                return screen;
-            }
-            let dead = self.run(&["display", "-p", "-t", "dash", "#{pane_dead}"]);
-            assert!(
-                dead.trim() != "1",
-                "the command ended while waiting for {what}; the pane shows:\n{screen}"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {secs}s; the pane shows:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .arg("kill-server")
-            .output();
-    }
-}
-
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// `cmd` (program, args, env, current dir) as one shell command line.
-fn shell_line(cmd: &Command) -> String {
-    let mut line = String::new();
-    if let Some(dir) = cmd.get_current_dir() {
-        line.push_str(&format!("cd {} && ", sh_quote(&dir.to_string_lossy())));
-    }
-    line.push_str("env");
-    // env takes its options (-u) before the first assignment.
-    for (k, v) in cmd.get_envs() {
-        if v.is_none() {
-            line.push_str(&format!(" -u {}", sh_quote(&k.to_string_lossy())));
-        }
-    }
-    for (k, v) in cmd.get_envs() {
-        if let Some(v) = v {
-            let kv = format!("{}={}", k.to_string_lossy(), v.to_string_lossy());
-            line.push_str(&format!(" {}", sh_quote(&kv)));
-        }
-    }
-    line.push(' ');
-    line.push_str(&sh_quote(&cmd.get_program().to_string_lossy()));
-    for arg in cmd.get_args() {
-        line.push(' ');
-        line.push_str(&sh_quote(&arg.to_string_lossy()));
-    }
-    line
-}
-
 /// A transferring row with a percent above zero.
 fn shows_progress(screen: &str) -> bool {
     screen.lines().any(|l| {
@@ -705,28 +601,8 @@ fn dashboard_in_a_terminal_cancels_with_q_y_runs_after_hooks_and_restores_the_te
     cmd.arg("--config")
         .arg(&layer)
         .args(["load", "-c", "-b", "4M", "-i", "lab.img", "1-3"]);
-    let line = format!(
-        "{}; echo $? > {}",
-        shell_line(&cmd),
-        sh_quote(&rc.to_string_lossy())
-    );
-    let conf = rig.dir().join("tmux.conf");
-    std::fs::write(&conf, "set -g remain-on-exit on\nset -g status off\n").unwrap();
-
     let tmux = Tmux::new("dash");
-    tmux.run(&[
-        "-f",
-        &conf.to_string_lossy(),
-        "new-session",
-        "-d",
-        "-s",
-        "dash",
-        "-x",
-        "120",
-        "-y",
-        "40",
-        &line,
-    ]);
+    tmux.start(rig.dir(), &cmd, &rc, 120, 40);
     // Every node past its before hook and moving bytes.
     let screen = tmux.wait_for("progress on the dashboard", 20, |s| {
         ["node01", "node02", "node03"].iter().all(|n| {
@@ -753,20 +629,10 @@ fn dashboard_in_a_terminal_cancels_with_q_y_runs_after_hooks_and_restores_the_te
     assert!(!rc.exists(), "the final screen waits for a key");
     tmux.keys("Enter");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !rc.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "imaging did not exit; the pane shows:\n{}",
-            tmux.capture()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let code = std::fs::read_to_string(&rc).unwrap();
+    let code = tmux.exit_code(&rc, 20);
     let screen = tmux.capture();
     eprintln!("after the exit:\n{screen}");
-    assert_eq!(code.trim(), "130", "exit code; the pane shows:\n{screen}");
+    assert_eq!(code, 130, "exit code; the pane shows:\n{screen}");
     let log = std::fs::read_to_string(&hooks).unwrap_or_default();
     for n in ["node01", "node02", "node03"] {
         assert_eq!(log.matches(&format!("before {n}\n")).count(), 1, "{log}");

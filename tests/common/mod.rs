@@ -780,3 +780,155 @@ pub fn lines(out: &Output) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect()
 }
+
+// ---- A terminal for the binary: tmux -------------------------------------
+
+/// A private tmux server, killed when dropped (also when a test fails).
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    pub fn new(tag: &str) -> Tmux {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Tmux {
+            socket: format!("imaging-{tag}-{}-{nanos}", std::process::id()),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn capture(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "dash"])
+    }
+
+    pub fn keys(&self, keys: &str) {
+        self.run(&["send-keys", "-t", "dash", keys]);
+    }
+
+    /// Poll (every 100 ms, at most `secs`) until `done` holds for the pane.
+    pub fn wait_for(&self, what: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let screen = self.capture();
+            if done(&screen) {
+                return screen;
+            }
+            let dead = self.run(&["display", "-p", "-t", "dash", "#{pane_dead}"]);
+            assert!(
+                dead.trim() != "1",
+                "the command ended while waiting for {what}; the pane shows:\n{screen}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {secs}s; the pane shows:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Tmux {
+    /// Run `cmd` in a detached `width`x`height` session named `dash` that
+    /// stays after the command ends; its exit code lands in `rc`.
+    pub fn start(&self, dir: &Path, cmd: &Command, rc: &Path, width: u16, height: u16) {
+        let line = format!(
+            "{}; echo $? > {}",
+            shell_line(cmd),
+            sh_quote(&rc.to_string_lossy())
+        );
+        let conf = dir.join("tmux.conf");
+        fs::write(&conf, "set -g remain-on-exit on\nset -g status off\n").expect("tmux.conf");
+        let (w, h) = (width.to_string(), height.to_string());
+        self.run(&[
+            "-f",
+            &conf.to_string_lossy(),
+            "new-session",
+            "-d",
+            "-s",
+            "dash",
+            "-x",
+            &w,
+            "-y",
+            &h,
+            &line,
+        ]);
+    }
+
+    /// Wait (bounded) for the command to end; its exit code.
+    pub fn exit_code(&self, rc: &Path, secs: u64) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !rc.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the command did not exit; the pane shows:\n{}",
+                self.capture()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        fs::read_to_string(rc)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(-1)
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `cmd` (program, args, env, current dir) as one shell command line.
+pub fn shell_line(cmd: &Command) -> String {
+    let mut line = String::new();
+    if let Some(dir) = cmd.get_current_dir() {
+        line.push_str(&format!("cd {} && ", sh_quote(&dir.to_string_lossy())));
+    }
+    line.push_str("env");
+    // env takes its options (-u) before the first assignment.
+    for (k, v) in cmd.get_envs() {
+        if v.is_none() {
+            line.push_str(&format!(" -u {}", sh_quote(&k.to_string_lossy())));
+        }
+    }
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            let kv = format!("{}={}", k.to_string_lossy(), v.to_string_lossy());
+            line.push_str(&format!(" {}", sh_quote(&kv)));
+        }
+    }
+    line.push(' ');
+    line.push_str(&sh_quote(&cmd.get_program().to_string_lossy()));
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&sh_quote(&arg.to_string_lossy()));
+    }
+    line
+}

@@ -298,7 +298,10 @@ fn imaging_load(rig: &Rig, layer: Option<&Path>, image: &str, nodes: &str) -> Co
     if let Some(layer) = layer {
         c.arg("--config").arg(layer);
     }
-    c.args(["load", "--json", "-t", "300", "-i", image, nodes])
+    // Star by default: one stream per node, parallel-scp's shape
+    // (`BENCH_FANOUT=chain` for the relay chain on loopback).
+    let fanout = std::env::var("BENCH_FANOUT").unwrap_or_else(|_| "star".into());
+    c.args(["load", "--json", "--fanout", &fanout, "-t", "300", "-i", image, nodes])
         .stdin(Stdio::null());
     c
 }

@@ -301,8 +301,10 @@ fn imaging_load(rig: &Rig, layer: Option<&Path>, image: &str, nodes: &str) -> Co
     // Star by default: one stream per node, parallel-scp's shape
     // (`BENCH_FANOUT=chain` for the relay chain on loopback).
     let fanout = std::env::var("BENCH_FANOUT").unwrap_or_else(|_| "star".into());
-    c.args(["load", "--json", "--fanout", &fanout, "-t", "300", "-i", image, nodes])
-        .stdin(Stdio::null());
+    c.args([
+        "load", "--json", "--fanout", &fanout, "-t", "300", "-i", image, nodes,
+    ])
+    .stdin(Stdio::null());
     c
 }
 

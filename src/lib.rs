@@ -143,6 +143,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
                     }
                     println!("{v}");
                 }
+            } else if images.is_empty() {
+                println!("no images in {}", repo.display());
             } else {
                 print!("{}", repo::format_table(&images));
             }

@@ -604,7 +604,7 @@ fn dashboard_in_a_terminal_cancels_with_q_y_runs_after_hooks_and_restores_the_te
     let tmux = Tmux::new("dash");
     tmux.start(rig.dir(), &cmd, &rc, 120, 40);
     // Every node past its before hook and moving bytes.
-    let screen = tmux.wait_for("progress on the dashboard", 20, |s| {
+    let screen = tmux.wait_for("progress on the dashboard", 60, |s| {
         ["node01", "node02", "node03"].iter().all(|n| {
             s.lines()
                 .any(|l| l.contains(n) && l.contains("transferring"))

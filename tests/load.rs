@@ -113,10 +113,12 @@ fn load_writes_identical_targets_then_recognises_them_and_sends_only_changes() {
 
 #[test]
 fn hooks_run_once_per_node_on_success_and_failure() {
-    let rig = Rig::new(2);
+    let rig = Rig::new(3);
     let image = write_image(&rig.dir().join("images/lab.img"));
     let log = rig.dir().join("hooks.log");
     let dead = closed_port();
+    // node01, node02 load; bad03's target cannot be created (the agent
+    // refuses it: failed); dead04 never answers (timeout at the deadline).
     let cfg = layer(
         &rig,
         "h.conf",
@@ -124,24 +126,39 @@ fn hooks_run_once_per_node_on_success_and_failure() {
             "before = \"echo before {{name}} >> {0}\"\nafter = \"echo after {{name}} {{image}} >> {0}\"\nreconnect_wait = 1\n\
              [[node]]\nname = \"node01\"\naddress = \"127.0.0.1\"\nport = {1}\n\
              [[node]]\nname = \"node02\"\naddress = \"127.0.0.1\"\nport = {2}\n\
-             [[node]]\nname = \"dead03\"\naddress = \"127.0.0.1\"\nport = {dead}\n",
+             [[node]]\nname = \"bad03\"\naddress = \"127.0.0.1\"\nport = {3}\ntarget = \"{4}/missing-dir/t.img\"\n\
+             [[node]]\nname = \"dead04\"\naddress = \"127.0.0.1\"\nport = {dead}\n",
             log.display(),
             rig.nodes()[0].port,
             rig.nodes()[1].port,
+            rig.nodes()[2].port,
+            rig.dir().display(),
         ),
     );
+    // The deadline is what ends dead04; it is generous so that the others
+    // finish on a busy machine.
     let out = imaging(&rig, &cfg)
-        .args(["load", "--json", "-t", "12", "-i", "lab.img", "1-3"])
+        .args([
+            "load", "--json", "--fanout", "star", "-t", "40", "-i", "lab.img", "1-4",
+        ])
         .output()
         .unwrap();
     let s = summary(&out);
     assert_eq!(out.status.code(), Some(1), "{s}");
-    assert_eq!(node(&s, "node01")["state"], "done");
-    assert_eq!(node(&s, "node02")["state"], "done");
-    assert_eq!(node(&s, "dead03")["state"], "timeout");
+    assert_eq!(node(&s, "node01")["state"], "done", "{s}");
+    assert_eq!(node(&s, "node02")["state"], "done", "{s}");
+    assert_eq!(node(&s, "bad03")["state"], "failed", "{s}");
+    assert!(
+        node(&s, "bad03")["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing-dir"),
+        "{s}"
+    );
+    assert_eq!(node(&s, "dead04")["state"], "timeout", "{s}");
     assert_same(&rig.nodes()[0].target, &image);
     let text = std::fs::read_to_string(&log).unwrap();
-    for name in ["node01", "node02", "dead03"] {
+    for name in ["node01", "node02", "bad03", "dead04"] {
         assert_eq!(
             text.matches(&format!("before {name}\n")).count(),
             1,

@@ -35,26 +35,33 @@ pub async fn wait_all(
                 return;
             }
             report.state(i, NodeState::WaitingForSsh, None);
+            let last = std::sync::Mutex::new(None);
             let outcome = tokio::time::timeout_at(
                 deadline,
-                wait_one(&node, &ssh, deadline, verbose, i, &report, &limit),
+                wait_one(&node, &ssh, deadline, verbose, i, &report, &limit, &last),
             )
             .await;
             match outcome {
                 Ok(Ok(())) => report.state(i, NodeState::Ok, None),
                 Ok(Err(reason)) => report.state(i, NodeState::Failed, Some(reason)),
-                Err(_) => report.state(
-                    i,
-                    NodeState::Failed,
-                    Some("timeout: the SSH handshake never completed".into()),
-                ),
+                // Cut mid-attempt: the last attempt that did finish says more.
+                Err(_) => {
+                    let last = last.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let reason = match last {
+                        Some(reason) => format!("timeout: {reason}"),
+                        None => "timeout: the SSH handshake never completed".into(),
+                    };
+                    report.state(i, NodeState::Failed, Some(reason))
+                }
             }
         });
     }
     while tasks.join_next().await.is_some() {}
 }
 
-/// Probe until success or the deadline; the error is the last failure's reason.
+/// Probe until success or the deadline; the error is the last failure's
+/// reason, also kept in `last` for when the deadline cuts an attempt short.
+#[allow(clippy::too_many_arguments)]
 pub async fn wait_one(
     node: &Node,
     ssh: &SshSettings,
@@ -63,8 +70,10 @@ pub async fn wait_one(
     index: usize,
     report: &Reporter,
     limit: &tokio::sync::Semaphore,
+    last: &std::sync::Mutex<Option<String>>,
 ) -> Result<(), String> {
     let on_failure = |e: &str| {
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
         if verbose {
             report.log(Some(index), format!("{}: {e}", node.name));
         }

@@ -9,22 +9,31 @@
 //!   stamps the target;
 //! - a save streams the target's chunks back, zero chunks as flags only.
 //!
+//! A load can also be a link of a relay chain (fan-out): the agent then
+//! listens for its predecessor and forwards the stream to its successor
+//! over TCP, every link authenticated with the run's secret (see "relay").
+//!
 //! Everything the controller or the disk says is checked; errors end the
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
+use std::collections::HashMap;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::Scope;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::digest::{ChunkDigest, chunk_digest, is_zero};
 use crate::protocol::{
-    Codec, Msg, ProtocolError, bit, bitmap_len, check_hello, read_msg_sync, set_bit, write_msg_sync,
+    Codec, Msg, ProtocolError, RELAY_SECRET_LEN, bit, bitmap_len, check_hello, read_msg_sync,
+    set_bit, write_msg_sync, write_stream_chunk_sync,
 };
 
 /// Smallest chunk size the agent accepts.
@@ -75,6 +84,9 @@ pub enum AgentError {
     /// The controller sent `Error` and stopped.
     #[error("the controller stopped: {0}")]
     Peer(String),
+    /// The relay listener cannot be opened.
+    #[error("{0}")]
+    Relay(String),
 }
 
 impl AgentError {
@@ -87,7 +99,8 @@ impl AgentError {
             AgentError::Target(_)
             | AgentError::Verify(_)
             | AgentError::Closed(_)
-            | AgentError::Peer(_) => 3,
+            | AgentError::Peer(_)
+            | AgentError::Relay(_) => 3,
         }
     }
 }
@@ -102,6 +115,8 @@ pub fn run_agent() -> i32 {
     // Own descriptors rather than the std handles: no extra buffering layer,
     // and the input can move to the receiving thread.
     let own = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
+    crate::pipes::widen(io::stdin().as_fd());
+    crate::pipes::widen(io::stdout().as_fd());
     let result = match (own(io::stdin().as_fd()), own(io::stdout().as_fd())) {
         (Ok(input), Ok(output)) => serve(input, output, &env),
         _ => serve(io::stdin(), io::stdout(), &env),
@@ -362,8 +377,7 @@ impl Target {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), AgentError> {
-        self.file
-            .write_all_at(buf, offset)
+        crate::fileio::write_all_at(&self.file, buf, offset)
             .map_err(|e| self.io_error("write", offset, e))
     }
 
@@ -574,8 +588,13 @@ fn load<R: Read + Send, W: Write>(
 
     let (tx, rx) = sync_channel(RECEIVE_QUEUE);
     std::thread::scope(|s| {
-        s.spawn(move || forward_frames(input, tx));
-        let result = receive(rx, out, &target, req, needed, zeroed);
+        let control = tx.clone();
+        s.spawn(move || forward_frames(input, control));
+        let mut relay = Relay::new(s, tx);
+        let result = receive(rx, out, &mut relay, &target, req, needed, zeroed);
+        // Close the listener and the relay links: their threads end before
+        // the scope waits for them.
+        drop(relay);
         match result {
             Ok(bytes_written) => {
                 if let Some(stamp) = &stamp {
@@ -694,94 +713,132 @@ fn check_chunk(
     })
 }
 
-/// The receiving thread: frames into the queue until the load's last one.
-fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Result<Msg, ProtocolError>>) {
+/// What the load's main loop reads: every source merged into one bounded
+/// queue, so a fast sender waits for the disk and the successor.
+enum Event {
+    /// A frame from the controller, or why its stream stopped.
+    Control(Result<Msg, ProtocolError>),
+    /// StreamChunk or StreamEnd from an authenticated predecessor.
+    Relayed { peer: String, msg: Msg },
+    /// An incoming relay connection was refused or dropped.
+    Refused { peer: String, reason: String },
+    /// The outcome of RelayConnect number `attempt`.
+    Linked {
+        attempt: u64,
+        addr: String,
+        port: u16,
+        result: Result<TcpStream, String>,
+    },
+    /// The link that RelayConnect number `attempt` made broke.
+    SuccessorGone { attempt: u64, reason: String },
+}
+
+/// The receiving thread: the controller's frames into the queue until the
+/// load's last one.
+fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
     loop {
         let msg = read_msg_sync(input);
-        // After anything but a chunk the load ends: reading on would only
-        // wait for a controller that waits for us.
-        let more = matches!(msg, Ok(Msg::Chunk { .. }));
-        if tx.send(msg).is_err() || !more {
+        // After anything else the load ends: reading on would only wait for
+        // a controller that waits for us.
+        let more = matches!(
+            msg,
+            Ok(Msg::Chunk { .. }
+                | Msg::StreamChunk { .. }
+                | Msg::StreamEnd
+                | Msg::RelayListen { .. }
+                | Msg::RelayConnect { .. })
+        );
+        if tx.send(Event::Control(msg)).is_err() || !more {
             return;
         }
     }
 }
 
-/// Verify and write chunks until Finish; sync. Returns bytes written.
+/// Where a StreamChunk from the controller came from, in RelayRefused.
+const FROM_CONTROLLER: &str = "controller";
+
+/// Verify and write chunks, relay the stream, until Finish; sync. Returns
+/// bytes written.
 fn receive<W: Write>(
-    rx: Receiver<Result<Msg, ProtocolError>>,
+    rx: Receiver<Event>,
     out: &mut Replies<W>,
+    relay: &mut Relay<'_, '_>,
     target: &Target,
     req: &LoadRequest,
-    mut outstanding: Vec<u8>,
-    mut bytes_written: u64,
+    outstanding: Vec<u8>,
+    bytes_written: u64,
 ) -> Result<u64, AgentError> {
-    let layout = req.layout;
-    let mut decompressor = zstd::bulk::Decompressor::new()
-        .map_err(|e| AgentError::Target(format!("cannot start zstd: {e}")))?;
-    let mut buf: Vec<u8> = Vec::new();
+    let mut unpacker = Unpacker::new()?;
+    let mut load = Loading {
+        target,
+        req,
+        outstanding,
+        bytes_written,
+    };
     loop {
-        let msg = rx
+        let event = rx
             .recv()
-            .map_err(|_| AgentError::Closed("before the load finished"))?
-            .map_err(|e| closed_as(e, "before the load finished"))?;
+            .map_err(|_| AgentError::Closed("before the load finished"))?;
+        let msg = match event {
+            Event::Control(msg) => msg.map_err(|e| closed_as(e, "before the load finished"))?,
+            Event::Relayed { peer, msg } => {
+                load.relayed(out, relay, &mut unpacker, &peer, msg)?;
+                continue;
+            }
+            Event::Refused { peer, reason } => {
+                out.reply(&Msg::RelayRefused { peer, reason })?;
+                continue;
+            }
+            Event::Linked {
+                attempt,
+                addr,
+                port,
+                result,
+            } => {
+                if let Some(reply) = relay.linked(attempt, addr, port, result) {
+                    out.reply(&reply)?;
+                }
+                continue;
+            }
+            Event::SuccessorGone { attempt, reason } => {
+                if let Some(lost) = relay.successor_gone(attempt, reason) {
+                    out.reply(&lost)?;
+                }
+                continue;
+            }
+        };
         match msg {
             Msg::Chunk { index, codec, data } => {
-                let i = index as usize;
-                if i >= layout.chunks {
-                    return Err(malformed(format!(
-                        "chunk index {index} out of range: the image has {} chunks",
-                        layout.chunks
-                    )));
-                }
-                let len = layout.chunk_len(i);
-                let bytes: &[u8] = match codec {
-                    Codec::Raw => &data,
-                    Codec::Zstd => {
-                        buf.clear();
-                        // The capacity bounds the output: at most a chunk
-                        // (earlier chunks were no larger), checked below.
-                        buf.reserve_exact(len);
-                        decompressor
-                            .decompress_to_buffer(&data, &mut buf)
-                            .map_err(|e| {
-                                AgentError::Verify(format!(
-                                    "chunk {index} failed verification: cannot decompress: {e}"
-                                ))
-                            })?;
-                        &buf
-                    }
-                };
-                if bytes.len() != len {
-                    return Err(AgentError::Verify(format!(
-                        "chunk {index} failed verification: {} bytes, expected {len}",
-                        bytes.len()
-                    )));
-                }
-                if chunk_digest(bytes) != req.digests[i] {
-                    return Err(AgentError::Verify(format!(
-                        "chunk {index} failed verification"
-                    )));
-                }
-                target.write_at(bytes, layout.offset(i))?;
-                bytes_written += len as u64;
-                if let Some(b) = outstanding.get_mut(i / 8) {
-                    *b &= !(1 << (i % 8));
-                }
-                out.reply(&Msg::Written {
-                    index,
-                    bytes_written,
-                })?;
+                let i = load.chunk_index(index).map_err(malformed)?;
+                let bytes = unpacker.unpack(req, i, codec, &data)?;
+                load.write(out, i, bytes)?;
             }
+            Msg::StreamChunk { index, codec, data } => {
+                let i = load.chunk_index(index).map_err(malformed)?;
+                load.stream_chunk(out, relay, &mut unpacker, FROM_CONTROLLER, i, codec, &data)?;
+            }
+            Msg::StreamEnd => load.stream_end(out, relay)?,
+            Msg::RelayListen {
+                secret,
+                bind,
+                port_min,
+                port_max,
+            } => {
+                let port = relay.listen(&secret, &bind, port_min, port_max)?;
+                out.reply(&Msg::RelayPort { port })?;
+            }
+            Msg::RelayConnect { secret, addr, port } => relay.connect(&secret, addr, port)?,
             Msg::Finish => {
-                if let Some(missing) = (0..layout.chunks).find(|&i| bit(&outstanding, i)) {
-                    let count = (0..layout.chunks).filter(|&i| bit(&outstanding, i)).count();
+                let layout = req.layout;
+                let outstanding = &load.outstanding;
+                if let Some(missing) = (0..layout.chunks).find(|&i| bit(outstanding, i)) {
+                    let count = (0..layout.chunks).filter(|&i| bit(outstanding, i)).count();
                     return Err(malformed(format!(
                         "Finish before chunk {missing} was written ({count} needed chunks missing)"
                     )));
                 }
                 finish(target, req)?;
-                return Ok(bytes_written);
+                return Ok(load.bytes_written);
             }
             Msg::Error { message } => return Err(AgentError::Peer(message)),
             other => {
@@ -791,6 +848,183 @@ fn receive<W: Write>(
                 )));
             }
         }
+    }
+}
+
+/// A load between Needed and Finish.
+struct Loading<'a> {
+    target: &'a Target,
+    req: &'a LoadRequest,
+    /// Bit i set: chunk i is needed and not yet written.
+    outstanding: Vec<u8>,
+    bytes_written: u64,
+}
+
+impl Loading<'_> {
+    fn chunk_index(&self, index: u32) -> Result<usize, String> {
+        let i = index as usize;
+        if i < self.req.layout.chunks {
+            Ok(i)
+        } else {
+            Err(format!(
+                "chunk index {index} out of range: the image has {} chunks",
+                self.req.layout.chunks
+            ))
+        }
+    }
+
+    /// Write chunk `i`'s verified data and acknowledge it.
+    fn write<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        i: usize,
+        bytes: &[u8],
+    ) -> Result<(), AgentError> {
+        self.target.write_at(bytes, self.req.layout.offset(i))?;
+        self.bytes_written += bytes.len() as u64;
+        if let Some(b) = self.outstanding.get_mut(i / 8) {
+            *b &= !(1 << (i % 8));
+        }
+        out.reply(&Msg::Written {
+            // i came from a u32.
+            index: i as u32,
+            bytes_written: self.bytes_written,
+        })
+    }
+
+    /// A frame from a predecessor: only the stream travels there.
+    fn relayed<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+        unpacker: &mut Unpacker,
+        peer: &str,
+        msg: Msg,
+    ) -> Result<(), AgentError> {
+        let refuse = |reason: String| Msg::RelayRefused {
+            peer: peer.to_string(),
+            reason,
+        };
+        match msg {
+            Msg::StreamChunk { index, codec, data } => match self.chunk_index(index) {
+                Ok(i) => self.stream_chunk(out, relay, unpacker, peer, i, codec, &data),
+                Err(reason) => out.reply(&refuse(reason)),
+            },
+            Msg::StreamEnd => self.stream_end(out, relay),
+            // The connection's reader lets nothing else through.
+            other => out.reply(&refuse(format!(
+                "unexpected {} on a relay connection",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Verify and write the chunk if this node needs it, forward it in any
+    /// case. Data that fails verification is neither written nor forwarded:
+    /// the controller hears of it and sends the chunk directly later.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_chunk<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+        unpacker: &mut Unpacker,
+        source: &str,
+        i: usize,
+        codec: Codec,
+        data: &[u8],
+    ) -> Result<(), AgentError> {
+        let bytes = if bit(&self.outstanding, i) {
+            match unpacker.unpack(self.req, i, codec, data) {
+                Ok(bytes) => Some(bytes),
+                Err(AgentError::Verify(reason)) => {
+                    return out.reply(&Msg::RelayRefused {
+                        peer: source.to_string(),
+                        reason,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        // Forward first: the successor's work overlaps with this write.
+        // i came from a u32.
+        let index = i as u32;
+        if let Some(lost) = relay.forward(|s| write_stream_chunk_sync(s, index, codec, data)) {
+            out.reply(&lost)?;
+        }
+        match bytes {
+            Some(bytes) => self.write(out, i, bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Pass the end of the stream on, then tell the controller what is missing.
+    fn stream_end<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+    ) -> Result<(), AgentError> {
+        if let Some(lost) = relay.forward(|s| write_msg_sync(s, &Msg::StreamEnd)) {
+            out.reply(&lost)?;
+        }
+        out.reply(&Msg::Missing {
+            bitmap: self.outstanding.clone(),
+        })
+    }
+}
+
+/// Turns a chunk as it travels into its data, checked against the manifest.
+struct Unpacker {
+    decompressor: zstd::bulk::Decompressor<'static>,
+    buf: Vec<u8>,
+}
+
+impl Unpacker {
+    fn new() -> Result<Unpacker, AgentError> {
+        Ok(Unpacker {
+            decompressor: zstd::bulk::Decompressor::new()
+                .map_err(|e| AgentError::Target(format!("cannot start zstd: {e}")))?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Chunk `i`'s data; any mismatch is `AgentError::Verify`.
+    fn unpack<'a>(
+        &'a mut self,
+        req: &LoadRequest,
+        i: usize,
+        codec: Codec,
+        data: &'a [u8],
+    ) -> Result<&'a [u8], AgentError> {
+        let len = req.layout.chunk_len(i);
+        let bytes: &[u8] = match codec {
+            Codec::Raw => data,
+            Codec::Zstd => {
+                self.buf.clear();
+                // The capacity bounds the output: at most a chunk (earlier
+                // chunks were no larger), checked below.
+                self.buf.reserve_exact(len);
+                self.decompressor
+                    .decompress_to_buffer(data, &mut self.buf)
+                    .map_err(|e| {
+                        AgentError::Verify(format!(
+                            "chunk {i} failed verification: cannot decompress: {e}"
+                        ))
+                    })?;
+                &self.buf
+            }
+        };
+        if bytes.len() != len {
+            return Err(AgentError::Verify(format!(
+                "chunk {i} failed verification: {} bytes, expected {len}",
+                bytes.len()
+            )));
+        }
+        if chunk_digest(bytes) != req.digests[i] {
+            return Err(AgentError::Verify(format!("chunk {i} failed verification")));
+        }
+        Ok(bytes)
     }
 }
 
@@ -814,6 +1048,626 @@ fn finish(target: &Target, req: &LoadRequest) -> Result<(), AgentError> {
         .file
         .sync_all()
         .map_err(|e| AgentError::Target(format!("cannot sync {}: {e}", target.name)))
+}
+
+// ---------------------------------------------------------------- relay
+//
+// Threads, all scoped to the load and all feeding the one bounded queue the
+// main loop reads (so a fast predecessor waits for this node's disk and its
+// successor, and the wait travels up the chain):
+// - the controller's reader (as without a relay);
+// - the listener, once RelayListen came: accepts, polling for the end of
+//   the load, one thread per connection (at most MAX_RELAY_CONNECTIONS);
+// - per connection: the handshake (5 s in all), then its frames;
+// - per RelayConnect: connect and handshake, 5 s each, so the load goes on
+//   meanwhile; the main loop installs the link it makes;
+// - per successor: a watcher that reports the link's end at once, even
+//   while nothing is being forwarded.
+// The main loop alone writes to the successor (5 s without progress =
+// stalled) and to the controller. At the end of the load every socket is
+// shut down, so each of these threads ends.
+//
+// Handshake, connector C to listener L, with the 32-byte secret as the key:
+//   C→L  "IMGRELAY" ‖ version 1 ‖ nonce_c (16 bytes)
+//   L→C  nonce_l (16) ‖ blake3_keyed(secret, "L" ‖ nonce_c ‖ nonce_l)
+//   C→L  blake3_keyed(secret, "C" ‖ nonce_l ‖ nonce_c)
+// then ordinary frames, StreamChunk and StreamEnd only, from C to L.
+
+/// How long a relay connect may take, a relay handshake as a whole, and one
+/// write to the successor without progress.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Incoming relay connections open at once (handshaking or relaying); more
+/// are refused.
+const MAX_RELAY_CONNECTIONS: usize = 16;
+/// How often the listening thread looks whether the load is over.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// Read buffer of a predecessor connection.
+const RELAY_READ_BUFFER: usize = 256 << 10;
+/// The connector's first bytes: `IMGRELAY`, version, then its nonce.
+const RELAY_MAGIC: [u8; 8] = *b"IMGRELAY";
+const RELAY_VERSION: u8 = 1;
+
+type Secret = [u8; RELAY_SECRET_LEN];
+
+fn relay_secret(secret: &[u8]) -> Result<Secret, AgentError> {
+    Secret::try_from(secret).map_err(|_| {
+        malformed(format!(
+            "the relay secret has {} bytes, not {RELAY_SECRET_LEN}",
+            secret.len()
+        ))
+    })
+}
+
+/// The agent's place in a relay chain: its listener (whose threads feed
+/// predecessors' frames into the load's queue) and its successor.
+struct Relay<'scope, 'env> {
+    scope: &'scope Scope<'scope, 'env>,
+    events: SyncSender<Event>,
+    connections: Arc<Connections>,
+    listening: bool,
+    /// RelayConnects so far: only the latest one's outcome counts.
+    attempt: u64,
+    successor: Option<Successor>,
+}
+
+impl<'scope, 'env> Relay<'scope, 'env> {
+    fn new(scope: &'scope Scope<'scope, 'env>, events: SyncSender<Event>) -> Self {
+        Relay {
+            scope,
+            events,
+            connections: Arc::default(),
+            listening: false,
+            attempt: 0,
+            successor: None,
+        }
+    }
+
+    /// Open the listener; its thread accepts until the load ends.
+    fn listen(
+        &mut self,
+        secret: &[u8],
+        bind: &str,
+        port_min: u16,
+        port_max: u16,
+    ) -> Result<u16, AgentError> {
+        if self.listening {
+            return Err(malformed("a second RelayListen in one load".into()));
+        }
+        let secret = relay_secret(secret)?;
+        let listener = bind_relay(bind, port_min, port_max)?;
+        let port = listener
+            .local_addr()
+            .and_then(|a| listener.set_nonblocking(true).map(|()| a.port()))
+            .map_err(|e| AgentError::Relay(format!("cannot set up the relay listener: {e}")))?;
+        self.listening = true;
+        let scope = self.scope;
+        let connections = Arc::clone(&self.connections);
+        let events = self.events.clone();
+        self.scope
+            .spawn(move || accept_relays(scope, listener, secret, connections, events));
+        Ok(port)
+    }
+
+    /// Drop the successor and link to another in the background: the load
+    /// goes on meanwhile, and `linked` gets the outcome.
+    fn connect(&mut self, secret: &[u8], addr: String, port: u16) -> Result<(), AgentError> {
+        let secret = relay_secret(secret)?;
+        self.successor = None;
+        self.attempt += 1;
+        let attempt = self.attempt;
+        let connections = Arc::clone(&self.connections);
+        let events = self.events.clone();
+        self.scope.spawn(move || {
+            let result = link_successor(&addr, port, &secret, &connections);
+            let _ = events.send(Event::Linked {
+                attempt,
+                addr,
+                port,
+                result,
+            });
+        });
+        Ok(())
+    }
+
+    /// A RelayConnect's outcome: the reply for the controller, unless a
+    /// later RelayConnect superseded it (its link then just closes).
+    fn linked(
+        &mut self,
+        attempt: u64,
+        addr: String,
+        port: u16,
+        result: Result<TcpStream, String>,
+    ) -> Option<Msg> {
+        if attempt != self.attempt {
+            return None;
+        }
+        Some(
+            match result.and_then(|stream| self.install(stream, attempt, format!("{addr}:{port}")))
+            {
+                Ok(()) => Msg::RelayLinked { addr, port },
+                Err(reason) => Msg::RelayLost {
+                    peer: format!("{addr}:{port}"),
+                    reason,
+                },
+            },
+        )
+    }
+
+    fn install(&mut self, stream: TcpStream, attempt: u64, peer: String) -> Result<(), String> {
+        let watched = stream
+            .set_write_timeout(Some(RELAY_TIMEOUT))
+            .and_then(|()| stream.set_read_timeout(None))
+            .and_then(|()| stream.set_nodelay(true))
+            .and_then(|()| stream.try_clone())
+            .map_err(|e| format!("cannot set up the successor link: {e}"))?;
+        let events = self.events.clone();
+        self.scope
+            .spawn(move || watch_successor(watched, attempt, events));
+        self.successor = Some(Successor {
+            stream,
+            attempt,
+            peer,
+        });
+        Ok(())
+    }
+
+    /// The link of RelayConnect `attempt` broke: the RelayLost to send if it
+    /// is still the successor.
+    fn successor_gone(&mut self, attempt: u64, reason: String) -> Option<Msg> {
+        if self.successor.as_ref()?.attempt != attempt {
+            return None;
+        }
+        let peer = self.successor.as_ref()?.peer.clone();
+        self.successor = None;
+        Some(Msg::RelayLost { peer, reason })
+    }
+
+    /// Send a frame to the successor, if any. On failure the successor is
+    /// dropped and the RelayLost for the controller returned.
+    fn forward(
+        &mut self,
+        write: impl FnOnce(&mut TcpStream) -> Result<(), ProtocolError>,
+    ) -> Option<Msg> {
+        let successor = self.successor.as_mut()?;
+        let e = write(&mut successor.stream).err()?;
+        let peer = successor.peer.clone();
+        self.successor = None;
+        let reason = match e {
+            ProtocolError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                "successor stalled".to_string()
+            }
+            e => format!("successor link failed: {e}"),
+        };
+        Some(Msg::RelayLost { peer, reason })
+    }
+}
+
+impl Drop for Relay<'_, '_> {
+    /// The load is over: close the successor link, the listener and every
+    /// relay connection, so their threads end.
+    fn drop(&mut self) {
+        self.successor = None;
+        self.connections.close_all();
+    }
+}
+
+/// The link to the next node of the chain.
+struct Successor {
+    stream: TcpStream,
+    attempt: u64,
+    /// `addr:port`, named in RelayLost.
+    peer: String,
+}
+
+impl Drop for Successor {
+    /// Shut down, not just close: the watching thread holds a clone.
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Relay sockets that threads block on (handshakes, predecessors), so the
+/// end of the load can shut them all down.
+#[derive(Default)]
+struct Connections {
+    table: Mutex<ConnectionTable>,
+}
+
+#[derive(Default)]
+struct ConnectionTable {
+    closed: bool,
+    last_id: u64,
+    open: HashMap<u64, TcpStream>,
+}
+
+impl Connections {
+    fn table(&self) -> std::sync::MutexGuard<'_, ConnectionTable> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Track a socket; refused once the load is over or `limit` are open.
+    fn add(&self, stream: &TcpStream, limit: usize) -> Result<u64, String> {
+        let clone = stream
+            .try_clone()
+            .map_err(|e| format!("cannot track the connection: {e}"))?;
+        let mut table = self.table();
+        if table.closed {
+            return Err("the load is over".into());
+        }
+        if table.open.len() >= limit {
+            return Err(format!("too many relay connections (at most {limit})"));
+        }
+        table.last_id += 1;
+        let id = table.last_id;
+        table.open.insert(id, clone);
+        Ok(id)
+    }
+
+    fn remove(&self, id: u64) {
+        self.table().open.remove(&id);
+    }
+
+    fn closed(&self) -> bool {
+        self.table().closed
+    }
+
+    fn close_all(&self) {
+        let mut table = self.table();
+        table.closed = true;
+        for stream in table.open.values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        table.open.clear();
+    }
+}
+
+/// Bind `bind` ("" = 0.0.0.0) on the first free port of the range; (0, 0)
+/// takes any free port.
+fn bind_relay(bind: &str, port_min: u16, port_max: u16) -> Result<TcpListener, AgentError> {
+    let ip: IpAddr = if bind.is_empty() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        bind.parse().map_err(|_| {
+            AgentError::Relay(format!(
+                "cannot open the relay listener on {bind:?}: not an IP address"
+            ))
+        })?
+    };
+    if port_min > port_max {
+        return Err(malformed(format!(
+            "RelayListen port range {port_min} to {port_max} is empty"
+        )));
+    }
+    let ports = if port_max == 0 {
+        0..=0
+    } else {
+        port_min.max(1)..=port_max
+    };
+    let mut last = None;
+    for port in ports {
+        match TcpListener::bind((ip, port)) {
+            Ok(listener) => return Ok(listener),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                last = Some(e);
+            }
+            Err(e) => {
+                return Err(AgentError::Relay(format!(
+                    "cannot open the relay listener on {ip} port {port}: {e}"
+                )));
+            }
+        }
+    }
+    Err(AgentError::Relay(format!(
+        "cannot open the relay listener on {ip}: no free port from {port_min} to {port_max}{}",
+        last.map(|e| format!(" ({e})")).unwrap_or_default()
+    )))
+}
+
+/// The listening thread: accept until the load is over, one thread per
+/// connection.
+fn accept_relays<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    listener: TcpListener,
+    secret: Secret,
+    connections: Arc<Connections>,
+    events: SyncSender<Event>,
+) {
+    while !connections.closed() {
+        if !wait_readable(&listener, ACCEPT_POLL) {
+            continue;
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            // Out of descriptors, say: try again later rather than spin.
+            Err(_) => {
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+        };
+        let peer = peer.to_string();
+        let tracked = stream
+            .set_nonblocking(false)
+            .map_err(|e| format!("cannot set up the connection: {e}"))
+            .and_then(|()| connections.add(&stream, MAX_RELAY_CONNECTIONS));
+        match tracked {
+            Ok(id) => {
+                let connections = Arc::clone(&connections);
+                let events = events.clone();
+                scope.spawn(move || {
+                    relay_predecessor(&stream, &peer, &secret, &events);
+                    connections.remove(id);
+                });
+            }
+            Err(reason) => {
+                let _ = stream.shutdown(Shutdown::Both);
+                if events.send(Event::Refused { peer, reason }).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Wait until the listener has a connection to accept, at most `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, valid for the call, on a descriptor we own.
+    unsafe { libc::poll(&mut fd, 1, millis) > 0 }
+}
+
+/// One incoming connection: authenticate it, then pass its StreamChunk and
+/// StreamEnd frames to the main loop until it ends.
+fn relay_predecessor(stream: &TcpStream, peer: &str, secret: &Secret, events: &SyncSender<Event>) {
+    let refuse = |reason: String| {
+        let _ = stream.shutdown(Shutdown::Both);
+        let _ = events.send(Event::Refused {
+            peer: peer.to_string(),
+            reason,
+        });
+    };
+    if let Err(reason) = accept_handshake(stream, secret) {
+        return refuse(reason);
+    }
+    // A predecessor may be quiet for long (the Missing phase, a slow
+    // controller): no read timeout from here on.
+    if let Err(e) = stream.set_read_timeout(None) {
+        return refuse(format!("cannot set up the connection: {e}"));
+    }
+    let mut input = BufReader::with_capacity(RELAY_READ_BUFFER, stream);
+    loop {
+        match read_msg_sync(&mut input) {
+            Ok(msg @ (Msg::StreamChunk { .. } | Msg::StreamEnd)) => {
+                let relayed = Event::Relayed {
+                    peer: peer.to_string(),
+                    msg,
+                };
+                if events.send(relayed).is_err() {
+                    return;
+                }
+            }
+            Ok(other) => {
+                return refuse(format!("unexpected {} on a relay connection", other.name()));
+            }
+            // The predecessor went away, or the load is over: a relink or
+            // the end of the chain, nothing to report.
+            Err(ProtocolError::Closed | ProtocolError::Io(_)) => return,
+            Err(e) => return refuse(e.to_string()),
+        }
+    }
+}
+
+/// Watch the successor link for its end: a successor never sends anything.
+fn watch_successor(stream: TcpStream, attempt: u64, events: SyncSender<Event>) {
+    let mut byte = [0u8; 1];
+    let reason = loop {
+        match (&stream).read(&mut byte) {
+            Ok(0) => break "the successor closed the connection".to_string(),
+            Ok(_) => break "the successor sent data on the relay link".to_string(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break format!("successor link failed: {e}"),
+        }
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    let _ = events.send(Event::SuccessorGone { attempt, reason });
+}
+
+/// Connect to the next node and authenticate, within [`RELAY_TIMEOUT`]
+/// each. The socket is tracked meanwhile so the end of the load cuts it.
+fn link_successor(
+    addr: &str,
+    port: u16,
+    secret: &Secret,
+    connections: &Connections,
+) -> Result<TcpStream, String> {
+    let fail = |what: String| format!("cannot link to {addr} port {port}: {what}");
+    let candidates: Vec<SocketAddr> = (addr, port)
+        .to_socket_addrs()
+        .map_err(|e| fail(e.to_string()))?
+        .collect();
+    let deadline = Instant::now() + RELAY_TIMEOUT;
+    let mut error = fail("no address".into());
+    let mut connected = None;
+    for candidate in candidates {
+        let Some(left) = time_left(deadline) else {
+            error = fail("connection timed out".into());
+            break;
+        };
+        match TcpStream::connect_timeout(&candidate, left) {
+            Ok(stream) => {
+                connected = Some(stream);
+                break;
+            }
+            Err(e) => error = fail(e.to_string()),
+        }
+    }
+    let stream = connected.ok_or(error)?;
+    let id = connections.add(&stream, usize::MAX).map_err(fail)?;
+    let shaken = connect_handshake(&stream, secret);
+    connections.remove(id);
+    shaken.map_err(fail)?;
+    Ok(stream)
+}
+
+/// blake3 keyed with the secret over `role ‖ first ‖ second`: what each side
+/// shows to prove it holds the secret (`L` the listener, `C` the connector).
+fn proof(secret: &Secret, role: u8, first: &[u8; 16], second: &[u8; 16]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new_keyed(secret);
+    hasher.update(&[role]);
+    hasher.update(first);
+    hasher.update(second);
+    hasher.finalize()
+}
+
+fn nonce() -> [u8; 16] {
+    let mut nonce = [0u8; 16];
+    fastrand::fill(&mut nonce);
+    nonce
+}
+
+/// The listener's side: the connector's magic, version and nonce; ours and
+/// our proof; the connector's proof. Err is the reason for RelayRefused.
+fn accept_handshake(stream: &TcpStream, secret: &Secret) -> Result<(), String> {
+    let deadline = Instant::now() + RELAY_TIMEOUT;
+    let mut magic = [0u8; 8];
+    read_by(stream, &mut magic, deadline).map_err(handshake_error)?;
+    if magic != RELAY_MAGIC {
+        return Err("not a relay peer".into());
+    }
+    let mut version = [0u8; 1];
+    read_by(stream, &mut version, deadline).map_err(handshake_error)?;
+    if version[0] != RELAY_VERSION {
+        return Err(format!(
+            "relay version {}, this agent speaks {RELAY_VERSION}",
+            version[0]
+        ));
+    }
+    let mut nonce_c = [0u8; 16];
+    read_by(stream, &mut nonce_c, deadline).map_err(handshake_error)?;
+    let nonce_l = nonce();
+    write_by(stream, &nonce_l, deadline).map_err(handshake_error)?;
+    let ours = proof(secret, b'L', &nonce_c, &nonce_l);
+    write_by(stream, ours.as_bytes(), deadline).map_err(handshake_error)?;
+    let mut theirs = [0u8; 32];
+    read_by(stream, &mut theirs, deadline).map_err(|e| {
+        if hung_up(&e) {
+            "the peer hung up instead of proving it holds the secret (a different secret?)"
+                .to_string()
+        } else {
+            handshake_error(e)
+        }
+    })?;
+    // blake3::Hash compares in constant time.
+    if blake3::Hash::from_bytes(theirs) != proof(secret, b'C', &nonce_l, &nonce_c) {
+        return Err("bad secret".into());
+    }
+    Ok(())
+}
+
+/// The connector's side of [`accept_handshake`].
+fn connect_handshake(stream: &TcpStream, secret: &Secret) -> Result<(), String> {
+    let deadline = Instant::now() + RELAY_TIMEOUT;
+    let nonce_c = nonce();
+    let mut hello = [0u8; 25];
+    hello[..8].copy_from_slice(&RELAY_MAGIC);
+    hello[8] = RELAY_VERSION;
+    hello[9..].copy_from_slice(&nonce_c);
+    write_by(stream, &hello, deadline).map_err(handshake_error)?;
+    let mut nonce_l = [0u8; 16];
+    let mut theirs = [0u8; 32];
+    read_by(stream, &mut nonce_l, deadline)
+        .and_then(|()| read_by(stream, &mut theirs, deadline))
+        .map_err(|e| {
+            if hung_up(&e) {
+                "the listener hung up during the handshake (not a relay listener?)".to_string()
+            } else {
+                handshake_error(e)
+            }
+        })?;
+    if blake3::Hash::from_bytes(theirs) != proof(secret, b'L', &nonce_c, &nonce_l) {
+        return Err("bad secret: the listener does not hold this run's secret".into());
+    }
+    let ours = proof(secret, b'C', &nonce_l, &nonce_c);
+    write_by(stream, ours.as_bytes(), deadline).map_err(handshake_error)
+}
+
+/// The other side closed (a reset if it left our bytes unread).
+fn hung_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+fn handshake_error(e: io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "handshake timed out".into(),
+        _ if hung_up(&e) => "connection closed during the handshake".into(),
+        _ => format!("handshake failed: {e}"),
+    }
+}
+
+fn time_left(deadline: Instant) -> Option<Duration> {
+    Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+}
+
+fn timed_out() -> io::Error {
+    io::ErrorKind::TimedOut.into()
+}
+
+/// `read_exact` that gives up at `deadline`, however the bytes trickle in.
+fn read_by(stream: &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        stream.set_read_timeout(Some(time_left(deadline).ok_or_else(timed_out)?))?;
+        match (&*stream).read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that gives up at `deadline`.
+fn write_by(stream: &TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        stream.set_write_timeout(Some(time_left(deadline).ok_or_else(timed_out)?))?;
+        match (&*stream).write(&buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- stamps
@@ -2132,6 +2986,647 @@ mod tests {
         fn stamp_decoding_never_panics(text in ".{0,200}") {
             let _ = Stamp::decode(&text);
         }
+    }
+
+    // ------------------------------------------------------------ relay
+
+    const SECRET: Secret = [42; RELAY_SECRET_LEN];
+    const LOCALHOST: &str = "127.0.0.1";
+    /// Longest a test waits for one reply: a hung agent fails the test.
+    const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+    /// An agent serving one load in a thread, driven as a controller would:
+    /// frames in on one end of a socket pair, replies collected by a thread.
+    struct Driven {
+        name: &'static str,
+        ctl: UnixStream,
+        replies: std::sync::mpsc::Receiver<Msg>,
+        /// Replies not yet taken by `wait_for`.
+        pending: std::collections::VecDeque<Msg>,
+        /// Every reply, in order.
+        log: Vec<Msg>,
+    }
+
+    type Session<'scope> = std::thread::ScopedJoinHandle<'scope, Result<(), AgentError>>;
+
+    impl Driven {
+        /// Start an agent, send Hello and `begin`; returns the Needed bitmap.
+        fn start<'scope>(
+            s: &'scope Scope<'scope, '_>,
+            env: &'scope AgentEnv,
+            name: &'static str,
+            begin: Msg,
+        ) -> (Driven, Session<'scope>, Vec<u8>) {
+            let (ctl, agent) = UnixStream::pair().unwrap();
+            ctl.set_write_timeout(Some(REPLY_WAIT)).unwrap();
+            let agent_in = agent.try_clone().unwrap();
+            let session = s.spawn(move || serve(agent_in, agent, env));
+            let mut from_agent = ctl.try_clone().unwrap();
+            let (tx, replies) = std::sync::mpsc::channel();
+            s.spawn(move || {
+                while let Ok(msg) = read_msg_sync(&mut from_agent) {
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut node = Driven {
+                name,
+                ctl,
+                replies,
+                pending: Default::default(),
+                log: Vec::new(),
+            };
+            node.send(&Msg::hello());
+            node.send(&begin);
+            node.wait_for("Hello", |m| matches!(m, Msg::Hello { .. }));
+            let Msg::Needed {
+                up_to_date: false,
+                bitmap,
+                ..
+            } = node.wait_for("Needed", |m| matches!(m, Msg::Needed { .. }))
+            else {
+                panic!("{name}: expected Needed with up_to_date false");
+            };
+            (node, session, bitmap)
+        }
+
+        fn send(&mut self, msg: &Msg) {
+            write_msg_sync(&mut self.ctl, msg).unwrap();
+        }
+
+        /// The first reply, pending or to come, that `pred` accepts.
+        fn wait_for(&mut self, what: &str, pred: impl Fn(&Msg) -> bool) -> Msg {
+            if let Some(at) = self.pending.iter().position(&pred) {
+                return self.pending.remove(at).unwrap();
+            }
+            let deadline = Instant::now() + REPLY_WAIT;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let msg = self.replies.recv_timeout(left).unwrap_or_else(|e| {
+                    panic!(
+                        "{}: no {what} ({e}); got {:?}",
+                        self.name,
+                        self.log.iter().map(Msg::name).collect::<Vec<_>>()
+                    )
+                });
+                self.log.push(msg.clone());
+                if pred(&msg) {
+                    return msg;
+                }
+                self.pending.push_back(msg);
+            }
+        }
+
+        fn written(&self) -> Vec<usize> {
+            self.log
+                .iter()
+                .filter_map(|m| match m {
+                    Msg::Written { index, .. } => Some(*index as usize),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn count(&self, name: &str) -> usize {
+            self.log.iter().filter(|m| m.name() == name).count()
+        }
+
+        fn listen(&mut self) -> u16 {
+            self.send(&Msg::RelayListen {
+                secret: SECRET.to_vec(),
+                bind: LOCALHOST.into(),
+                port_min: 0,
+                port_max: 0,
+            });
+            match self.wait_for("RelayPort", |m| matches!(m, Msg::RelayPort { .. })) {
+                Msg::RelayPort { port } => port,
+                _ => unreachable!(),
+            }
+        }
+
+        /// RelayConnect; the reply, RelayLinked or RelayLost.
+        fn connect(&mut self, port: u16, secret: &Secret) -> Msg {
+            self.send(&Msg::RelayConnect {
+                secret: secret.to_vec(),
+                addr: LOCALHOST.into(),
+                port,
+            });
+            self.wait_for("RelayLinked or RelayLost", |m| {
+                matches!(m, Msg::RelayLinked { .. } | Msg::RelayLost { .. })
+            })
+        }
+
+        fn link(&mut self, port: u16) {
+            let reply = self.connect(port, &SECRET);
+            assert_eq!(
+                reply,
+                Msg::RelayLinked {
+                    addr: LOCALHOST.into(),
+                    port
+                },
+                "{}",
+                self.name
+            );
+        }
+
+        fn missing(&mut self) -> Vec<u8> {
+            match self.wait_for("Missing", |m| matches!(m, Msg::Missing { .. })) {
+                Msg::Missing { bitmap } => bitmap,
+                _ => unreachable!(),
+            }
+        }
+
+        fn refused(&mut self) -> (String, String) {
+            match self.wait_for("RelayRefused", |m| matches!(m, Msg::RelayRefused { .. })) {
+                Msg::RelayRefused { peer, reason } => (peer, reason),
+                _ => unreachable!(),
+            }
+        }
+
+        /// Finish; the Finished reply's bytes.
+        fn finish(&mut self) -> u64 {
+            self.send(&Msg::Finish);
+            match self.wait_for("Finished", |m| {
+                matches!(m, Msg::Finished { .. } | Msg::Error { .. })
+            }) {
+                Msg::Finished { bytes_written } => bytes_written,
+                other => panic!("{}: {other:?}", self.name),
+            }
+        }
+
+        /// What a killed controller connection looks like to the agent.
+        fn hang_up(&self) {
+            let _ = self.ctl.shutdown(Shutdown::Both);
+        }
+    }
+
+    impl Drop for Driven {
+        /// A failing test must not leave an agent waiting for its controller.
+        fn drop(&mut self) {
+            self.hang_up();
+        }
+    }
+
+    fn streamed(chunk: Msg) -> Msg {
+        match chunk {
+            Msg::Chunk { index, codec, data } => Msg::StreamChunk { index, codec, data },
+            other => other,
+        }
+    }
+
+    fn no_bits(bitmap: &[u8]) -> bool {
+        bitmap.iter().all(|&b| b == 0)
+    }
+
+    /// A raw relay peer that passed the handshake.
+    fn relay_peer(port: u16, secret: &Secret) -> TcpStream {
+        let stream = TcpStream::connect((LOCALHOST, port)).unwrap();
+        connect_handshake(&stream, secret).unwrap();
+        stream
+    }
+
+    #[test]
+    fn chain_of_three_agents_loads_every_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rtzrtrzzttr", 777, 20);
+        let data = image.data_chunks();
+        let targets = ["a", "b", "c"].map(|n| dir.path().join(format!("{n}.img")));
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) =
+                Driven::start(s, &env, "a", image.begin(&targets[0], false));
+            let (mut b, b_session, _) =
+                Driven::start(s, &env, "b", image.begin(&targets[1], false));
+            let (mut c, c_session, _) =
+                Driven::start(s, &env, "c", image.begin(&targets[2], false));
+            let b_port = b.listen();
+            let c_port = c.listen();
+            a.link(b_port);
+            b.link(c_port);
+            for &i in &data {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            for node in [&mut a, &mut b, &mut c] {
+                let missing = node.missing();
+                assert_eq!(missing.len(), bitmap_len(image.layout().chunks));
+                assert!(no_bits(&missing), "{}: {missing:?}", node.name);
+                assert_eq!(node.finish(), image.bytes_of(&data), "{}", node.name);
+                assert_eq!(node.written(), data, "{} acks its own writes", node.name);
+                for quiet in ["RelayLost", "RelayRefused", "Error"] {
+                    assert_eq!(node.count(quiet), 0, "{}: {quiet}", node.name);
+                }
+            }
+            for session in [a_session, b_session, c_session] {
+                session.join().unwrap().unwrap();
+            }
+        });
+        for target in &targets {
+            assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
+        }
+        assert_eq!(stamps(&env), 3);
+    }
+
+    #[test]
+    fn a_node_writes_only_what_it_needs_and_forwards_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rtrtrtr", 100, 21);
+        let data = image.data_chunks();
+        let (a_target, b_target, c_target) = (
+            dir.path().join("a.img"),
+            dir.path().join("b.img"),
+            dir.path().join("c.img"),
+        );
+        // B already holds the image but for chunks 1 and 4.
+        let mut held = image.data.clone();
+        for i in [1, 4] {
+            held[image.layout().offset(i) as usize + 9] ^= 0xff;
+        }
+        std::fs::write(&b_target, &held).unwrap();
+        std::thread::scope(|s| {
+            let (mut a, _, _) = Driven::start(s, &env, "a", image.begin(&a_target, false));
+            let (mut b, _, b_needed) = Driven::start(s, &env, "b", image.begin(&b_target, false));
+            let (mut c, _, _) = Driven::start(s, &env, "c", image.begin(&c_target, false));
+            assert_eq!(bits(&b_needed, image.layout().chunks), vec![1, 4]);
+            let (b_port, c_port) = (b.listen(), c.listen());
+            a.link(b_port);
+            b.link(c_port);
+            for &i in &data {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            for node in [&mut a, &mut b, &mut c] {
+                assert!(no_bits(&node.missing()), "{}", node.name);
+                node.finish();
+            }
+            assert_eq!(a.written(), data);
+            assert_eq!(b.written(), vec![1, 4], "b writes only what it lacked");
+            assert_eq!(c.written(), data, "b forwarded what it did not need");
+        });
+        for target in [&a_target, &b_target, &c_target] {
+            assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
+        }
+    }
+
+    #[test]
+    fn a_dead_middle_node_is_cut_out_and_its_successor_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rtrtrtrt", 0, 22);
+        let data = image.data_chunks();
+        let (a_target, b_target, c_target) = (
+            dir.path().join("a.img"),
+            dir.path().join("b.img"),
+            dir.path().join("c.img"),
+        );
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&a_target, false));
+            let (b, b_session, _) = Driven::start(s, &env, "b", image.begin(&b_target, false));
+            let (mut c, c_session, _) = Driven::start(s, &env, "c", image.begin(&c_target, false));
+            let mut b = b;
+            let (b_port, c_port) = (b.listen(), c.listen());
+            a.link(b_port);
+            b.link(c_port);
+            for i in 0..3 {
+                a.send(&streamed(image.chunk(i)));
+            }
+            c.wait_for("Written 2", |m| matches!(m, Msg::Written { index: 2, .. }));
+
+            // B dies: its controller connection drops and its sockets close.
+            b.hang_up();
+            // B notices on reading (closed) or on acknowledging (broken pipe).
+            let e = err_of(b_session.join().unwrap());
+            assert!(
+                matches!(
+                    e,
+                    AgentError::Closed(_) | AgentError::Protocol(ProtocolError::Io(_))
+                ),
+                "{e:?}"
+            );
+            let lost = a.wait_for("RelayLost", |m| matches!(m, Msg::RelayLost { .. }));
+            assert!(matches!(lost, Msg::RelayLost { .. }));
+
+            // Chunks that pass while A has no successor never reach C…
+            for i in 3..5 {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.wait_for("Written 4", |m| matches!(m, Msg::Written { index: 4, .. }));
+            // …and the relink carries the rest.
+            a.link(c_port);
+            for i in 5..8 {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            let missing = c.missing();
+            assert_eq!(bits(&missing, image.layout().chunks), vec![3, 4]);
+            for i in bits(&missing, image.layout().chunks) {
+                c.send(&image.chunk(i));
+            }
+            a.finish();
+            c.finish();
+            let mut c_written = c.written();
+            c_written.sort_unstable();
+            assert_eq!(c_written, data);
+            assert_eq!(
+                c.count("RelayRefused"),
+                0,
+                "a predecessor's end is no refusal"
+            );
+            a_session.join().unwrap().unwrap();
+            c_session.join().unwrap().unwrap();
+        });
+        for target in [&a_target, &c_target] {
+            assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_secret_is_refused_and_the_chain_still_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rtr", 5, 23);
+        let data = image.data_chunks();
+        let targets = [dir.path().join("a.img"), dir.path().join("b.img")];
+        let wrong: Secret = [7; RELAY_SECRET_LEN];
+        std::thread::scope(|s| {
+            let (mut a, _, _) = Driven::start(s, &env, "a", image.begin(&targets[0], false));
+            let (mut b, _, _) = Driven::start(s, &env, "b", image.begin(&targets[1], false));
+            let b_port = b.listen();
+
+            // An agent given another secret: both ends say so.
+            let Msg::RelayLost { reason, .. } = a.connect(b_port, &wrong) else {
+                panic!("a linked with a wrong secret");
+            };
+            assert!(reason.contains("secret"), "{reason}");
+            assert!(b.refused().1.contains("secret"));
+
+            // A stranger that sends a proof made with another secret.
+            let stranger = TcpStream::connect((LOCALHOST, b_port)).unwrap();
+            let nonce_c = [1u8; 16];
+            let mut hello = RELAY_MAGIC.to_vec();
+            hello.push(RELAY_VERSION);
+            hello.extend_from_slice(&nonce_c);
+            (&stranger).write_all(&hello).unwrap();
+            let mut nonce_l = [0u8; 16];
+            let mut their_proof = [0u8; 32];
+            (&stranger).read_exact(&mut nonce_l).unwrap();
+            (&stranger).read_exact(&mut their_proof).unwrap();
+            (&stranger)
+                .write_all(proof(&wrong, b'C', &nonce_l, &nonce_c).as_bytes())
+                .unwrap();
+            let (peer, reason) = b.refused();
+            assert_eq!(peer, stranger.local_addr().unwrap().to_string());
+            assert_eq!(reason, "bad secret");
+            // Refused: the connection is closed.
+            let mut rest = Vec::new();
+            let _ = (&stranger).read_to_end(&mut rest);
+            assert!(rest.is_empty());
+
+            a.link(b_port);
+            for &i in &data {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            for node in [&mut a, &mut b] {
+                assert!(no_bits(&node.missing()), "{}", node.name);
+                node.finish();
+                assert_eq!(node.written(), data, "{}", node.name);
+            }
+        });
+        for target in &targets {
+            assert!(std::fs::read(target).unwrap() == image.data);
+        }
+    }
+
+    #[test]
+    fn garbage_on_a_relay_port_is_refused_and_the_listener_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rt", 0, 24);
+        let targets = [dir.path().join("a.img"), dir.path().join("b.img")];
+        std::thread::scope(|s| {
+            let (mut a, _, _) = Driven::start(s, &env, "a", image.begin(&targets[0], false));
+            let (mut b, b_session, _) =
+                Driven::start(s, &env, "b", image.begin(&targets[1], false));
+            let port = b.listen();
+
+            let mut noise = vec![0u8; 4096];
+            fastrand::Rng::with_seed(24).fill(&mut noise);
+            noise[0] = b'X';
+            let peer = TcpStream::connect((LOCALHOST, port)).unwrap();
+            let _ = (&peer).write_all(&noise);
+            assert_eq!(
+                b.refused(),
+                (
+                    peer.local_addr().unwrap().to_string(),
+                    "not a relay peer".into()
+                )
+            );
+
+            let peer = TcpStream::connect((LOCALHOST, port)).unwrap();
+            (&peer).write_all(b"IMGRELAY\x02").unwrap();
+            assert!(b.refused().1.contains("relay version 2"));
+
+            let peer = TcpStream::connect((LOCALHOST, port)).unwrap();
+            (&peer).write_all(b"IMGRE").unwrap();
+            peer.shutdown(Shutdown::Write).unwrap();
+            assert!(b.refused().1.contains("closed during the handshake"));
+
+            // After a good handshake: a frame longer than any chunk…
+            let peer = relay_peer(port, &SECRET);
+            (&peer).write_all(&[0xff, 0xff, 0xff, 0x7f, 36]).unwrap();
+            let reason = b.refused().1;
+            assert!(reason.contains("refused"), "{reason}");
+            // …a frame that does not decode…
+            let peer = relay_peer(port, &SECRET);
+            (&peer).write_all(&[1, 0, 0, 0, 200]).unwrap();
+            assert!(b.refused().1.contains("unknown message tag 200"));
+            // …anything but the stream.
+            let mut peer = relay_peer(port, &SECRET);
+            write_msg_sync(&mut peer, &Msg::Finish).unwrap();
+            assert_eq!(b.refused().1, "unexpected Finish on a relay connection");
+            // A relayed chunk beyond the image.
+            write_msg_sync(
+                &mut relay_peer(port, &SECRET),
+                &streamed(Msg::Chunk {
+                    index: 99,
+                    codec: Codec::Raw,
+                    data: vec![1],
+                }),
+            )
+            .unwrap();
+            assert!(b.refused().1.contains("chunk index 99 out of range"));
+
+            // Silence: the handshake has a deadline.
+            let silent = TcpStream::connect((LOCALHOST, port)).unwrap();
+            let started = Instant::now();
+            assert_eq!(b.refused().1, "handshake timed out");
+            assert!(started.elapsed() < RELAY_TIMEOUT + Duration::from_secs(5));
+            drop(silent);
+
+            // The listener still takes a real predecessor.
+            a.link(port);
+            for i in image.data_chunks() {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            for node in [&mut a, &mut b] {
+                assert!(no_bits(&node.missing()), "{}", node.name);
+                node.finish();
+            }
+            b_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&targets[1]).unwrap() == image.data);
+    }
+
+    #[test]
+    fn a_relayed_chunk_that_fails_verification_is_refused_not_written_nor_forwarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rtr", 0, 25);
+        let targets = [dir.path().join("b.img"), dir.path().join("c.img")];
+        std::thread::scope(|s| {
+            let (mut b, _, _) = Driven::start(s, &env, "b", image.begin(&targets[0], false));
+            let (mut c, _, _) = Driven::start(s, &env, "c", image.begin(&targets[1], false));
+            let (b_port, c_port) = (b.listen(), c.listen());
+            b.link(c_port);
+            let mut predecessor = relay_peer(b_port, &SECRET);
+            let mut bad = image.chunk_data(1).to_vec();
+            bad[3] ^= 1;
+            let corrupt = Msg::StreamChunk {
+                index: 1,
+                codec: Codec::Raw,
+                data: bad,
+            };
+            for msg in [streamed(image.chunk(0)), corrupt, streamed(image.chunk(2))] {
+                write_msg_sync(&mut predecessor, &msg).unwrap();
+            }
+            write_msg_sync(&mut predecessor, &Msg::StreamEnd).unwrap();
+            let (peer, reason) = b.refused();
+            assert_eq!(peer, predecessor.local_addr().unwrap().to_string());
+            assert_eq!(reason, "chunk 1 failed verification");
+            for node in [&mut b, &mut c] {
+                assert_eq!(bits(&node.missing(), 3), vec![1], "{}", node.name);
+                assert_eq!(node.written(), vec![0, 2], "{}", node.name);
+                node.send(&image.chunk(1));
+                node.finish();
+            }
+            assert_eq!(c.count("RelayRefused"), 0, "the bad chunk went no further");
+        });
+        for target in &targets {
+            assert!(std::fs::read(target).unwrap() == image.data);
+        }
+    }
+
+    #[test]
+    fn relay_requests_that_cannot_be_met() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rt", 0, 26);
+        let target = dir.path().join("disk.img");
+        let taken = TcpListener::bind((LOCALHOST, 0)).unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let listen = |bind: &str, port_min, port_max| Msg::RelayListen {
+            secret: SECRET.to_vec(),
+            bind: bind.into(),
+            port_min,
+            port_max,
+        };
+
+        // A port range with no free port, a bind that is no address: fatal.
+        for (request, needle) in [
+            (listen(LOCALHOST, taken_port, taken_port), "no free port"),
+            (listen("node-7", 0, 0), "not an IP address"),
+        ] {
+            let (result, replies) = run(&env, &[image.begin(&target, false), request]);
+            let e = err_of(result);
+            assert!(matches!(e, AgentError::Relay(_)), "{e:?}");
+            assert!(e.to_string().contains(needle), "{e}");
+            assert_eq!(e.exit_code(), 3);
+            assert!(matches!(replies.last(), Some(Msg::Error { .. })));
+        }
+        // Controller mistakes: malformed.
+        let twice = [
+            image.begin(&target, false),
+            listen(LOCALHOST, 0, 0),
+            listen(LOCALHOST, 0, 0),
+        ];
+        assert_malformed(
+            &env,
+            &encode(&[&[Msg::hello()], &twice[..]].concat()),
+            "second RelayListen",
+        );
+        let backwards = [image.begin(&target, false), listen(LOCALHOST, 9, 8)];
+        assert_malformed(
+            &env,
+            &encode(&[&[Msg::hello()], &backwards[..]].concat()),
+            "port range",
+        );
+        let beyond = [
+            image.begin(&target, false),
+            streamed(Msg::Chunk {
+                index: 2,
+                codec: Codec::Raw,
+                data: vec![],
+            }),
+        ];
+        assert_malformed(
+            &env,
+            &encode(&[&[Msg::hello()], &beyond[..]].concat()),
+            "out of range",
+        );
+
+        // Something that is no relay listener: RelayLost, and the load goes
+        // on without a successor.
+        std::thread::scope(|s| {
+            // Accept one connection and hang up on it; bounded, should the test fail first.
+            taken.set_nonblocking(true).unwrap();
+            s.spawn(|| {
+                let deadline = Instant::now() + REPLY_WAIT;
+                while Instant::now() < deadline {
+                    if taken.accept().is_ok() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            let Msg::RelayLost { reason, .. } = a.connect(taken_port, &SECRET) else {
+                panic!("linked to no relay listener");
+            };
+            assert!(
+                reason.starts_with(&format!("cannot link to {LOCALHOST} port {taken_port}: ")),
+                "{reason}"
+            );
+            assert!(reason.contains("hung up"), "{reason}");
+            for i in image.data_chunks() {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            // StreamEnd again: the same answer.
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            a.finish();
+            a_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    #[test]
+    fn handshake_proofs_bind_the_secret_the_role_and_both_nonces() {
+        let (n1, n2) = ([1u8; 16], [2u8; 16]);
+        let p = proof(&SECRET, b'L', &n1, &n2);
+        let mut input = vec![b'L'];
+        input.extend_from_slice(&n1);
+        input.extend_from_slice(&n2);
+        assert_eq!(p, blake3::keyed_hash(&SECRET, &input));
+        assert_ne!(p, proof(&SECRET, b'C', &n1, &n2));
+        assert_ne!(p, proof(&SECRET, b'L', &n2, &n1));
+        assert_ne!(p, proof(&[0; RELAY_SECRET_LEN], b'L', &n1, &n2));
     }
 
     #[test]

@@ -42,24 +42,48 @@ impl AgentSource {
         }
     }
 
-    /// Make sure the node has a matching agent: upload this executable into
-    /// the user's cache there unless a copy with the same digest is present.
-    /// The upload goes to a temporary name and is renamed when complete.
-    pub async fn ensure(&self, session: &Session) -> Result<String, SshError> {
+    /// Start the agent on the node and exchange Hellos. The cached copy is
+    /// started directly (one SSH channel); only if it is missing is this
+    /// executable uploaded into the user's cache there (to a temporary name,
+    /// renamed when complete) and started again.
+    pub async fn start(&self, session: Session) -> Result<AgentLink, String> {
+        let session = Arc::new(session);
         let path = self.remote_path();
-        if ssh::run_ok(session, &format!("test -x {path}"))
+        let mut link = AgentLink::over_ssh(session.clone(), &path)
             .await
-            .is_ok()
-        {
-            return Ok(path);
+            .map_err(|e| e.0)?;
+        let first = link.handshake().await;
+        if first.is_ok() {
+            return Ok(link);
         }
-        if self.configured.is_some() {
-            return Err(SshError(format!(
-                "no executable agent at {path} on the node ([load] agent_path)"
-            )));
+        let stderr = link.end_quietly().await;
+        let missing = stderr.contains("not found") || stderr.contains("No such file");
+        if !missing || self.configured.is_some() {
+            let why = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let first = first.err().unwrap_or_default();
+            return Err(match (self.configured.is_some(), why.is_empty()) {
+                (true, _) if missing => {
+                    format!("no agent at {path} on the node ([load] agent_path)")
+                }
+                (_, true) => format!("the agent did not start: {first}"),
+                (_, false) => format!("the agent did not start: {why}"),
+            });
         }
+        self.upload(&session, &path).await?;
+        let mut link = AgentLink::over_ssh(session, &path).await.map_err(|e| e.0)?;
+        link.handshake().await?;
+        Ok(link)
+    }
+
+    async fn upload(&self, session: &Session, path: &str) -> Result<(), String> {
         let file = std::fs::File::open(&self.exe)
-            .map_err(|e| SshError(format!("cannot read {}: {e}", self.exe.display())))?;
+            .map_err(|e| format!("cannot read {}: {e}", self.exe.display()))?;
         let script = format!(
             "umask 077 && mkdir -p .cache/imaging && t={path}.$$ && cat > $t && chmod 700 $t && mv -f $t {path}"
         );
@@ -70,13 +94,11 @@ impl AgentSource {
             .stderr(openssh::Stdio::null())
             .status()
             .await
-            .map_err(|e| SshError(ssh::describe(&e)))?;
+            .map_err(|e| ssh::describe(&e))?;
         if !status.success() {
-            return Err(SshError(format!(
-                "uploading the agent to {path} failed ({status})"
-            )));
+            return Err(format!("uploading the agent to {path} failed ({status})"));
         }
-        Ok(path)
+        Ok(())
     }
 }
 
@@ -85,9 +107,19 @@ enum Process {
     Local(tokio::process::Child),
 }
 
+/// The controller's side of the agent's stdin.
+pub type Tx = BufWriter<Box<dyn AsyncWrite + Unpin + Send>>;
+/// The controller's side of the agent's stdout.
+pub type Rx = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+
 pub struct AgentLink {
-    pub tx: BufWriter<Box<dyn AsyncWrite + Unpin + Send>>,
-    pub rx: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    pub tx: Tx,
+    pub rx: Rx,
+    pub end: LinkEnd,
+}
+
+/// What keeps the agent running; closed once the pipes are dropped.
+pub struct LinkEnd {
     stderr: JoinHandle<String>,
     process: Process,
     session: Option<Arc<Session>>,
@@ -124,13 +156,20 @@ impl AgentLink {
         let (Some(stdin), Some(stdout)) = (child.stdin().take(), child.stdout().take()) else {
             return Err(SshError("the agent's pipes are missing".into()));
         };
+        {
+            use std::os::fd::AsFd;
+            crate::pipes::widen(stdin.as_fd());
+            crate::pipes::widen(stdout.as_fd());
+        }
         let stderr = stderr_collector(child.stderr().take());
         Ok(AgentLink {
             tx: BufWriter::with_capacity(PIPE_BUFFER, Box::new(stdin)),
             rx: BufReader::with_capacity(PIPE_BUFFER, Box::new(stdout)),
-            stderr,
-            process: Process::Ssh(child),
-            session: Some(session),
+            end: LinkEnd {
+                stderr,
+                process: Process::Ssh(child),
+                session: Some(session),
+            },
         })
     }
 
@@ -149,13 +188,20 @@ impl AgentLink {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(SshError("the agent's pipes are missing".into()));
         };
+        {
+            use std::os::fd::AsFd;
+            crate::pipes::widen(stdin.as_fd());
+            crate::pipes::widen(stdout.as_fd());
+        }
         let stderr = stderr_collector(child.stderr.take());
         Ok(AgentLink {
             tx: BufWriter::with_capacity(PIPE_BUFFER, Box::new(stdin)),
             rx: BufReader::with_capacity(PIPE_BUFFER, Box::new(stdout)),
-            stderr,
-            process: Process::Local(child),
-            session: None,
+            end: LinkEnd {
+                stderr,
+                process: Process::Local(child),
+                session: None,
+            },
         })
     }
 
@@ -172,18 +218,51 @@ impl AgentLink {
         protocol::check_hello(&hello).map_err(|e| format!("agent: {e}"))
     }
 
+    /// Close the pipes and wait for the agent, keeping the SSH session for
+    /// another command; returns what the agent wrote on stderr.
+    async fn end_quietly(self) -> String {
+        let AgentLink { tx, rx, end } = self;
+        drop(tx);
+        drop(rx);
+        let LinkEnd {
+            stderr, process, ..
+        } = end;
+        if let Process::Ssh(child) = process {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(2), stderr)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
+    /// Start this executable's agent locally and exchange Hellos.
+    pub async fn local_ready() -> Result<Self, String> {
+        let mut link = AgentLink::local().map_err(|e| e.0)?;
+        link.handshake().await?;
+        Ok(link)
+    }
+
     /// Close the pipes, wait for the agent, close the SSH session; returns
     /// what the agent wrote on stderr (its last words, if it failed).
     pub async fn close(self) -> String {
-        let AgentLink {
-            tx,
-            rx,
+        let AgentLink { tx, rx, end } = self;
+        drop(tx);
+        drop(rx);
+        end.close().await
+    }
+}
+
+impl LinkEnd {
+    /// Wait for the agent (its pipes must be dropped first), close the SSH
+    /// session; returns what the agent wrote on stderr.
+    pub async fn close(self) -> String {
+        let LinkEnd {
             stderr,
             process,
             session,
         } = self;
-        drop(tx);
-        drop(rx);
         match process {
             Process::Ssh(child) => {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;

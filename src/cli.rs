@@ -99,6 +99,9 @@ pub struct LoadArgs {
     /// Total bandwidth cap, bytes per second (suffixes K, M, G: 100M)
     #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
+    /// star, chain or auto (default: [load] fanout)
+    #[arg(long, value_name = "MODE")]
+    pub fanout: Option<crate::config::Fanout>,
     /// Show what would be done, touch nothing
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,

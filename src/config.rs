@@ -83,7 +83,7 @@ impl Default for RepositoryConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fanout {
     Star,
@@ -113,6 +113,12 @@ pub struct LoadConfig {
     pub reconnect_wait: u64,
     /// Path of the agent on the nodes; empty: upload our own executable.
     pub agent_path: String,
+    /// Address relay listeners bind on the nodes ("": all); a node's
+    /// `data_address` is where its predecessor connects.
+    pub relay_bind: String,
+    /// Port range for relay listeners (0, 0: any free port).
+    pub relay_port_min: u16,
+    pub relay_port_max: u16,
     /// Local command run before a node is loaded.
     pub before: String,
     /// Local command run after, whenever `before` ran.
@@ -132,6 +138,9 @@ impl Default for LoadConfig {
             retries: 3,
             reconnect_wait: 60,
             agent_path: String::new(),
+            relay_bind: String::new(),
+            relay_port_min: 0,
+            relay_port_max: 0,
             before: String::new(),
             after: String::new(),
         }
@@ -389,6 +398,15 @@ impl Config {
             return Err(bad(
                 "load.chunk_size",
                 format!("{cs} is not a power of two between 65536 and 67108864"),
+            ));
+        }
+        if self.load.relay_port_min > self.load.relay_port_max {
+            return Err(bad(
+                "load.relay_port_min",
+                format!(
+                    "{} is above relay_port_max {}",
+                    self.load.relay_port_min, self.load.relay_port_max
+                ),
             ));
         }
         if self.load.concurrency == 0 {

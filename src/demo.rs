@@ -164,6 +164,12 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         global: cli.global.clone(),
         command: Command::Config,
     };
+    // The load is the show: on a terminal it gets the dashboard.
+    let mut show = Cli {
+        global: cli.global.clone(),
+        command: Command::Config,
+    };
+    show.global.curses = true;
 
     say(
         cli,
@@ -178,9 +184,10 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         timeout: None,
         force: false,
         bandwidth: None,
+        fanout: None,
         dry_run: false,
     };
-    let loaded_exit = crate::run_load(&phase, &load, &loaded).await?;
+    let loaded_exit = crate::run_load(&show, &load, &loaded).await?;
     if loaded_exit == Exit::Interrupted {
         return Ok(Exit::Interrupted);
     }

@@ -9,17 +9,20 @@ pub mod agent;
 pub mod agentlink;
 pub mod backoff;
 pub mod cancel;
+pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod digest;
 pub mod events;
+pub mod fileio;
 pub mod hooks;
 pub mod inventory;
 pub mod lab;
 pub mod load;
 pub mod manifest;
 pub mod nodespec;
+pub mod pipes;
 pub mod protocol;
 pub mod repo;
 pub mod report;
@@ -250,11 +253,7 @@ fn run_info(
 }
 
 fn output_mode(cli: &Cli) -> ui::Mode {
-    if cli.global.json {
-        ui::Mode::Json
-    } else {
-        ui::Mode::Lines
-    }
+    ui::Mode::resolve(cli.global.json, cli.global.curses, cli.global.plain)
 }
 
 fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Instant, UsageError> {
@@ -358,6 +357,13 @@ pub(crate) async fn run_load(
         after: config.load.after.clone(),
         deadline,
         reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
+        chain: match args.fanout.unwrap_or(config.load.fanout) {
+            config::Fanout::Star => false,
+            config::Fanout::Chain => true,
+            config::Fanout::Auto => nodes.len() >= load::CHAIN_FROM,
+        },
+        relay_bind: config.load.relay_bind.clone(),
+        relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,
     };
     let info = run_info(cli, "load", &job.nodes, true, Some(header));

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::agentlink::{AgentLink, AgentSource};
 use crate::backoff::Backoff;
 use crate::cancel::Cancel;
+use crate::chain;
 use crate::events::NodeState;
 use crate::hooks;
 use crate::inventory::Node;
@@ -26,6 +27,9 @@ use crate::report::Reporter;
 use crate::source::{ChunkSource, RateLimit};
 use crate::ssh::SshSettings;
 use crate::wait;
+
+/// `fanout = "auto"` relays through a chain from this many nodes on.
+pub const CHAIN_FROM: usize = 4;
 
 /// Chunks prepared ahead of the one being sent, per node.
 const LOOKAHEAD: usize = 3;
@@ -48,10 +52,15 @@ pub struct LoadJob {
     pub deadline: Instant,
     /// How long a retry waits for the node's SSH to come back.
     pub reconnect_wait: Duration,
+    /// Star (a stream per node) or a relay chain.
+    pub chain: bool,
+    /// Where relay listeners bind on the nodes ("" = all addresses) and their port range.
+    pub relay_bind: String,
+    pub relay_ports: (u16, u16),
 }
 
 /// Why an attempt ended without success.
-enum AttemptError {
+pub(crate) enum AttemptError {
     /// Worth another attempt: the connection dropped, SSH is not up yet.
     Retry(String),
     /// The node said no (target refused, verification failed, …).
@@ -71,25 +80,41 @@ impl From<ProtocolError> for AttemptError {
 
 /// Byte counters of one node, over all its attempts.
 #[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
-    written_before: AtomicU64,
-    written: AtomicU64,
+pub(crate) struct Counters {
+    pub sent: AtomicU64,
+    pub written_before: AtomicU64,
+    pub written: AtomicU64,
 }
 
 pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
     let job = Arc::new(job);
-    let slots = Arc::new(tokio::sync::Semaphore::new(job.concurrency.max(1)));
+    // A chain needs all its members at once: the concurrency limit is for
+    // star, where every node costs the controller's uplink.
+    let limit = if job.chain {
+        job.nodes.len()
+    } else {
+        job.concurrency
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
     let mut tasks = JoinSet::new();
+    let coordinator = job.chain.then(|| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = chain::Coordinator::new(job.clone(), report.clone(), rx);
+        (tx, tokio::spawn(c.run()))
+    });
     for i in 0..job.nodes.len() {
         let (job, report, cancel, slots) =
             (job.clone(), report.clone(), cancel.clone(), slots.clone());
+        let coord = coordinator.as_ref().map(|(tx, _)| tx.clone());
         tasks.spawn(async move {
             let _slot = tokio::select! {
                 permit = slots.acquire_owned() => permit.ok(),
                 _ = cancel.cancelled() => None,
             };
             if cancel.is_cancelled() {
+                if let Some(coord) = &coord {
+                    let _ = coord.send(chain::ToCoord::Out { node: i });
+                }
                 report.state(
                     i,
                     NodeState::Cancelled,
@@ -97,16 +122,30 @@ pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
                 );
                 return;
             }
-            load_node(i, &job, &report, &cancel).await;
+            load_node(i, &job, &report, &cancel, coord).await;
         });
     }
+    let coordinator = coordinator.map(|(tx, handle)| {
+        drop(tx);
+        handle
+    });
     while tasks.join_next().await.is_some() {}
+    if let Some(handle) = coordinator {
+        handle.abort();
+        let _ = handle.await;
+    }
 }
 
-async fn load_node(i: usize, job: &LoadJob, report: &Reporter, cancel: &Cancel) {
+async fn load_node(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    cancel: &Cancel,
+    coord: Option<tokio::sync::mpsc::UnboundedSender<chain::ToCoord>>,
+) {
     let node = &job.nodes[i];
     let target = &job.targets[i];
-    let counters = Counters::default();
+    let counters = Arc::new(Counters::default());
     let mut before_ran = false;
     let mut outcome: Result<NodeState, (NodeState, String)> = Ok(NodeState::Done);
     if !job.before.is_empty() {
@@ -117,9 +156,20 @@ async fn load_node(i: usize, job: &LoadJob, report: &Reporter, cancel: &Cancel) 
             outcome = Err((NodeState::Failed, format!("before hook: {e}")));
         }
     }
+    if outcome.is_err()
+        && let Some(coord) = &coord
+    {
+        let _ = coord.send(chain::ToCoord::Out { node: i });
+    }
     if outcome.is_ok() {
+        let work = async {
+            match coord {
+                Some(coord) => chain::member(i, job, report, &counters, coord).await,
+                None => transfer(i, job, report, &counters).await,
+            }
+        };
         outcome = tokio::select! {
-            r = tokio::time::timeout_at(job.deadline, transfer(i, job, report, &counters)) => match r {
+            r = tokio::time::timeout_at(job.deadline, work) => match r {
                 Ok(Ok(state)) => Ok(state),
                 // Gave up because the deadline came (SSH never answered): a timeout.
                 Ok(Err(reason)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, reason)),
@@ -189,7 +239,7 @@ async fn transfer(
     }
 }
 
-async fn open_link(
+pub(crate) async fn open_link(
     i: usize,
     job: &LoadJob,
     report: &Reporter,
@@ -198,7 +248,7 @@ async fn open_link(
     let node = &job.nodes[i];
     if node.local {
         report.state(i, NodeState::Connecting, Some("local agent".into()));
-        return AgentLink::local().map_err(|e| AttemptError::Fatal(e.0));
+        return AgentLink::local_ready().await.map_err(AttemptError::Fatal);
     }
     report.state(i, NodeState::WaitingForSsh, None);
     // The first connection may wait for a node booting into its imaging
@@ -218,14 +268,7 @@ async fn open_link(
             }
         })?;
     report.state(i, NodeState::Connecting, None);
-    let path = job
-        .agent
-        .ensure(&session)
-        .await
-        .map_err(|e| AttemptError::Retry(e.0))?;
-    AgentLink::over_ssh(Arc::new(session), &path)
-        .await
-        .map_err(|e| AttemptError::Retry(e.0))
+    job.agent.start(session).await.map_err(AttemptError::Retry)
 }
 
 async fn attempt(
@@ -257,14 +300,26 @@ async fn attempt(
     })
 }
 
-async fn run_session(
+/// What a node needs, once its agent has checked the target.
+pub(crate) enum Plan {
+    UpToDate,
+    Send {
+        needed: Vec<usize>,
+        /// Bytes written before this attempt plus those zeroed while checking.
+        base: u64,
+        /// What the node will have written when done.
+        total: u64,
+    },
+}
+
+/// LoadBegin, Needed (the Hellos were exchanged when the link opened).
+pub(crate) async fn begin(
     i: usize,
     job: &LoadJob,
     report: &Reporter,
     counters: &Counters,
     link: &mut AgentLink,
-) -> Result<NodeState, AttemptError> {
-    link.handshake().await.map_err(AttemptError::Retry)?;
+) -> Result<Plan, AttemptError> {
     let m = job.source.manifest();
     report.state(i, NodeState::Checking, None);
     protocol::write_msg(
@@ -285,7 +340,7 @@ async fn run_session(
     let (bitmap, zeroed) = match protocol::read_msg(&mut link.rx).await? {
         Msg::Needed {
             up_to_date: true, ..
-        } => return Ok(NodeState::UpToDate),
+        } => return Ok(Plan::UpToDate),
         Msg::Needed {
             bitmap,
             bytes_written,
@@ -305,13 +360,35 @@ async fn run_session(
     let before = counters.written_before.load(Ordering::Relaxed);
     let total = before + zeroed + needed.iter().map(|&c| m.chunk_len(c)).sum::<u64>();
     counters.written.store(zeroed, Ordering::Relaxed);
-    report.state(i, NodeState::Transferring, None);
     report.progress(
         i,
         counters.sent.load(Ordering::Relaxed),
         before + zeroed,
         total,
     );
+    Ok(Plan::Send {
+        needed,
+        base: before,
+        total,
+    })
+}
+
+async fn run_session(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    link: &mut AgentLink,
+) -> Result<NodeState, AttemptError> {
+    let (needed, before, total) = match begin(i, job, report, counters, link).await? {
+        Plan::UpToDate => return Ok(NodeState::UpToDate),
+        Plan::Send {
+            needed,
+            base,
+            total,
+        } => (needed, base, total),
+    };
+    report.state(i, NodeState::Transferring, None);
 
     let AgentLink { tx, rx, .. } = link;
     let send = async {

@@ -10,6 +10,13 @@
 //!        C→A Chunk… (A→C Written after each), C→A Finish, A→C Finished.
 //! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd.
 //! Either side may send Error instead of its next message and then stop.
+//!
+//! Relay (a load's chain, after Needed): C→A RelayListen, A→C RelayPort;
+//! C→A RelayConnect, A→C RelayLinked or RelayLost; C→head StreamChunk…,
+//! each agent writing what it needs (A→C Written) and forwarding every
+//! StreamChunk to its successor over TCP; StreamEnd travels the same way and
+//! each agent answers it with Missing. Missing chunks then come as Chunk;
+//! Finish ends the load as without a relay.
 
 use std::io;
 
@@ -88,7 +95,61 @@ pub enum Msg {
         data: Vec<u8>,
     },
     SaveEnd,
+    /// Open the relay listener: `bind` is an IP address ("" = 0.0.0.0); the
+    /// first free port of `port_min..=port_max` ((0, 0) = any free port).
+    RelayListen {
+        /// Exactly [`RELAY_SECRET_LEN`] bytes.
+        secret: Vec<u8>,
+        bind: String,
+        port_min: u16,
+        port_max: u16,
+    },
+    /// Reply to RelayListen: the port the listener took.
+    RelayPort {
+        port: u16,
+    },
+    /// Connect to the successor, replacing any previous one.
+    RelayConnect {
+        /// Exactly [`RELAY_SECRET_LEN`] bytes.
+        secret: Vec<u8>,
+        addr: String,
+        port: u16,
+    },
+    /// Reply to RelayConnect: connected and authenticated.
+    RelayLinked {
+        addr: String,
+        port: u16,
+    },
+    /// A RelayConnect failed, or the successor link broke or stalled; the
+    /// agent carries on without a successor.
+    RelayLost {
+        /// The successor (`addr:port`) the loss is about: after a relink, a
+        /// late report about the old successor must not cut the new one.
+        peer: String,
+        reason: String,
+    },
+    /// An incoming relay connection failed authentication or misbehaved (or
+    /// relayed a chunk that failed verification); the listener keeps going.
+    RelayRefused {
+        peer: String,
+        reason: String,
+    },
+    /// A chunk to write if needed and to forward to the successor.
+    StreamChunk {
+        index: u32,
+        codec: Codec,
+        data: Vec<u8>,
+    },
+    /// The end of the stream: forwarded, then answered with Missing.
+    StreamEnd,
+    /// Bit i set: chunk i is needed and not yet verified and written.
+    Missing {
+        bitmap: Vec<u8>,
+    },
 }
+
+/// Length of the per-run relay secret (a blake3 key).
+pub const RELAY_SECRET_LEN: usize = 32;
 
 impl Msg {
     pub fn hello() -> Msg {
@@ -113,6 +174,15 @@ impl Msg {
             Msg::SaveInfo { .. } => "SaveInfo",
             Msg::SaveChunk { .. } => "SaveChunk",
             Msg::SaveEnd => "SaveEnd",
+            Msg::RelayListen { .. } => "RelayListen",
+            Msg::RelayPort { .. } => "RelayPort",
+            Msg::RelayConnect { .. } => "RelayConnect",
+            Msg::RelayLinked { .. } => "RelayLinked",
+            Msg::RelayLost { .. } => "RelayLost",
+            Msg::RelayRefused { .. } => "RelayRefused",
+            Msg::StreamChunk { .. } => "StreamChunk",
+            Msg::StreamEnd => "StreamEnd",
+            Msg::Missing { .. } => "Missing",
         }
     }
 
@@ -130,6 +200,15 @@ impl Msg {
             Msg::SaveInfo { .. } => 21,
             Msg::SaveChunk { .. } => 22,
             Msg::SaveEnd => 23,
+            Msg::RelayListen { .. } => 30,
+            Msg::RelayPort { .. } => 31,
+            Msg::RelayConnect { .. } => 32,
+            Msg::RelayLinked { .. } => 33,
+            Msg::RelayLost { .. } => 34,
+            Msg::RelayRefused { .. } => 35,
+            Msg::StreamChunk { .. } => STREAM_CHUNK_TAG,
+            Msg::StreamEnd => 37,
+            Msg::Missing { .. } => 38,
         }
     }
 
@@ -178,7 +257,7 @@ impl Msg {
                 put_bytes(&mut b, bitmap);
                 b.extend_from_slice(&bytes_written.to_le_bytes());
             }
-            Msg::Chunk { index, codec, data } => {
+            Msg::Chunk { index, codec, data } | Msg::StreamChunk { index, codec, data } => {
                 b.extend_from_slice(&index.to_le_bytes());
                 b.push(*codec as u8);
                 put_bytes(&mut b, data);
@@ -190,7 +269,7 @@ impl Msg {
                 b.extend_from_slice(&index.to_le_bytes());
                 b.extend_from_slice(&bytes_written.to_le_bytes());
             }
-            Msg::Finish | Msg::SaveEnd => {}
+            Msg::Finish | Msg::SaveEnd | Msg::StreamEnd => {}
             Msg::Finished { bytes_written } => b.extend_from_slice(&bytes_written.to_le_bytes()),
             Msg::SaveBegin {
                 target,
@@ -215,6 +294,36 @@ impl Msg {
                 b.push(*codec as u8);
                 put_bytes(&mut b, data);
             }
+            Msg::RelayListen {
+                secret,
+                bind,
+                port_min,
+                port_max,
+            } => {
+                put_bytes(&mut b, secret);
+                put_bytes(&mut b, bind.as_bytes());
+                b.extend_from_slice(&port_min.to_le_bytes());
+                b.extend_from_slice(&port_max.to_le_bytes());
+            }
+            Msg::RelayPort { port } => b.extend_from_slice(&port.to_le_bytes()),
+            Msg::RelayConnect { secret, addr, port } => {
+                put_bytes(&mut b, secret);
+                put_bytes(&mut b, addr.as_bytes());
+                b.extend_from_slice(&port.to_le_bytes());
+            }
+            Msg::RelayLinked { addr, port } => {
+                put_bytes(&mut b, addr.as_bytes());
+                b.extend_from_slice(&port.to_le_bytes());
+            }
+            Msg::RelayLost { peer, reason } => {
+                put_bytes(&mut b, peer.as_bytes());
+                put_bytes(&mut b, reason.as_bytes());
+            }
+            Msg::RelayRefused { peer, reason } => {
+                put_bytes(&mut b, peer.as_bytes());
+                put_bytes(&mut b, reason.as_bytes());
+            }
+            Msg::Missing { bitmap } => put_bytes(&mut b, bitmap),
         }
         b
     }
@@ -296,6 +405,41 @@ impl Msg {
                 data: r.bytes("data")?,
             },
             23 => Msg::SaveEnd,
+            30 => Msg::RelayListen {
+                secret: r.secret()?,
+                bind: r.string("bind")?,
+                port_min: r.u16("port_min")?,
+                port_max: r.u16("port_max")?,
+            },
+            31 => Msg::RelayPort {
+                port: r.u16("port")?,
+            },
+            32 => Msg::RelayConnect {
+                secret: r.secret()?,
+                addr: r.string("addr")?,
+                port: r.u16("port")?,
+            },
+            33 => Msg::RelayLinked {
+                addr: r.string("addr")?,
+                port: r.u16("port")?,
+            },
+            34 => Msg::RelayLost {
+                peer: r.string("peer")?,
+                reason: r.string("reason")?,
+            },
+            35 => Msg::RelayRefused {
+                peer: r.string("peer")?,
+                reason: r.string("reason")?,
+            },
+            STREAM_CHUNK_TAG => Msg::StreamChunk {
+                index: r.u32("index")?,
+                codec: r.codec()?,
+                data: r.bytes("data")?,
+            },
+            37 => Msg::StreamEnd,
+            38 => Msg::Missing {
+                bitmap: r.bytes("bitmap")?,
+            },
             other => {
                 return Err(ProtocolError::Malformed(format!(
                     "unknown message tag {other}"
@@ -312,6 +456,8 @@ impl Msg {
         Ok(msg)
     }
 }
+
+const STREAM_CHUNK_TAG: u8 = 36;
 
 fn put_bytes(b: &mut Vec<u8>, data: &[u8]) {
     b.extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -394,6 +540,16 @@ impl Reader<'_> {
     fn string(&mut self, what: &str) -> Result<String, ProtocolError> {
         String::from_utf8(self.bytes(what)?)
             .map_err(|_| ProtocolError::Malformed(format!("{what} is not UTF-8")))
+    }
+    fn secret(&mut self) -> Result<Vec<u8>, ProtocolError> {
+        let secret = self.bytes("secret")?;
+        if secret.len() != RELAY_SECRET_LEN {
+            return Err(ProtocolError::Malformed(format!(
+                "the relay secret has {} bytes, not {RELAY_SECRET_LEN}",
+                secret.len()
+            )));
+        }
+        Ok(secret)
     }
     fn codec(&mut self) -> Result<Codec, ProtocolError> {
         match self.u8("codec")? {
@@ -496,6 +652,68 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// The length prefix and the fields of a `StreamChunk` frame before its data.
+fn stream_chunk_head(index: u32, codec: Codec, len: usize) -> Result<[u8; 14], ProtocolError> {
+    let body_len = 1 + 4 + 1 + 4 + len;
+    let too_large = || ProtocolError::TooLarge(u32::try_from(body_len).unwrap_or(u32::MAX));
+    let body_len = u32::try_from(body_len).map_err(|_| too_large())?;
+    if body_len > MAX_FRAME {
+        return Err(too_large());
+    }
+    let mut head = [0u8; 14];
+    head[..4].copy_from_slice(&body_len.to_le_bytes());
+    head[4] = STREAM_CHUNK_TAG;
+    head[5..9].copy_from_slice(&index.to_le_bytes());
+    head[9] = codec as u8;
+    // At most MAX_FRAME: fits.
+    head[10..].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(head)
+}
+
+/// [`write_chunk`] for `StreamChunk`: the frame `write_msg(&Msg::StreamChunk
+/// { .. })` would write, from borrowed data.
+pub async fn write_stream_chunk<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    index: u32,
+    codec: Codec,
+    data: &[u8],
+) -> Result<(), ProtocolError> {
+    let head = stream_chunk_head(index, codec, data.len())?;
+    w.write_all(&head).await?;
+    w.write_all(data).await?;
+    Ok(())
+}
+
+/// [`write_stream_chunk`] for blocking writers (an agent forwarding to its
+/// successor): one vectored write where the writer takes it, no copy.
+pub fn write_stream_chunk_sync<W: io::Write>(
+    w: &mut W,
+    index: u32,
+    codec: Codec,
+    data: &[u8],
+) -> Result<(), ProtocolError> {
+    let head = stream_chunk_head(index, codec, data.len())?;
+    let (mut head, mut data): (&[u8], &[u8]) = (&head, data);
+    while !head.is_empty() || !data.is_empty() {
+        let written = if head.is_empty() {
+            w.write(data)
+        } else {
+            w.write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(data)])
+        };
+        match written {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => {
+                let from_head = n.min(head.len());
+                head = &head[from_head..];
+                data = data.get(n - from_head..).unwrap_or_default();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Check a peer's Hello.
 pub fn check_hello(msg: &Msg) -> Result<(), ProtocolError> {
     match msg {
@@ -580,6 +798,39 @@ mod tests {
                 data: vec![1, 2, 3],
             },
             Msg::SaveEnd,
+            Msg::RelayListen {
+                secret: vec![7; RELAY_SECRET_LEN],
+                bind: "0.0.0.0".into(),
+                port_min: 7000,
+                port_max: 7099,
+            },
+            Msg::RelayPort { port: 7001 },
+            Msg::RelayConnect {
+                secret: (0..32).collect(),
+                addr: "192.0.2.7".into(),
+                port: 7001,
+            },
+            Msg::RelayLinked {
+                addr: "192.0.2.7".into(),
+                port: 7001,
+            },
+            Msg::RelayLost {
+                peer: "127.0.0.1:7001".into(),
+                reason: "successor stalled".into(),
+            },
+            Msg::RelayRefused {
+                peer: "192.0.2.9:40000".into(),
+                reason: "bad secret".into(),
+            },
+            Msg::StreamChunk {
+                index: 4,
+                codec: Codec::Raw,
+                data: vec![8; 50],
+            },
+            Msg::StreamEnd,
+            Msg::Missing {
+                bitmap: vec![0, 0b100],
+            },
         ]
     }
 
@@ -652,6 +903,68 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(a, b);
+    }
+
+    #[tokio::test]
+    async fn borrowed_stream_chunk_frame_equals_the_encoded_message() {
+        let data = vec![6u8; 1000];
+        let mut a = Vec::new();
+        write_stream_chunk(&mut a, 11, Codec::Raw, &data)
+            .await
+            .unwrap();
+        let mut b = Vec::new();
+        write_msg(
+            &mut b,
+            &Msg::StreamChunk {
+                index: 11,
+                codec: Codec::Raw,
+                data: data.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(a, b);
+
+        // The blocking one, also through a writer that takes a few bytes at a time.
+        struct Dribble(Vec<u8>);
+        impl io::Write for Dribble {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let n = buf.len().min(7);
+                self.0.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Vec::new();
+        write_stream_chunk_sync(&mut c, 11, Codec::Raw, &data).unwrap();
+        assert_eq!(c, b);
+        let mut d = Dribble(Vec::new());
+        write_stream_chunk_sync(&mut d, 11, Codec::Raw, &data).unwrap();
+        assert_eq!(d.0, b);
+    }
+
+    #[test]
+    fn relay_secrets_of_another_length_are_malformed() {
+        for len in [0, 31, 33] {
+            let listen = Msg::RelayListen {
+                secret: vec![1; len],
+                bind: String::new(),
+                port_min: 0,
+                port_max: 0,
+            };
+            let connect = Msg::RelayConnect {
+                secret: vec![1; len],
+                addr: "127.0.0.1".into(),
+                port: 1,
+            };
+            for m in [listen, connect] {
+                let err = Msg::decode(&m.encode()).unwrap_err();
+                assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+                assert!(err.to_string().contains("secret"), "{err}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -5,7 +5,6 @@
 //! given its manifest, and only then linked to its final name (never over
 //! an existing file): an interrupted save never looks like a good image.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -73,15 +72,12 @@ async fn save_node(
 ) -> Result<(), String> {
     let node = &job.nodes[i];
     let mut link = if node.local {
-        AgentLink::local().map_err(|e| e.0)?
+        AgentLink::local_ready().await?
     } else {
         report.state(i, NodeState::WaitingForSsh, None);
         let session = wait::connect_when_up(node, &job.ssh, job.deadline, None, &|_| {}).await?;
         report.state(i, NodeState::Connecting, None);
-        let path = job.agent.ensure(&session).await.map_err(|e| e.0)?;
-        AgentLink::over_ssh(Arc::new(session), &path)
-            .await
-            .map_err(|e| e.0)?
+        job.agent.start(session).await?
     };
     let result = receive(i, job, report, partial, &mut link).await;
     let stderr = link.close().await;
@@ -107,7 +103,6 @@ async fn receive(
     partial: &Path,
     link: &mut AgentLink,
 ) -> Result<Manifest, String> {
-    link.handshake().await?;
     protocol::write_msg(
         &mut link.tx,
         &Msg::SaveBegin {
@@ -169,7 +164,7 @@ async fn receive(
                     if raw.len() != len || crate::digest::chunk_digest(&raw) != digest {
                         return Err(format!("chunk {index} failed verification"));
                     }
-                    file.write_all_at(&raw, offset)
+                    crate::fileio::write_all_at(&file, &raw, offset)
                         .map_err(|e| format!("writing {}: {e}", partial.display()))?;
                     written += len as u64;
                 }

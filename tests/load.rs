@@ -3,10 +3,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Rig, closed_port};
+use common::{Rig, assert_same, closed_port, imaging, node, summary, wait_for_data};
 
 const MIB: usize = 1 << 20;
 
@@ -31,40 +31,6 @@ fn layer(rig: &Rig, name: &str, extra: &str) -> PathBuf {
     let path = rig.dir().join(name);
     std::fs::write(&path, format!("[load]\nchunk_size = 1048576\n{extra}\n")).unwrap();
     path
-}
-
-fn imaging(rig: &Rig, layer: &Path) -> Command {
-    let mut c = rig.imaging();
-    c.arg("--config").arg(layer);
-    c
-}
-
-fn summary(out: &Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let v: serde_json::Value = serde_json::from_str(last).unwrap();
-    assert_eq!(v["event"], "summary", "{last}");
-    v
-}
-
-fn node<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap()
-}
-
-fn assert_same(target: &Path, image: &[u8]) {
-    let got = std::fs::read(target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
-    assert_eq!(got.len(), image.len(), "{} size", target.display());
-    assert!(got == image, "{} differs from the image", target.display());
 }
 
 #[test]
@@ -92,7 +58,12 @@ fn load_writes_identical_targets_then_recognises_them_and_sends_only_changes() {
         let sent = ns["bytes_sent"].as_u64().unwrap();
         assert!(
             sent <= 24 * MIB as u64 && sent >= 22 * MIB as u64,
-            "sent {sent}"
+            "sent {sent}: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("\"log\""))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert!(ns["bytes_written"].as_u64().unwrap() >= 22 * MIB as u64);
     }
@@ -160,7 +131,7 @@ fn hooks_run_once_per_node_on_success_and_failure() {
         ),
     );
     let out = imaging(&rig, &cfg)
-        .args(["load", "--json", "-t", "6", "-i", "lab.img", "1-3"])
+        .args(["load", "--json", "-t", "12", "-i", "lab.img", "1-3"])
         .output()
         .unwrap();
     let s = summary(&out);
@@ -239,12 +210,15 @@ fn killed_sshd_resumes_when_restarted_and_fails_when_left_dead() {
     // 5 MiB/s over all nodes: 3 x 22 MiB takes about 13 s.
     let cfg = layer(&rig, "r.conf", "retries = 3\nreconnect_wait = 15\n");
     let child = imaging(&rig, &cfg)
-        .args(["load", "--json", "-b", "5M", "-i", "lab.img", "1-3"])
+        .args([
+            "load", "--json", "-t", "120", "-b", "5M", "-i", "lab.img", "1-3",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(5));
+    wait_for_data(&rig.nodes()[1].target);
+    std::thread::sleep(Duration::from_secs(1));
     rig.kill(1);
     std::thread::sleep(Duration::from_secs(1));
     rig.start(1);
@@ -271,12 +245,15 @@ fn killed_sshd_resumes_when_restarted_and_fails_when_left_dead() {
     }
     let cfg = layer(&rig, "d.conf", "retries = 1\nreconnect_wait = 2\n");
     let child = imaging(&rig, &cfg)
-        .args(["load", "--json", "-b", "5M", "-i", "lab.img", "1-3"])
+        .args([
+            "load", "--json", "-t", "90", "-b", "5M", "-i", "lab.img", "1-3",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(4));
+    // Kill node02 once data is landing there (its first connection is up).
+    wait_for_data(&rig.nodes()[1].target);
     rig.kill(1);
     let out = child.wait_with_output().unwrap();
     let s = summary(&out);

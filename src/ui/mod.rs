@@ -14,6 +14,7 @@ use crate::events::{Event, Summary};
 use crate::report::Board;
 
 pub mod bars;
+pub mod dashboard;
 pub mod json;
 pub mod lines;
 pub mod logfile;
@@ -32,15 +33,20 @@ pub enum Mode {
     Json,
     /// Nothing at all (exit code only).
     Silent,
+    /// `-c`: the full-screen dashboard (on a terminal).
+    Dashboard,
 }
 
 impl Mode {
-    /// `--json` wins; then `--plain`; then what stdout is.
-    pub fn resolve(json: bool, plain: bool) -> Mode {
+    /// `--json` wins; then `--plain` or a stdout that is not a terminal
+    /// (`-c` included: the dashboard needs a screen); then `-c`; else bars.
+    pub fn resolve(json: bool, curses: bool, plain: bool) -> Mode {
         if json {
             Mode::Json
         } else if plain || !std::io::stdout().is_terminal() {
             Mode::Lines
+        } else if curses {
+            Mode::Dashboard
         } else {
             Mode::Bars
         }
@@ -75,6 +81,9 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
         &feed.info.names,
         feed.info.image.clone(),
     );
+    if mode == Mode::Dashboard {
+        return dashboard::run(feed, view).await;
+    }
     let mut log = feed
         .info
         .log_path
@@ -88,7 +97,7 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
     let mut lines = lines::Lines::new(&feed.info);
     let mut bars = (mode == Mode::Bars).then(|| bars::Bars::new(&view));
     let period = match mode {
-        Mode::Bars => bars::REFRESH,
+        Mode::Bars | Mode::Dashboard => bars::REFRESH,
         Mode::Lines => lines::PROGRESS_EVERY,
         Mode::Json => json::PROGRESS_EVERY,
         Mode::Silent => Duration::from_secs(3600),

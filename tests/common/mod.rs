@@ -25,7 +25,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -715,4 +715,68 @@ fn kill_tree(mut child: Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+// ---- Reading a run's output ---------------------------------------------
+
+/// The imaging binary with an extra config layer on top of the rig's
+/// (`./imaging.conf` in the rig dir is the rig's own file too).
+pub fn imaging(rig: &Rig, layer: &Path) -> Command {
+    let mut c = rig.imaging();
+    c.arg("--config").arg(layer);
+    c
+}
+
+/// The last line of a `--json` run: the summary.
+pub fn summary(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["event"], "summary", "{last}");
+    v
+}
+
+/// One node's entry in a summary.
+pub fn node<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap()
+}
+
+/// Wait (bounded) until a target holds some data: the load reached it.
+pub fn wait_for_data(target: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let blocks = std::fs::metadata(target)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+            .unwrap_or(0);
+        if blocks > 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no data reached {} in 30 s", target.display());
+}
+
+/// The target holds exactly the image's bytes.
+pub fn assert_same(target: &Path, image: &[u8]) {
+    let got = std::fs::read(target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
+    assert_eq!(got.len(), image.len(), "{} size", target.display());
+    assert!(got == image, "{} differs from the image", target.display());
+}
+
+/// Every line of a `--json` run.
+pub fn lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
 }

@@ -1,0 +1,609 @@
+//! Fan-out by relay chain (Kascade/Kadeploy's way): the controller streams
+//! the chunks any node needs to the first node over SSH; every node
+//! verifies and writes what it needs and forwards everything, as received,
+//! to the next node over a direct TCP connection that a per-run secret
+//! guards. The controller's uplink carries one copy, whatever the number of
+//! nodes.
+//!
+//! Each node keeps its own SSH session to the controller, for the relay
+//! set-up, honest progress (bytes written on that node) and its final
+//! catch-up: after the stream ends, a node reports the chunks it still
+//! lacks (lost while the chain was repaired) and gets them directly.
+//! A node that dies or stalls is cut out: its predecessor is linked to its
+//! successor. Nothing already verified is sent again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::agentlink::{AgentLink, Tx};
+use crate::events::NodeState;
+use crate::load::{AttemptError, Counters, LoadJob, Plan, begin, open_link};
+use crate::protocol::{self, Msg};
+use crate::report::Reporter;
+
+/// How long a relay set-up step may take before the node is cut out.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// A head that takes no data for this long is cut out.
+const STALL: Duration = Duration::from_secs(10);
+
+pub(crate) type SharedTx = Arc<Mutex<Tx>>;
+
+/// What node tasks tell the coordinator.
+pub(crate) enum ToCoord {
+    /// Ready, needs `needed`; `cut` ends the member when it is cut out.
+    Joined {
+        node: usize,
+        tx: SharedTx,
+        needed: Vec<usize>,
+        cut: oneshot::Sender<String>,
+        counters: Arc<Counters>,
+    },
+    /// Not part of the chain (up to date, failed before joining, cancelled).
+    Out {
+        node: usize,
+    },
+    Port {
+        node: usize,
+        port: u16,
+    },
+    Linked {
+        node: usize,
+    },
+    /// `node` lost its link to the successor at `peer`.
+    Lost {
+        node: usize,
+        peer: String,
+        reason: String,
+    },
+    /// The member ended (finished, failed, or its agent died).
+    Gone {
+        node: usize,
+    },
+    /// The member finished: the whole stream passed through it.
+    Finished {
+        node: usize,
+    },
+}
+
+struct Member {
+    node: usize,
+    tx: SharedTx,
+    cut: Option<oneshot::Sender<String>>,
+    port: Option<u16>,
+    counters: Arc<Counters>,
+}
+
+pub(crate) struct Coordinator {
+    job: Arc<LoadJob>,
+    report: Reporter,
+    rx: mpsc::UnboundedReceiver<ToCoord>,
+    secret: Vec<u8>,
+    /// Alive members in chain order.
+    chain: Vec<Member>,
+    /// Per member: the "addr:port" it was last told to forward to.
+    successor_of: HashMap<usize, String>,
+    stream_ended: bool,
+    /// Members whose link to their successor is up.
+    linked: std::collections::HashSet<usize>,
+}
+
+fn fresh_secret() -> Vec<u8> {
+    // The secret only has to be unguessable by other hosts of the lab for
+    // the length of a run: 256 bits from the OS's randomness.
+    let mut secret = vec![0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
+        .is_err()
+    {
+        fastrand::fill(&mut secret);
+    }
+    secret
+}
+
+impl Coordinator {
+    pub(crate) fn new(
+        job: Arc<LoadJob>,
+        report: Reporter,
+        rx: mpsc::UnboundedReceiver<ToCoord>,
+    ) -> Self {
+        Coordinator {
+            job,
+            report,
+            rx,
+            secret: fresh_secret(),
+            chain: Vec::new(),
+            successor_of: HashMap::new(),
+            stream_ended: false,
+            linked: std::collections::HashSet::new(),
+        }
+    }
+
+    fn address(&self, node: usize) -> String {
+        let n = &self.job.nodes[node];
+        n.data_address.clone().unwrap_or_else(|| n.address.clone())
+    }
+
+    fn name(&self, node: usize) -> &str {
+        &self.job.nodes[node].name
+    }
+
+    fn position(&self, node: usize) -> Option<usize> {
+        self.chain.iter().position(|m| m.node == node)
+    }
+
+    /// Send a control message to a member; false if it cannot take it
+    /// (gone, or stalled for [`STALL`]).
+    async fn send(&self, node: usize, msg: &Msg) -> bool {
+        let Some(p) = self.position(node) else {
+            return false;
+        };
+        let tx = self.chain[p].tx.clone();
+        let sent = tokio::time::timeout(STALL, async move {
+            let mut tx = tx.lock().await;
+            protocol::write_msg(&mut *tx, msg).await.is_ok() && tx.flush().await.is_ok()
+        });
+        matches!(sent.await, Ok(true))
+    }
+
+    /// Remove `node` from the chain; if `why`, tell its task it was cut out.
+    /// Its predecessor is linked to its successor.
+    async fn cut(&mut self, node: usize, why: Option<String>) {
+        let Some(p) = self.position(node) else { return };
+        let mut member = self.chain.remove(p);
+        if let (Some(why), Some(cut)) = (why, member.cut.take()) {
+            self.report.log(
+                Some(node),
+                format!("{}: cut out of the relay chain: {why}", self.name(node)),
+            );
+            let _ = cut.send(why);
+        }
+        if p > 0 && p < self.chain.len() {
+            let (pred, succ) = (self.chain[p - 1].node, self.chain[p].node);
+            self.link(pred, succ).await;
+        } else if p == 0 && !self.chain.is_empty() {
+            let head = self.chain[0].node;
+            self.report.log(
+                Some(head),
+                format!("{}: now heads the relay chain", self.name(head)),
+            );
+        }
+        if self.stream_ended {
+            // Whoever is downstream may have missed the end of the stream.
+            let downstream: Vec<usize> = self.chain[p.min(self.chain.len())..]
+                .iter()
+                .map(|m| m.node)
+                .collect();
+            for n in downstream {
+                self.send(n, &Msg::StreamEnd).await;
+            }
+        }
+    }
+
+    async fn link(&mut self, from: usize, to: usize) {
+        let Some(port) = self.position(to).and_then(|p| self.chain[p].port) else {
+            return;
+        };
+        let addr = self.address(to);
+        self.linked.remove(&from);
+        self.successor_of.insert(from, format!("{addr}:{port}"));
+        let msg = Msg::RelayConnect {
+            secret: self.secret.clone(),
+            addr,
+            port,
+        };
+        if !self.send(from, &msg).await {
+            self.report.log(
+                Some(from),
+                format!("{}: cannot reach its agent to relink", self.name(from)),
+            );
+        }
+    }
+
+    /// Handle one event; returns false once every task has ended.
+    async fn handle(&mut self, event: Option<ToCoord>) -> bool {
+        match event {
+            None => return false,
+            Some(ToCoord::Gone { node }) => {
+                if self.position(node).is_some() {
+                    self.cut(node, None).await;
+                }
+            }
+            // Everything it had to forward went out before the stream's end
+            // reached it: nothing to repair.
+            Some(ToCoord::Finished { node }) => self.chain.retain(|m| m.node != node),
+            Some(ToCoord::Lost { node, peer, reason }) => {
+                // Only a loss of the link we asked for cuts its successor;
+                // a report about an older, replaced link is stale.
+                let current = self.successor_of.get(&node).cloned();
+                if current.as_deref() == Some(peer.as_str())
+                    && let Some(p) = self.position(node)
+                    && let Some(next) = self.chain.get(p + 1).map(|m| m.node)
+                {
+                    self.successor_of.remove(&node);
+                    self.cut(
+                        next,
+                        Some(format!(
+                            "{} could not forward to it: {reason}",
+                            self.name(node)
+                        )),
+                    )
+                    .await;
+                }
+            }
+            Some(ToCoord::Port { node, port }) => {
+                if let Some(p) = self.position(node) {
+                    self.chain[p].port = Some(port);
+                }
+            }
+            Some(ToCoord::Linked { node }) => {
+                self.linked.insert(node);
+            }
+            Some(ToCoord::Out { .. } | ToCoord::Joined { .. }) => {}
+        }
+        true
+    }
+
+    pub(crate) async fn run(mut self) {
+        // 1. Everyone joins or drops out: the stream starts when the chain is known.
+        let mut settled = std::collections::HashSet::new();
+        let total = self.job.nodes.len();
+        let mut joined = Vec::new();
+        while settled.len() < total {
+            match self.rx.recv().await {
+                Some(ToCoord::Joined {
+                    node,
+                    tx,
+                    needed,
+                    cut,
+                    counters,
+                }) => {
+                    settled.insert(node);
+                    joined.push((node, needed));
+                    self.chain.push(Member {
+                        node,
+                        tx,
+                        cut: Some(cut),
+                        port: None,
+                        counters,
+                    });
+                }
+                Some(ToCoord::Out { node }) => {
+                    settled.insert(node);
+                }
+                Some(ToCoord::Gone { node } | ToCoord::Finished { node }) => {
+                    settled.insert(node);
+                    self.chain.retain(|m| m.node != node);
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+        self.chain.sort_by_key(|m| m.node);
+        if self.chain.is_empty() {
+            return self.drain().await;
+        }
+        let union: BTreeSet<usize> = joined.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+        let order: Vec<&str> = self.chain.iter().map(|m| self.name(m.node)).collect();
+        self.report.log(
+            None,
+            format!("relay chain: controller -> {}", order.join(" -> ")),
+        );
+
+        // 2. Listeners on all but the head, then each node linked to the next.
+        let listen = Msg::RelayListen {
+            secret: self.secret.clone(),
+            bind: self.job.relay_bind.clone(),
+            port_min: self.job.relay_ports.0,
+            port_max: self.job.relay_ports.1,
+        };
+        let tail: Vec<usize> = self.chain.iter().skip(1).map(|m| m.node).collect();
+        for &n in &tail {
+            if !self.send(n, &listen).await {
+                self.cut(n, Some("its agent did not take the relay set-up".into()))
+                    .await;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
+        while self.chain.iter().skip(1).any(|m| m.port.is_none()) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(event) => {
+                    if !self.handle(event).await {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let slow: Vec<usize> = self
+                        .chain
+                        .iter()
+                        .skip(1)
+                        .filter(|m| m.port.is_none())
+                        .map(|m| m.node)
+                        .collect();
+                    for n in slow {
+                        self.cut(n, Some("no relay port within 15 s".into())).await;
+                    }
+                }
+            }
+        }
+        let pairs: Vec<(usize, usize)> = self
+            .chain
+            .windows(2)
+            .map(|w| (w[0].node, w[1].node))
+            .collect();
+        for (a, b) in pairs {
+            self.link(a, b).await;
+        }
+
+        // 3. The stream, to whoever heads the chain; repairs between chunks.
+        let mut ahead = std::collections::VecDeque::new();
+        let mut queue = union.iter().copied();
+        for _ in 0..3 {
+            if let Some(c) = queue.next() {
+                let source = self.job.source.clone();
+                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+            }
+        }
+        while let Some(next) = ahead.pop_front() {
+            if let Some(c) = queue.next() {
+                let source = self.job.source.clone();
+                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+            }
+            while let Ok(event) = self.rx.try_recv() {
+                if !self.handle(Some(event)).await {
+                    return;
+                }
+            }
+            let chunk = match next.await {
+                Ok(Ok(chunk)) => chunk,
+                Ok(Err(e)) => return self.abandon(e).await,
+                Err(e) => return self.abandon(e.to_string()).await,
+            };
+            if let Some(rate) = &self.job.rate {
+                rate.take(chunk.data.len() as u64).await;
+            }
+            // A head that cannot take the chunk is cut; the next one heads.
+            while let Some(head) = self.chain.first() {
+                let (node, tx) = (head.node, head.tx.clone());
+                let sent = tokio::time::timeout(STALL, async {
+                    let mut tx = tx.lock().await;
+                    protocol::write_stream_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tx.flush().await.map_err(|e| e.to_string())
+                })
+                .await;
+                match sent {
+                    Ok(Ok(())) => {
+                        for m in &self.chain {
+                            m.counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                    Ok(Err(_)) => self.cut(node, None).await,
+                    Err(_) => {
+                        self.cut(
+                            node,
+                            Some(format!("stalled: took no data for {}s", STALL.as_secs())),
+                        )
+                        .await
+                    }
+                }
+            }
+            if self.chain.is_empty() {
+                break;
+            }
+        }
+        self.stream_ended = true;
+        while let Some(head) = self.chain.first().map(|m| m.node) {
+            if self.send(head, &Msg::StreamEnd).await {
+                break;
+            }
+            self.cut(head, None).await;
+        }
+        self.drain().await;
+    }
+
+    /// The image cannot be read: every member fails with the reason.
+    async fn abandon(mut self, reason: String) {
+        let nodes: Vec<usize> = self.chain.iter().map(|m| m.node).collect();
+        for n in nodes {
+            self.cut(n, Some(reason.clone())).await;
+        }
+        self.drain().await;
+    }
+
+    async fn drain(mut self) {
+        loop {
+            let event = self.rx.recv().await;
+            if !self.handle(event).await {
+                break;
+            }
+        }
+    }
+}
+
+/// One node's part of a chain load: check the target, join the chain, and
+/// report progress until the node is done (or cut out, or gone).
+pub(crate) async fn member(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Arc<Counters>,
+    coord: mpsc::UnboundedSender<ToCoord>,
+) -> Result<NodeState, String> {
+    let (result, end) = member_inner(i, job, report, counters, &coord).await;
+    // Tell the coordinator first: it drops its handle on the agent's stdin,
+    // so the agent sees the end and the link closes at once.
+    let _ = coord.send(match result {
+        Ok(_) => ToCoord::Finished { node: i },
+        Err(_) => ToCoord::Gone { node: i },
+    });
+    if let Some(end) = end {
+        let stderr = end.close().await;
+        if let Err(e) = &result
+            && let Some(last) = stderr
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("imaging agent:"))
+            && !e.starts_with("agent:")
+        {
+            return Err(format!("{e} ({})", last.trim()));
+        }
+    }
+    result
+}
+
+fn attempt_text(e: AttemptError) -> String {
+    match e {
+        AttemptError::Retry(r) | AttemptError::Fatal(r) => r,
+    }
+}
+
+async fn member_inner(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Arc<Counters>,
+    coord: &mpsc::UnboundedSender<ToCoord>,
+) -> (Result<NodeState, String>, Option<crate::agentlink::LinkEnd>) {
+    let out = |r: Result<NodeState, String>| {
+        let _ = coord.send(ToCoord::Out { node: i });
+        r
+    };
+    let mut link = match open_link(i, job, report, false).await {
+        Ok(link) => link,
+        Err(e) => return (out(Err(attempt_text(e))), None),
+    };
+    let (needed, base, total) = match begin(i, job, report, counters, &mut link).await {
+        Err(e) => {
+            let end = close_pipes(link);
+            return (out(Err(attempt_text(e))), Some(end));
+        }
+        Ok(Plan::UpToDate) => {
+            let end = close_pipes(link);
+            return (out(Ok(NodeState::UpToDate)), Some(end));
+        }
+        Ok(Plan::Send {
+            needed,
+            base,
+            total,
+        }) => (needed, base, total),
+    };
+    let AgentLink { tx, mut rx, end } = link;
+    let tx: SharedTx = Arc::new(Mutex::new(tx));
+    let (cut_tx, mut cut_rx) = oneshot::channel::<String>();
+    if needed.is_empty() {
+        // Only zero regions changed: nothing to relay, just finish.
+        let _ = coord.send(ToCoord::Out { node: i });
+    } else {
+        report.state(i, NodeState::Transferring, Some("relay chain".into()));
+        let _ = coord.send(ToCoord::Joined {
+            node: i,
+            tx: tx.clone(),
+            needed: needed.clone(),
+            cut: cut_tx,
+            counters: counters.clone(),
+        });
+    }
+    let mut finish_sent = false;
+    let mut sent_direct = std::collections::HashSet::new();
+    if needed.is_empty() {
+        finish_sent = true;
+        if let Err(e) = send_direct(job, &tx, &[], counters).await {
+            return (Err(e), Some(end));
+        }
+    }
+    let mut cut_open = true;
+    let result = loop {
+        tokio::select! {
+            why = &mut cut_rx, if cut_open => match why {
+                Ok(why) => break Err(format!("cut out of the relay chain: {why}")),
+                Err(_) => cut_open = false,
+            },
+            msg = protocol::read_msg(&mut rx) => match msg {
+                Ok(Msg::Written { bytes_written, .. }) => {
+                    counters.written.store(bytes_written, Ordering::Relaxed);
+                    report.progress(i, counters.sent.load(Ordering::Relaxed), base + bytes_written, total);
+                }
+                Ok(Msg::RelayPort { port }) => {
+                    let _ = coord.send(ToCoord::Port { node: i, port });
+                }
+                Ok(Msg::RelayLinked { .. }) => {
+                    let _ = coord.send(ToCoord::Linked { node: i });
+                }
+                Ok(Msg::RelayLost { peer, reason }) => {
+                    let _ = coord.send(ToCoord::Lost { node: i, peer, reason });
+                }
+                Ok(Msg::RelayRefused { peer, reason }) => {
+                    report.log(Some(i), format!("{}: refused a relay connection from {peer}: {reason}", job.nodes[i].name));
+                }
+                Ok(Msg::Missing { bitmap }) => {
+                    if finish_sent {
+                        continue;
+                    }
+                    let missing: Vec<usize> = needed
+                        .iter()
+                        .copied()
+                        .filter(|&c| protocol::bit(&bitmap, c) && sent_direct.insert(c))
+                        .collect();
+                    if !missing.is_empty() {
+                        report.log(Some(i), format!("{}: catching up on {} chunks directly", job.nodes[i].name, missing.len()));
+                    }
+                    report.state(i, NodeState::Syncing, None);
+                    finish_sent = true;
+                    if let Err(e) = send_direct(job, &tx, &missing, counters).await {
+                        break Err(e);
+                    }
+                }
+                Ok(Msg::Finished { bytes_written }) => {
+                    counters.written.store(bytes_written, Ordering::Relaxed);
+                    break Ok(NodeState::Done);
+                }
+                Ok(Msg::Error { message }) => break Err(format!("agent: {message}")),
+                Ok(other) => break Err(format!("agent sent {} during the relay", other.name())),
+                Err(e) => break Err(format!("agent connection lost ({e})")),
+            },
+        }
+    };
+    drop(tx);
+    drop(rx);
+    (result, Some(end))
+}
+
+fn close_pipes(link: AgentLink) -> crate::agentlink::LinkEnd {
+    let AgentLink { tx, rx, end } = link;
+    drop(tx);
+    drop(rx);
+    end
+}
+
+/// Chunks a member lacks after the stream, straight from the controller,
+/// then Finish.
+async fn send_direct(
+    job: &LoadJob,
+    tx: &SharedTx,
+    chunks: &[usize],
+    counters: &Counters,
+) -> Result<(), String> {
+    for &c in chunks {
+        let chunk = job.source.get(c).await?;
+        if let Some(rate) = &job.rate {
+            rate.take(chunk.data.len() as u64).await;
+        }
+        let mut tx = tx.lock().await;
+        protocol::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
+            .await
+            .map_err(|e| format!("sending chunk {c}: {e}"))?;
+        counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
+    }
+    let mut tx = tx.lock().await;
+    protocol::write_msg(&mut *tx, &Msg::Finish)
+        .await
+        .map_err(|e| format!("sending Finish: {e}"))?;
+    tx.flush().await.map_err(|e| format!("sending Finish: {e}"))
+}

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 target=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
     cargo build --release --locked --target "$target"
-bin="target/$target/release/imaging"
+bin="${CARGO_TARGET_DIR:-target}/$target/release/imaging"
 echo "$bin"
 deps=$(ldd "$bin" 2>&1 || true)
 case "$deps" in

@@ -85,7 +85,7 @@ impl Lab {
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
                      PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-                     LogLevel ERROR\nMaxStartups 100:30:200\n",
+                     LogLevel ERROR\nMaxStartups 100:30:200\nSetEnv SHLVL=1\n",
                     key.display(),
                     dir.join("authorized_keys").display()
                 ),

@@ -82,6 +82,10 @@ impl RigNode {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `SetEnv SHLVL=1` keeps bash from sourcing the login user's ~/.bashrc
+    /// for SSH commands (bash does so only at shell level 1): a slow or
+    /// lock-contended rc file (e.g. `pyenv rehash` with many logins at
+    /// once) must not decide how long the tests take.
     fn write_sshd_config(&self, authorized_keys: &Path) {
         let text = format!(
             "Port {port}\n\
@@ -97,7 +101,8 @@ impl RigNode {
              Subsystem sftp {SFTP_SERVER}\n\
              LogLevel ERROR\n\
              MaxStartups 100:30:200\n\
-             MaxSessions 50\n",
+             MaxSessions 50\n\
+             SetEnv SHLVL=1\n",
             port = self.port,
             host_key = self.host_key.display(),
             ak = authorized_keys.display(),

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use imaging::events::{Event, NodeState};
-use imaging::report::{Board, Reporter};
+use imaging::engine::events::{Event, NodeState};
+use imaging::engine::report::{Board, Reporter};
 use imaging::ui::dashboard::{Input, KeyAction, UiState, render, run_app};
 use imaging::ui::{Feed, ImageHeader, RunInfo, View};
 use ratatui::Terminal;
@@ -458,10 +458,10 @@ fn tiny_and_odd_sizes_draw_without_panicking() {
     }
 }
 
-fn feed_for(names: &[String]) -> (Feed, Reporter, imaging::cancel::Cancel) {
+fn feed_for(names: &[String]) -> (Feed, Reporter, imaging::engine::cancel::Cancel) {
     let board = Board::new(names);
     let (tx, rx) = unbounded_channel();
-    let (canceller, cancel) = imaging::cancel::pair();
+    let (canceller, cancel) = imaging::engine::cancel::pair();
     let reporter = Reporter::new("load", board.clone(), tx);
     let feed = Feed {
         info: RunInfo {

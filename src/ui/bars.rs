@@ -6,7 +6,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::View;
-use crate::events::{Event, NodeState};
+use crate::engine::events::{Event, NodeState};
 
 pub const REFRESH: Duration = Duration::from_millis(100);
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::{RunInfo, View};
-use crate::events::Event;
+use crate::engine::events::Event;
 
 /// How often progress objects are printed (one per node that moved).
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);

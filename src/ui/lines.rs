@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::RunInfo;
 use super::view::{View, human_duration};
-use crate::events::{Event, NodeState};
-use crate::repo::{human_bytes, human_rate};
+use crate::engine::events::{Event, NodeState};
+use crate::image::repo::{human_bytes, human_rate};
 
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{RunInfo, View};
-use crate::events::Event;
+use crate::engine::events::Event;
 
 pub struct LogFile {
     path: PathBuf,

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::cancel::Canceller;
-use crate::events::{Event, Summary};
-use crate::report::Board;
+use crate::engine::cancel::Canceller;
+use crate::engine::events::{Event, Summary};
+use crate::engine::report::Board;
 
 pub mod bars;
 pub mod dashboard;

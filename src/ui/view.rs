@@ -5,8 +5,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::events::{Event, NodeState, Summary};
-use crate::report::Board;
+use crate::engine::events::{Event, NodeState, Summary};
+use crate::engine::report::Board;
 
 /// Log lines kept for the dashboard.
 const LOG_LINES: usize = 200;

@@ -1,6 +1,8 @@
 //! The nodes a run can address: inline `[[node]]` entries from the config
 //! and/or an R2LAB-style JSON inventory file.
 
+pub mod nodespec;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

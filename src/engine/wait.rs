@@ -6,11 +6,11 @@ use openssh::Session;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
-use crate::events::NodeState;
+use crate::engine::backoff::Backoff;
+use crate::engine::events::NodeState;
+use crate::engine::report::Reporter;
 use crate::inventory::Node;
-use crate::report::Reporter;
-use crate::ssh::{self, SshSettings};
+use crate::node::ssh::{self, SshSettings};
 
 /// How many probes may be in flight at once (each is an `ssh` process).
 const MAX_PROBES: usize = 64;

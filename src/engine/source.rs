@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::manifest::Manifest;
-use crate::protocol::Codec;
+use crate::image::manifest::Manifest;
+use crate::proto::Codec;
 
 /// One chunk as it travels.
 #[derive(Debug)]
@@ -100,7 +100,7 @@ impl ChunkSource {
             .read_exact_at(&mut raw, m.chunk_offset(index))
             .map_err(|e| format!("reading image chunk {index}: {e}"))?;
         self.reads.fetch_add(1, Ordering::Relaxed);
-        if crate::digest::chunk_digest(&raw) != m.digests[index] {
+        if crate::image::digest::chunk_digest(&raw) != m.digests[index] {
             return Err(format!(
                 "the image changed while loading (chunk {index} no longer matches its manifest)"
             ));

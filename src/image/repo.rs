@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{self, ManifestState};
+use crate::image::manifest::{self, ManifestState};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageInfo {

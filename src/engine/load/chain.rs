@@ -20,11 +20,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::agentlink::{AgentLink, Tx};
-use crate::events::NodeState;
-use crate::load::{AttemptError, Counters, LoadJob, Plan, begin, open_link};
-use crate::protocol::{self, Msg};
-use crate::report::Reporter;
+use crate::engine::events::NodeState;
+use crate::engine::load::{AttemptError, Counters, LoadJob, Plan, begin, open_link};
+use crate::engine::report::Reporter;
+use crate::node::agent_link::{AgentLink, Tx};
+use crate::proto::{self, Msg};
 
 /// How long a relay set-up step may take before the node is cut out.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -145,7 +145,7 @@ impl Coordinator {
         let tx = self.chain[p].tx.clone();
         let sent = tokio::time::timeout(STALL, async move {
             let mut tx = tx.lock().await;
-            protocol::write_msg(&mut *tx, msg).await.is_ok() && tx.flush().await.is_ok()
+            proto::write_msg(&mut *tx, msg).await.is_ok() && tx.flush().await.is_ok()
         });
         matches!(sent.await, Ok(true))
     }
@@ -371,7 +371,7 @@ impl Coordinator {
                 let (node, tx) = (head.node, head.tx.clone());
                 let sent = tokio::time::timeout(STALL, async {
                     let mut tx = tx.lock().await;
-                    protocol::write_stream_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
+                    proto::write_stream_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
                         .await
                         .map_err(|e| e.to_string())?;
                     tx.flush().await.map_err(|e| e.to_string())
@@ -470,7 +470,10 @@ async fn member_inner(
     report: &Reporter,
     counters: &Arc<Counters>,
     coord: &mpsc::UnboundedSender<ToCoord>,
-) -> (Result<NodeState, String>, Option<crate::agentlink::LinkEnd>) {
+) -> (
+    Result<NodeState, String>,
+    Option<crate::node::agent_link::LinkEnd>,
+) {
     let out = |r: Result<NodeState, String>| {
         let _ = coord.send(ToCoord::Out { node: i });
         r
@@ -525,7 +528,7 @@ async fn member_inner(
                 Ok(why) => break Err(format!("cut out of the relay chain: {why}")),
                 Err(_) => cut_open = false,
             },
-            msg = protocol::read_msg(&mut rx) => match msg {
+            msg = proto::read_msg(&mut rx) => match msg {
                 Ok(Msg::Written { bytes_written, .. }) => {
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     report.progress(i, counters.sent.load(Ordering::Relaxed), base + bytes_written, total);
@@ -549,7 +552,7 @@ async fn member_inner(
                     let missing: Vec<usize> = needed
                         .iter()
                         .copied()
-                        .filter(|&c| protocol::bit(&bitmap, c) && sent_direct.insert(c))
+                        .filter(|&c| proto::bit(&bitmap, c) && sent_direct.insert(c))
                         .collect();
                     if !missing.is_empty() {
                         report.log(Some(i), format!("{}: catching up on {} chunks directly", job.nodes[i].name, missing.len()));
@@ -575,7 +578,7 @@ async fn member_inner(
     (result, Some(end))
 }
 
-fn close_pipes(link: AgentLink) -> crate::agentlink::LinkEnd {
+fn close_pipes(link: AgentLink) -> crate::node::agent_link::LinkEnd {
     let AgentLink { tx, rx, end } = link;
     drop(tx);
     drop(rx);
@@ -596,13 +599,13 @@ async fn send_direct(
             rate.take(chunk.data.len() as u64).await;
         }
         let mut tx = tx.lock().await;
-        protocol::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
+        proto::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
             .await
             .map_err(|e| format!("sending chunk {c}: {e}"))?;
         counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
     }
     let mut tx = tx.lock().await;
-    protocol::write_msg(&mut *tx, &Msg::Finish)
+    proto::write_msg(&mut *tx, &Msg::Finish)
         .await
         .map_err(|e| format!("sending Finish: {e}"))?;
     tx.flush().await.map_err(|e| format!("sending Finish: {e}"))

@@ -12,15 +12,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::agentlink::{AgentLink, AgentSource};
-use crate::cancel::Cancel;
-use crate::events::NodeState;
+use crate::engine::cancel::Cancel;
+use crate::engine::events::NodeState;
+use crate::engine::report::Reporter;
+use crate::engine::wait;
+use crate::image::manifest::Manifest;
 use crate::inventory::Node;
-use crate::manifest::Manifest;
-use crate::protocol::{self, Codec, Msg};
-use crate::report::Reporter;
-use crate::ssh::SshSettings;
-use crate::wait;
+use crate::node::agent_link::{AgentLink, AgentSource};
+use crate::node::ssh::SshSettings;
+use crate::proto::{self, Codec, Msg};
 
 pub struct SaveJob {
     pub nodes: Vec<Node>,
@@ -41,7 +41,7 @@ pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
     for i in 0..job.nodes.len() {
         let (job, report, cancel) = (job.clone(), report.clone(), cancel.clone());
         tasks.spawn(async move {
-            let partial = job.repo.join(crate::repo::partial_name(&job.names[i]));
+            let partial = job.repo.join(crate::image::repo::partial_name(&job.names[i]));
             let outcome = tokio::select! {
                 r = tokio::time::timeout_at(job.deadline, save_node(i, &job, &report, &partial)) => match r {
                     Ok(Ok(())) => Ok(()),
@@ -103,7 +103,7 @@ async fn receive(
     partial: &Path,
     link: &mut AgentLink,
 ) -> Result<Manifest, String> {
-    protocol::write_msg(
+    proto::write_msg(
         &mut link.tx,
         &Msg::SaveBegin {
             target: job.targets[i].clone(),
@@ -114,7 +114,7 @@ async fn receive(
     .await
     .map_err(|e| e.to_string())?;
     link.tx.flush().await.map_err(|e| e.to_string())?;
-    let size = match protocol::read_msg(&mut link.rx)
+    let size = match proto::read_msg(&mut link.rx)
         .await
         .map_err(|e| e.to_string())?
     {
@@ -132,11 +132,11 @@ async fn receive(
         .map_err(|e| format!("{}: {e}", partial.display()))?;
     let chunks = size.div_ceil(job.chunk_size) as usize;
     let mut digests = Vec::with_capacity(chunks);
-    let mut zero = vec![0u8; protocol::bitmap_len(chunks)];
+    let mut zero = vec![0u8; proto::bitmap_len(chunks)];
     let (mut sent, mut written) = (0u64, 0u64);
     report.state(i, NodeState::Transferring, None);
     loop {
-        match protocol::read_msg(&mut link.rx)
+        match proto::read_msg(&mut link.rx)
             .await
             .map_err(|e| e.to_string())?
         {
@@ -154,17 +154,17 @@ async fn receive(
                 let offset = index as u64 * job.chunk_size;
                 let len = (size - offset).min(job.chunk_size) as usize;
                 if is_zero {
-                    protocol::set_bit(&mut zero, index);
+                    proto::set_bit(&mut zero, index);
                 } else {
                     let raw = match codec {
                         Codec::Raw => data,
                         Codec::Zstd => zstd::bulk::decompress(&data, len)
                             .map_err(|e| format!("chunk {index}: bad compressed data: {e}"))?,
                     };
-                    if raw.len() != len || crate::digest::chunk_digest(&raw) != digest {
+                    if raw.len() != len || crate::image::digest::chunk_digest(&raw) != digest {
                         return Err(format!("chunk {index} failed verification"));
                     }
-                    crate::fileio::write_all_at(&file, &raw, offset)
+                    crate::image::fileio::write_all_at(&file, &raw, offset)
                         .map_err(|e| format!("writing {}: {e}", partial.display()))?;
                     written += len as u64;
                 }
@@ -206,7 +206,7 @@ async fn receive(
 /// (never replacing a file).
 fn finish_file(partial: &Path, final_path: &Path, manifest: &Manifest) -> Result<(), String> {
     // A missing manifest is only rebuilt later; it does not stop the save.
-    let _ = crate::manifest::store_renamed(partial, final_path, manifest);
+    let _ = crate::image::manifest::store_renamed(partial, final_path, manifest);
     std::fs::hard_link(partial, final_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             format!(

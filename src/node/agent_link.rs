@@ -9,8 +9,8 @@ use openssh::Session;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::task::JoinHandle;
 
-use crate::protocol::{self, Msg};
-use crate::ssh::{self, SshError};
+use crate::node::ssh::{self, SshError};
+use crate::proto::{self, Msg};
 
 /// Where the agent comes from on a node.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ impl AgentSource {
         let bytes = std::fs::read(&exe)?;
         Ok(AgentSource {
             configured: (!configured.is_empty()).then(|| configured.to_string()),
-            digest_hex: format!("{:032x}", crate::digest::chunk_digest(&bytes)),
+            digest_hex: format!("{:032x}", crate::image::digest::chunk_digest(&bytes)),
             exe,
         })
     }
@@ -158,8 +158,8 @@ impl AgentLink {
         };
         {
             use std::os::fd::AsFd;
-            crate::pipes::widen(stdin.as_fd());
-            crate::pipes::widen(stdout.as_fd());
+            crate::proto::pipes::widen(stdin.as_fd());
+            crate::proto::pipes::widen(stdout.as_fd());
         }
         let stderr = stderr_collector(child.stderr().take());
         Ok(AgentLink {
@@ -190,8 +190,8 @@ impl AgentLink {
         };
         {
             use std::os::fd::AsFd;
-            crate::pipes::widen(stdin.as_fd());
-            crate::pipes::widen(stdout.as_fd());
+            crate::proto::pipes::widen(stdin.as_fd());
+            crate::proto::pipes::widen(stdout.as_fd());
         }
         let stderr = stderr_collector(child.stderr.take());
         Ok(AgentLink {
@@ -208,14 +208,14 @@ impl AgentLink {
     /// Exchange Hellos.
     pub async fn handshake(&mut self) -> Result<(), String> {
         use tokio::io::AsyncWriteExt;
-        protocol::write_msg(&mut self.tx, &Msg::hello())
+        proto::write_msg(&mut self.tx, &Msg::hello())
             .await
             .map_err(|e| e.to_string())?;
         self.tx.flush().await.map_err(|e| e.to_string())?;
-        let hello = protocol::read_msg(&mut self.rx)
+        let hello = proto::read_msg(&mut self.rx)
             .await
             .map_err(|e| e.to_string())?;
-        protocol::check_hello(&hello).map_err(|e| format!("agent: {e}"))
+        proto::check_hello(&hello).map_err(|e| format!("agent: {e}"))
     }
 
     /// Close the pipes and wait for the agent, keeping the SSH session for

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::events::{Event, NodeState, NodeSummary, Summary};
+use crate::engine::events::{Event, NodeState, NodeSummary, Summary};
 
 /// One node's live counters and state.
 #[derive(Debug)]

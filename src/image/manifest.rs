@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
-use crate::digest::{ChunkDigest, chunk_digest, is_zero};
-use crate::protocol::{bit, bitmap_len, set_bit};
+use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::proto::{bit, bitmap_len, set_bit};
 
 /// Largest chunk size `build` accepts (its read buffers are this large).
 pub const MAX_CHUNK_SIZE: u64 = 1 << 30;

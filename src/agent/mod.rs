@@ -1,7 +1,7 @@
 //! `imaging agent`: the node side of a load or a save.
 //!
 //! The controller starts `imaging agent` over SSH and speaks the protocol of
-//! [`crate::protocol`] on its stdin/stdout. One session serves one request:
+//! [`crate::proto`] on its stdin/stdout. One session serves one request:
 //!
 //! - a load checks what the target already holds (a stamp left by the last
 //!   complete load, else the chunk digests), asks only for the chunks it
@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Scope;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::digest::{ChunkDigest, chunk_digest, is_zero};
-use crate::protocol::{
+use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::proto::{
     Codec, Msg, ProtocolError, RELAY_SECRET_LEN, bit, bitmap_len, check_hello, read_msg_sync,
     set_bit, write_msg_sync, write_stream_chunk_sync,
 };
@@ -115,8 +115,8 @@ pub fn run_agent() -> i32 {
     // Own descriptors rather than the std handles: no extra buffering layer,
     // and the input can move to the receiving thread.
     let own = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
-    crate::pipes::widen(io::stdin().as_fd());
-    crate::pipes::widen(io::stdout().as_fd());
+    crate::proto::pipes::widen(io::stdin().as_fd());
+    crate::proto::pipes::widen(io::stdout().as_fd());
     let result = match (own(io::stdin().as_fd()), own(io::stdout().as_fd())) {
         (Ok(input), Ok(output)) => serve(input, output, &env),
         _ => serve(io::stdin(), io::stdout(), &env),
@@ -377,7 +377,7 @@ impl Target {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), AgentError> {
-        crate::fileio::write_all_at(&self.file, buf, offset)
+        crate::image::fileio::write_all_at(&self.file, buf, offset)
             .map_err(|e| self.io_error("write", offset, e))
     }
 
@@ -2195,7 +2195,7 @@ fn refuse_if_in_use(name: &str, rdev: u64) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{MAGIC, VERSION};
+    use crate::proto::{MAGIC, VERSION};
     use std::os::unix::net::UnixStream;
 
     const CS: u32 = MIN_CHUNK_SIZE;

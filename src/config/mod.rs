@@ -529,7 +529,7 @@ mod tests {
 
     #[test]
     fn example_file_documents_exactly_the_defaults() {
-        let text = include_str!("../imaging.conf.example");
+        let text = include_str!("../../imaging.conf.example");
         let parsed: Config = toml::from_str(text).unwrap();
         assert_eq!(parsed, Config::default());
         // Every key with a default is written out (or shown commented) in the example.

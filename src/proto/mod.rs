@@ -18,6 +18,8 @@
 //! each agent answers it with Missing. Missing chunks then come as Chunk;
 //! Finish ends the load as without a relay.
 
+pub mod pipes;
+
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

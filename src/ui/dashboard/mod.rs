@@ -29,8 +29,8 @@ use super::Feed;
 use super::lines::{self, Lines};
 use super::logfile::LogFile;
 use super::view::{NodeView, View, human_duration};
-use crate::events::{Event, NodeState, Summary};
-use crate::repo::{human_bytes, human_rate};
+use crate::engine::events::{Event, NodeState, Summary};
+use crate::image::repo::{human_bytes, human_rate};
 
 /// One frame every 100 ms (10 fps).
 pub const FRAME: Duration = Duration::from_millis(100);

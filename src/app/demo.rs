@@ -6,8 +6,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cli::{Cli, Command, DemoArgs, LoadArgs, NodeArgs, SaveArgs, WaitArgs};
-use crate::repo::human_bytes;
+use crate::app::cli::{Cli, Command, DemoArgs, LoadArgs, NodeArgs, SaveArgs, WaitArgs};
+use crate::image::repo::human_bytes;
 use crate::{Exit, UsageError, config, lab};
 
 const MIB: u64 = 1 << 20;
@@ -187,7 +187,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         fanout: None,
         dry_run: false,
     };
-    let loaded_exit = crate::run_load(&show, &load, &loaded).await?;
+    let loaded_exit = super::run_load(&show, &load, &loaded).await?;
     if loaded_exit == Exit::Interrupted {
         return Ok(Exit::Interrupted);
     }
@@ -199,7 +199,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         timeout: None,
         dry_run: false,
     };
-    let saved_exit = crate::run_save(&phase, &save, &loaded).await?;
+    let saved_exit = super::run_save(&phase, &save, &loaded).await?;
     if saved_exit == Exit::Interrupted {
         return Ok(Exit::Interrupted);
     }
@@ -213,9 +213,10 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         });
     if let Some(copy) = &copy {
         let chunk = loaded.config.load.chunk_size;
-        let same = crate::manifest::load_or_build(copy, chunk)
+        let same = crate::image::manifest::load_or_build(copy, chunk)
             .and_then(|a| {
-                crate::manifest::load_or_build(&image, chunk).map(|b| a.identity == b.identity)
+                crate::image::manifest::load_or_build(&image, chunk)
+                    .map(|b| a.identity == b.identity)
             })
             .unwrap_or(false);
         say(
@@ -241,7 +242,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         silent: false,
         verbose: false,
     };
-    let waited_exit = crate::run_wait(&phase, &wait, &loaded).await?;
+    let waited_exit = super::run_wait(&phase, &wait, &loaded).await?;
 
     let worst = [loaded_exit, saved_exit, waited_exit]
         .into_iter()

@@ -15,18 +15,19 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::agentlink::{AgentLink, AgentSource};
-use crate::backoff::Backoff;
-use crate::cancel::Cancel;
-use crate::chain;
-use crate::events::NodeState;
-use crate::hooks;
+use crate::engine::backoff::Backoff;
+use crate::engine::cancel::Cancel;
+use crate::engine::events::NodeState;
+use crate::engine::report::Reporter;
+use crate::engine::source::{ChunkSource, RateLimit};
+use crate::engine::wait;
 use crate::inventory::Node;
-use crate::protocol::{self, Msg, ProtocolError};
-use crate::report::Reporter;
-use crate::source::{ChunkSource, RateLimit};
-use crate::ssh::SshSettings;
-use crate::wait;
+use crate::node::agent_link::{AgentLink, AgentSource};
+use crate::node::hooks;
+use crate::node::ssh::SshSettings;
+use crate::proto::{self, Msg, ProtocolError};
+
+pub mod chain;
 
 /// `fanout = "auto"` relays through a chain from this many nodes on.
 pub const CHAIN_FROM: usize = 4;
@@ -322,7 +323,7 @@ pub(crate) async fn begin(
 ) -> Result<Plan, AttemptError> {
     let m = job.source.manifest();
     report.state(i, NodeState::Checking, None);
-    protocol::write_msg(
+    proto::write_msg(
         &mut link.tx,
         &Msg::LoadBegin {
             target: job.targets[i].clone(),
@@ -337,7 +338,7 @@ pub(crate) async fn begin(
     )
     .await?;
     link.tx.flush().await.map_err(ProtocolError::from)?;
-    let (bitmap, zeroed) = match protocol::read_msg(&mut link.rx).await? {
+    let (bitmap, zeroed) = match proto::read_msg(&mut link.rx).await? {
         Msg::Needed {
             up_to_date: true, ..
         } => return Ok(Plan::UpToDate),
@@ -355,7 +356,7 @@ pub(crate) async fn begin(
         }
     };
     let needed: Vec<usize> = (0..m.chunk_count())
-        .filter(|&c| protocol::bit(&bitmap, c))
+        .filter(|&c| proto::bit(&bitmap, c))
         .collect();
     let before = counters.written_before.load(Ordering::Relaxed);
     let total = before + zeroed + needed.iter().map(|&c| m.chunk_len(c)).sum::<u64>();
@@ -412,17 +413,17 @@ async fn run_session(
             if let Some(rate) = &job.rate {
                 rate.take(chunk.data.len() as u64).await;
             }
-            protocol::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
+            proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
             counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
         }
-        protocol::write_msg(tx, &Msg::Finish).await?;
+        proto::write_msg(tx, &Msg::Finish).await?;
         tx.flush().await.map_err(ProtocolError::from)?;
         report.state(i, NodeState::Syncing, None);
         Ok::<(), AttemptError>(())
     };
     let receive = async {
         loop {
-            match protocol::read_msg(rx).await? {
+            match proto::read_msg(rx).await? {
                 Msg::Written { bytes_written, .. } => {
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     report.progress(

@@ -1,0 +1,6 @@
+//! Reaching a node: the SSH layer, the agent link over it, and the local
+//! hooks run around a node's load.
+
+pub mod agent_link;
+pub mod hooks;
+pub mod ssh;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::app::cli::{Cli, Command, DemoArgs, LoadArgs, NodeArgs, SaveArgs, WaitArgs};
-use crate::image::repo::human_bytes;
+use crate::ui::fmt::human_bytes;
 use crate::{Exit, UsageError, config, lab};
 
 const MIB: u64 = 1 << 20;
@@ -174,8 +174,8 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     say(
         cli,
         &format!(
-            "1/3 load demo.img onto {n} nodes (bandwidth cap {}/s)",
-            human_bytes(args.bandwidth)
+            "1/3 load demo.img onto {n} nodes (bandwidth cap {})",
+            crate::ui::fmt::human_cap(args.bandwidth)
         ),
     );
     let load = LoadArgs {

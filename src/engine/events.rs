@@ -106,7 +106,8 @@ impl Summary {
         Summary {
             command: command.into(),
             ok,
-            elapsed_s,
+            // Milliseconds are enough for scripts (no `12.345678901`).
+            elapsed_s: (elapsed_s * 1000.0).round() / 1000.0,
             nodes,
         }
     }

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use super::View;
+use super::fmt::{human_bytes, human_rate};
 use crate::engine::events::{Event, NodeState};
 
 pub const REFRESH: Duration = Duration::from_millis(100);
@@ -21,6 +22,22 @@ fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("█▉▊▋▌▍▎▏ ")
+        // The product's own units (`84 MiB`, not indicatif's `84.00 MiB`).
+        .with_key(
+            "hbytes",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&human_bytes(s.pos()));
+            },
+        )
+        .with_key(
+            "htotal",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&human_bytes(s.len().unwrap_or(0)));
+            },
+        )
+        .with_key("hrate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&human_rate(s.per_sec()));
+        })
 }
 
 impl Bars {
@@ -31,7 +48,7 @@ impl Bars {
         let width = view.nodes.iter().map(|n| n.name.len()).max().unwrap_or(4);
         let node_style = if bytes {
             style(&format!(
-                "{{prefix:{width}}} [{{bar:30}}] {{bytes:>10}}/{{total_bytes:<10}} {{bytes_per_sec:>12}} {{msg}}"
+                "{{prefix:{width}}} [{{bar:30}}] {{hbytes:>9}}/{{htotal:<9}} {{hrate:>11}} {{msg}}"
             ))
         } else {
             style(&format!("{{prefix:{width}}} {{spinner}} {{msg}}"))
@@ -47,7 +64,7 @@ impl Bars {
             })
             .collect();
         let total = multi.add(ProgressBar::new(0).with_style(style(&format!(
-            "{{prefix:{width}}} [{{bar:30}}] {{bytes:>10}}/{{total_bytes:<10}} {{binary_bytes_per_sec:>12}} {{msg}}"
+            "{{prefix:{width}}} [{{bar:30}}] {{hbytes:>9}}/{{htotal:<9}} {{hrate:>11}} {{msg}}"
         ))));
         total.set_prefix("total");
         if !bytes {

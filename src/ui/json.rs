@@ -12,7 +12,22 @@ use crate::engine::events::Event;
 /// How often progress objects are printed (one per node that moved).
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// One event as a JSON object: `"event"` first, then `"ts"` (RFC 3339).
 pub fn to_value(info: &RunInfo, event: &Event) -> serde_json::Value {
+    let mut v = event_value(info, event);
+    if let Some(obj) = v.as_object_mut() {
+        let mut line = serde_json::Map::new();
+        if let Some(kind) = obj.remove("event") {
+            line.insert("event".into(), kind);
+        }
+        line.insert("ts".into(), super::fmt::timestamp().into());
+        line.extend(std::mem::take(obj));
+        *obj = line;
+    }
+    v
+}
+
+fn event_value(info: &RunInfo, event: &Event) -> serde_json::Value {
     let name = |i: &usize| info.names.get(*i).cloned().unwrap_or_default();
     match event {
         Event::State {

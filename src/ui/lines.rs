@@ -5,9 +5,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use super::RunInfo;
-use super::view::{View, human_duration};
+use super::View;
+use super::fmt::{clock, human_bytes, human_duration, human_rate};
 use crate::engine::events::{Event, NodeState};
-use crate::image::repo::{human_bytes, human_rate};
 
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -17,7 +17,7 @@ pub struct Lines {
 }
 
 fn now() -> String {
-    chrono::Local::now().format("%H:%M:%S").to_string()
+    clock()
 }
 
 impl Lines {

@@ -58,7 +58,7 @@ impl LogFile {
     fn write(&mut self, mut value: serde_json::Value) {
         if let Some(obj) = value.as_object_mut() {
             let mut line = serde_json::Map::new();
-            line.insert("ts".into(), chrono::Local::now().to_rfc3339().into());
+            line.insert("ts".into(), super::fmt::timestamp().into());
             line.insert("run".into(), self.run.clone().into());
             line.extend(std::mem::take(obj));
             *obj = line;

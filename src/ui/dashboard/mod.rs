@@ -26,11 +26,11 @@ use ratatui::{Frame, Terminal};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::Feed;
+use super::fmt::{human_bytes, human_duration, human_rate};
 use super::lines::{self, Lines};
 use super::logfile::LogFile;
-use super::view::{NodeView, View, human_duration};
+use super::view::{NodeView, View};
 use crate::engine::events::{Event, NodeState, Summary};
-use crate::image::repo::{human_bytes, human_rate};
 
 /// One frame every 100 ms (10 fps).
 pub const FRAME: Duration = Duration::from_millis(100);

@@ -470,6 +470,7 @@ fn feed_for(names: &[String]) -> (Feed, Reporter, imaging::engine::cancel::Cance
             verbose: true,
             image: Some(image()),
             log_path: None,
+            no_wait: false,
         },
         board,
         events: rx,

@@ -39,6 +39,9 @@ pub struct GlobalArgs {
     /// Plain timestamped lines, even on a terminal
     #[arg(long, global = true)]
     pub plain: bool,
+    /// With -c: leave the dashboard when the run ends instead of waiting for a key (for scripts)
+    #[arg(long = "no-wait", global = true)]
+    pub no_wait: bool,
     /// Append every event to FILE (default: ~/.local/state/imaging/imaging.log)
     #[arg(long = "log", global = true, value_name = "FILE")]
     pub log: Option<PathBuf>,

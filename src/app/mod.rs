@@ -229,6 +229,7 @@ fn run_info(
         verbose,
         image,
         log_path: cli.global.log.clone().or_else(ui::logfile::default_path),
+        no_wait: cli.global.no_wait,
     }
 }
 

@@ -98,6 +98,9 @@ pub struct NodeSummary {
     pub bytes_sent: u64,
     pub bytes_written: u64,
     pub error: Option<String>,
+    /// `save`: the name of the image saved from this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl Summary {

@@ -20,6 +20,8 @@ pub struct NodeCell {
     bytes_written: AtomicU64,
     total: AtomicU64,
     state: Mutex<(NodeState, Option<String>)>,
+    /// `save`: the name of the image this node was saved into.
+    image: Mutex<Option<String>>,
 }
 
 /// A consistent-enough reading of one node.
@@ -50,6 +52,7 @@ impl Board {
                     bytes_written: AtomicU64::new(0),
                     total: AtomicU64::new(0),
                     state: Mutex::new((NodeState::Queued, None)),
+                    image: Mutex::new(None),
                 })
                 .collect(),
         })
@@ -98,6 +101,11 @@ impl Board {
                     } else {
                         r.message
                     },
+                    image: self.nodes[i]
+                        .image
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
                 }
             })
             .collect();
@@ -134,6 +142,14 @@ impl Reporter {
             state,
             message,
         });
+    }
+
+    /// `save`: the node's data is now the image `name` in the repository.
+    pub fn image(&self, node: usize, name: &str) {
+        *self.board.nodes[node]
+            .image
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
     }
 
     /// Cumulative counters; `total` 0 keeps the known total. No event: front

@@ -52,7 +52,10 @@ pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
                 _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".to_string())),
             };
             match outcome {
-                Ok(()) => report.state(i, NodeState::Done, Some(job.names[i].clone())),
+                Ok(()) => {
+                    report.image(i, &job.names[i]);
+                    report.state(i, NodeState::Done, Some(job.names[i].clone()));
+                }
                 Err((state, reason)) => {
                     // Nothing half-written stays behind.
                     let _ = std::fs::remove_file(&partial);

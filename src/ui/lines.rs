@@ -118,9 +118,15 @@ impl Lines {
                 .max()
                 .unwrap_or(4)
                 .max(4);
+            // `save`: the new image's name, else the error.
+            let last = if self.command == "save" {
+                "IMAGE / ERROR"
+            } else {
+                "ERROR"
+            };
             writeln!(
                 out,
-                "{:width$}  {:11}  {:>9}  {:>9}  ERROR",
+                "{:width$}  {:11}  {:>9}  {:>9}  {last}",
                 "NODE", "STATE", "SENT", "WRITTEN"
             )?;
             for n in &summary.nodes {
@@ -131,7 +137,7 @@ impl Lines {
                     n.state.label(),
                     human_bytes(n.bytes_sent),
                     human_bytes(n.bytes_written),
-                    n.error.as_deref().unwrap_or(""),
+                    n.image.as_deref().or(n.error.as_deref()).unwrap_or(""),
                 )?;
             }
         }

@@ -63,6 +63,8 @@ pub struct RunInfo {
     pub image: Option<ImageHeader>,
     /// Where every event is also appended.
     pub log_path: Option<PathBuf>,
+    /// `--no-wait`: the dashboard leaves when the run ends, without a key.
+    pub no_wait: bool,
 }
 
 /// Everything a front end gets.

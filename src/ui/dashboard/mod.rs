@@ -884,7 +884,7 @@ pub async fn run_app<B: Backend>(
                     ui.help = false;
                     draw(terminal, view, ui)?;
                     dirty = false;
-                    if !inputs_open {
+                    if !inputs_open || feed.info.no_wait {
                         return Ok(());
                     }
                 }

@@ -1,0 +1,88 @@
+//! The operator's experience: what each command says, in every output mode,
+//! through the real binary (and real sshd nodes where nodes are needed).
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{Rig, Tmux, summary};
+
+const MIB: usize = 1 << 20;
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn random_file(path: &Path, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    fastrand::Rng::with_seed(7).fill(&mut data[..len / 2]);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// The image files in the rig's repository whose name contains `part`.
+fn saved(rig: &Rig, part: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(rig.dir().join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && n.contains(part))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn save_names_the_new_image_in_every_output_mode() {
+    let rig = Rig::new(1);
+    random_file(&rig.nodes()[0].target, 4 * MIB);
+
+    // --json: the node entry of the summary carries "image".
+    let out = rig
+        .imaging()
+        .args(["save", "--json", "1", "-o", "injson"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let name = saved(&rig, "injson").pop().expect("an image was saved");
+    assert_eq!(summary(&out)["nodes"][0]["image"], name.as_str());
+
+    // Piped (plain lines).
+    let out = rig
+        .imaging()
+        .args(["save", "1", "-o", "piped"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let name = saved(&rig, "piped").pop().expect("an image was saved");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&name),
+        "{}",
+        text(&out)
+    );
+
+    // On a terminal: the default bars, and the dashboard.
+    for (mode, extra) in [("bars", None), ("dash", Some("-c"))] {
+        let tmux = Tmux::new(&format!("save-{mode}"));
+        let rc = rig.dir().join(format!("{mode}.rc"));
+        let mut cmd = rig.imaging();
+        cmd.args(["save", "1", "-o", mode]);
+        if let Some(flag) = extra {
+            cmd.args([flag, "--no-wait"]);
+        }
+        tmux.start(rig.dir(), &cmd, &rc, 120, 30);
+        let code = tmux.exit_code(&rc, 60);
+        let screen = tmux.capture();
+        assert_eq!(code, 0, "{screen}");
+        let name = saved(&rig, mode).pop().expect("an image was saved");
+        assert!(
+            screen.contains(&name),
+            "{mode}: {name} not shown in\n{screen}"
+        );
+    }
+}

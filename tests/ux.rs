@@ -86,3 +86,37 @@ fn save_names_the_new_image_in_every_output_mode() {
         );
     }
 }
+
+#[test]
+fn an_image_given_without_dash_i_is_caught_by_its_look() {
+    let rig = Rig::new_stopped(3);
+    std::fs::write(rig.dir().join("images/ubuntu-24.04.img"), b"x").unwrap();
+    for token in ["ubuntu.img", "ubuntu", "ubuntu-24.04.img", "ubuntu-24.04"] {
+        let out = rig.imaging().args(["load", token, "1-3"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{token}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("did you forget -i? (ubuntu-24.04.img)"),
+            "{token}: {err}"
+        );
+        assert!(err.trim().lines().count() == 1 && err.len() < 100, "{err}");
+    }
+    // A dotted name that matches nothing still looks like a file.
+    let out = rig
+        .imaging()
+        .args(["load", "debian.img", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did you forget -i? (no image"),
+        "{}",
+        text(&out)
+    );
+    // A node-like token keeps its own reason.
+    let out = rig.imaging().args(["nodes", "fit99"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no node numbered 99") && !err.contains("-i"),
+        "{err}"
+    );
+}

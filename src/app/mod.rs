@@ -440,7 +440,23 @@ pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError>
         !token.contains('/')
             && (repo.join(token).is_file() || repo.join(format!("{token}.img")).is_file())
     };
-    Ok(nodespec::select_nodes(&inventory, &tokens, &is_image)?)
+    nodespec::select_nodes(&inventory, &tokens, &is_image).map_err(|e| {
+        // A file-like token is most likely an image given without -i: say
+        // that first, and briefly.
+        match repo::images_a_token_may_mean(&repo, &e.token) {
+            Some(names) if names.is_empty() => UsageError::Other(format!(
+                "`{}` is not a node; did you forget -i? (no image of that name in {})",
+                e.token,
+                repo.display()
+            )),
+            Some(names) => UsageError::Other(format!(
+                "`{}` is not a node; did you forget -i? ({})",
+                e.token,
+                names.join(", ")
+            )),
+            None => e.into(),
+        }
+    })
 }
 
 fn install_links(dir: &std::path::Path) -> Result<(), UsageError> {

@@ -245,15 +245,57 @@ pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
     Err(msg)
 }
 
-/// Up to 3 repository images whose names look like `arg`.
-fn close_names(repo: &Path, arg: &str) -> Vec<String> {
+/// The images a node-spec token probably meant, when it is not a node:
+/// `None` if the token does not look like an image at all; else the
+/// repository's images it names exactly, by prefix or fuzzily (possibly
+/// none, for a token with a dot: it looks like a file all the same).
+pub fn images_a_token_may_mean(repo: &Path, token: &str) -> Option<Vec<String>> {
+    if token.contains('/') {
+        return None;
+    }
+    for exact in [token.to_string(), format!("{token}.img")] {
+        if repo.join(&exact).is_file() {
+            return Some(vec![exact]);
+        }
+    }
+    if token.contains('.') {
+        return Some(close_names(repo, token));
+    }
+    // No dot: only a letter-bearing token that starts an image's name or is
+    // a near miss of one (`ubunt`), so `fit99` is not taken for a save.
+    if token.chars().count() < 3 || !token.chars().any(|c| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let want = token.to_lowercase();
+    let names: Vec<String> = image_names(repo)
+        .into_iter()
+        .filter(|name| {
+            let stem = name.strip_suffix(".img").unwrap_or(name).to_lowercase();
+            stem.starts_with(&want) || edit_distance(&want, &stem) <= (want.len() / 4).max(1)
+        })
+        .take(3)
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+/// The names of the repository's images (regular files, links to them).
+fn image_names(repo: &Path) -> Vec<String> {
     let Ok(entries) = fs::read_dir(repo) else {
         return Vec::new();
     };
-    let want = arg.strip_suffix(".img").unwrap_or(arg).to_lowercase();
-    let mut scored: Vec<(usize, String)> = entries
+    let mut names: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|name| !name.starts_with('.') && repo.join(name).is_file())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Up to 3 repository images whose names look like `arg`.
+fn close_names(repo: &Path, arg: &str) -> Vec<String> {
+    let want = arg.strip_suffix(".img").unwrap_or(arg).to_lowercase();
+    let mut scored: Vec<(usize, String)> = image_names(repo)
+        .into_iter()
         .filter_map(|name| {
             let stem = name.strip_suffix(".img").unwrap_or(&name).to_lowercase();
             let distance = if stem.contains(&want) || want.contains(&stem) {

@@ -30,6 +30,7 @@ fn image() -> ImageHeader {
         name: "lab.img".into(),
         size: 64 * MIB,
         data_size: 22 * MIB,
+        cap: 0,
     }
 }
 

@@ -99,7 +99,7 @@ pub struct LoadArgs {
     /// Rewrite every chunk, and write block devices even if mounted
     #[arg(long)]
     pub force: bool,
-    /// Total bandwidth cap, bytes per second (suffixes K, M, G: 100M)
+    /// Cap on the bytes leaving this machine, as sent (compressed), over all nodes, per second (K, M, G: 40M); nodes may write faster
     #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
     /// star, chain or auto (default: [load] fanout)
@@ -133,7 +133,7 @@ pub struct DemoArgs {
     /// Size of the generated image (suffixes K, M, G)
     #[arg(long, default_value = "1G", value_parser = parse_rate)]
     pub size: u64,
-    /// Total bandwidth cap, so the load can be watched (0: none)
+    /// Cap on the bytes sent (compressed) per second, so the load can be watched (0: none)
     #[arg(short = 'b', long = "bandwidth", default_value = "256M", value_parser = parse_rate)]
     pub bandwidth: u64,
     /// Use local agent processes even if sshd is available

@@ -315,10 +315,12 @@ pub(crate) async fn run_load(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
     let header = ui::ImageHeader {
         name: image_name.clone(),
         size: manifest.size,
         data_size: manifest.data_size(),
+        cap,
     };
     let job = load::LoadJob {
         image_name,
@@ -333,7 +335,8 @@ pub(crate) async fn run_load(
         force: args.force,
         retries: config.load.retries,
         concurrency: config.load.concurrency,
-        rate: source::RateLimit::new(args.bandwidth.unwrap_or(config.load.bandwidth)),
+        rate: source::RateLimit::new(cap),
+        wire: Default::default(),
         before: config.load.before.clone(),
         after: config.load.after.clone(),
         deadline,

@@ -39,6 +39,9 @@ pub struct NodeReading {
 #[derive(Debug)]
 pub struct Board {
     pub nodes: Vec<NodeCell>,
+    /// Bytes that left the controller for the nodes, as sent (compressed):
+    /// what the bandwidth cap limits.
+    pub wire: Arc<AtomicU64>,
 }
 
 impl Board {
@@ -55,7 +58,13 @@ impl Board {
                     image: Mutex::new(None),
                 })
                 .collect(),
+            wire: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Bytes sent on the controller's links so far (compressed).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.load(Ordering::Relaxed)
     }
 
     pub fn read(&self, i: usize) -> NodeReading {

@@ -119,8 +119,12 @@ impl Bars {
             self.total.set_length(total.max(written));
             self.total.set_position(written);
         }
+        let wire = view
+            .wire_text(view.summary.is_none())
+            .map(|w| format!(" · {w}"))
+            .unwrap_or_default();
         self.total
-            .set_message(format!("{done}/{} nodes finished", view.nodes.len()));
+            .set_message(format!("{done}/{} nodes finished{wire}", view.nodes.len()));
     }
 
     pub fn finish(&mut self) {

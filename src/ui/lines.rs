@@ -93,9 +93,13 @@ impl Lines {
             .eta()
             .map(|d| format!(", ETA {}", human_duration(d)))
             .unwrap_or_default();
+        let wire = view
+            .wire_text(true)
+            .map(|w| format!(", {w}"))
+            .unwrap_or_default();
         writeln!(
             out,
-            "{} progress: {done}/{} nodes finished, {} of {} written, {}{eta}",
+            "{} progress: {done}/{} nodes finished, {} of {} written, {}{wire}{eta}",
             now(),
             view.nodes.len(),
             human_bytes(written),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::engine::events::{Event, NodeState, Summary};
 use crate::engine::report::Board;
+use crate::ui::fmt::{human_bytes, human_cap, human_rate};
 
 /// Log lines kept for the dashboard.
 const LOG_LINES: usize = 200;
@@ -49,6 +50,8 @@ pub struct ImageHeader {
     pub name: String,
     pub size: u64,
     pub data_size: u64,
+    /// The bandwidth cap on the controller's links, bytes/s (0: none).
+    pub cap: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +71,10 @@ pub struct View {
     pub summary: Option<Summary>,
     /// Where the run's log file is, if any.
     pub log_path: Option<String>,
+    /// Bytes sent on the controller's links (compressed) and their
+    /// smoothed rate: what the bandwidth cap limits.
+    pub wire_bytes: u64,
+    pub wire_rate: f64,
 }
 
 impl View {
@@ -91,6 +98,8 @@ impl View {
             elapsed: Duration::ZERO,
             summary: None,
             log_path: None,
+            wire_bytes: 0,
+            wire_rate: 0.0,
         }
     }
 
@@ -166,6 +175,12 @@ impl View {
     pub fn sample(&mut self, board: &Board, elapsed: Duration) {
         let dt = elapsed.saturating_sub(self.elapsed).as_secs_f64();
         self.elapsed = elapsed;
+        let wire = board.wire_bytes();
+        if dt > 0.0 {
+            let instant = wire.saturating_sub(self.wire_bytes) as f64 / dt;
+            self.wire_rate += (dt / 2.0).min(1.0) * (instant - self.wire_rate);
+        }
+        self.wire_bytes = wire;
         for (i, n) in self.nodes.iter_mut().enumerate() {
             let r = board.read(i);
             if dt > 0.0 && !n.state.is_final() {
@@ -194,6 +209,24 @@ impl View {
         (written, total, rate)
     }
 
+    /// `wire 38 MiB/s ≤ 40 MiB/s`: what crossed the controller's links
+    /// (compressed), beside the cap that limits it; None if neither exists.
+    pub fn wire_text(&self, running: bool) -> Option<String> {
+        let cap = self.image.as_ref().map_or(0, |i| i.cap);
+        if cap == 0 && self.wire_bytes == 0 {
+            return None;
+        }
+        let mut text = if running {
+            format!("wire {}", human_rate(self.wire_rate))
+        } else {
+            format!("wire {}", human_bytes(self.wire_bytes))
+        };
+        if cap > 0 {
+            text.push_str(&format!(" ≤ {}", human_cap(cap)));
+        }
+        Some(text)
+    }
+
     pub fn eta(&self) -> Option<Duration> {
         let (written, total, rate) = self.totals();
         if rate < 1.0 || total == 0 || self.summary.is_some() {
@@ -219,6 +252,28 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wire_rate_is_shown_beside_its_cap() {
+        let names = vec!["a".to_string()];
+        let board = Board::new(&names);
+        let image = ImageHeader {
+            name: "x.img".into(),
+            size: 1 << 30,
+            data_size: 1 << 30,
+            cap: 40 << 20,
+        };
+        let mut view = View::new("load", &names, Some(image));
+        assert_eq!(view.wire_text(true).unwrap(), "wire 0 B/s ≤ 40 MiB/s");
+        board
+            .wire
+            .store(40 << 20, std::sync::atomic::Ordering::Relaxed);
+        view.sample(&board, Duration::from_secs(2));
+        assert_eq!(view.wire_text(true).unwrap(), "wire 20 MiB/s ≤ 40 MiB/s");
+        assert_eq!(view.wire_text(false).unwrap(), "wire 40 MiB ≤ 40 MiB/s");
+        let plain = View::new("wait", &names, None);
+        assert_eq!(plain.wire_text(true), None);
+    }
 
     #[test]
     fn sampling_tracks_bytes_and_smooths_rates() {

@@ -363,9 +363,7 @@ impl Coordinator {
                 Ok(Err(e)) => return self.abandon(e).await,
                 Err(e) => return self.abandon(e.to_string()).await,
             };
-            if let Some(rate) = &self.job.rate {
-                rate.take(chunk.data.len() as u64).await;
-            }
+            self.job.on_wire(chunk.data.len() as u64).await;
             // A head that cannot take the chunk is cut; the next one heads.
             while let Some(head) = self.chain.first() {
                 let (node, tx) = (head.node, head.tx.clone());
@@ -595,9 +593,7 @@ async fn send_direct(
 ) -> Result<(), String> {
     for &c in chunks {
         let chunk = job.source.get(c).await?;
-        if let Some(rate) = &job.rate {
-            rate.take(chunk.data.len() as u64).await;
-        }
+        job.on_wire(chunk.data.len() as u64).await;
         let mut tx = tx.lock().await;
         proto::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
             .await

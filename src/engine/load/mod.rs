@@ -48,6 +48,8 @@ pub struct LoadJob {
     pub retries: u32,
     pub concurrency: usize,
     pub rate: Option<Arc<RateLimit>>,
+    /// Bytes put on the controller's links (the run's board counts them).
+    pub wire: Arc<AtomicU64>,
     pub before: String,
     pub after: String,
     pub deadline: Instant,
@@ -87,7 +89,19 @@ pub(crate) struct Counters {
     pub written: AtomicU64,
 }
 
-pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
+impl LoadJob {
+    /// `bytes` (compressed, as sent) are about to leave the controller: the
+    /// bandwidth cap paces them, the wire counter counts them.
+    pub(crate) async fn on_wire(&self, bytes: u64) {
+        if let Some(rate) = &self.rate {
+            rate.take(bytes).await;
+        }
+        self.wire.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+pub async fn load_all(mut job: LoadJob, report: Reporter, cancel: Cancel) {
+    job.wire = report.board().wire.clone();
     let job = Arc::new(job);
     // A chain needs all its members at once: the concurrency limit is for
     // star, where every node costs the controller's uplink.
@@ -410,9 +424,7 @@ async fn run_session(
                 .await
                 .map_err(|e| AttemptError::Fatal(e.to_string()))?
                 .map_err(AttemptError::Fatal)?;
-            if let Some(rate) = &job.rate {
-                rate.take(chunk.data.len() as u64).await;
-            }
+            job.on_wire(chunk.data.len() as u64).await;
             proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
             counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
         }

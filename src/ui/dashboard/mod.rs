@@ -333,6 +333,11 @@ fn render_header(frame: &mut Frame, area: Rect, view: &View, ui: &UiState) {
         " · {n} node{}",
         if n == 1 { "" } else { "s" }
     )));
+    if let Some(cap) = view.image.as_ref().map(|i| i.cap).filter(|&c| c > 0) {
+        // The cap limits compressed bytes on the controller's links, not
+        // the bytes the nodes write: say so where the rates are read.
+        left.push(Span::raw(format!(" · wire ≤ {}", human_rate(cap as f64))));
+    }
     let right = Line::from(format!("elapsed {}", human_duration(view.elapsed)));
     render_split(frame, area, Line::from(left), right);
 }
@@ -360,7 +365,14 @@ fn render_counts(frame: &mut Frame, area: Rect, view: &View, ui: &UiState) {
     let mut right = Vec::new();
     if view.summary.is_none() && has_bytes(view) {
         let (_, _, rate) = view.totals();
-        right.push(Span::raw(human_rate(rate)));
+        match view.wire_text(true) {
+            Some(_) => right.push(Span::raw(format!(
+                "write {} · wire {}",
+                human_rate(rate),
+                human_rate(view.wire_rate)
+            ))),
+            None => right.push(Span::raw(human_rate(rate))),
+        }
         if let Some(eta) = view.eta() {
             right.push(Span::raw(format!("  ETA {}", human_duration(eta))));
         }

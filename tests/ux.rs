@@ -120,3 +120,35 @@ fn an_image_given_without_dash_i_is_caught_by_its_look() {
         "{err}"
     );
 }
+
+#[test]
+fn timeout_zero_means_no_deadline_for_wait_too() {
+    let mut rig = Rig::new_stopped(1);
+    // Up: returns at once, as with any deadline.
+    rig.start(0);
+    let out = rig
+        .imaging()
+        .args(["wait", "-t", "0", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // Down: it keeps waiting (it used to fail at once) …
+    rig.kill(0);
+    let mut child = rig
+        .imaging()
+        .args(["wait", "-t", "0", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let still = child.try_wait().unwrap().is_none();
+    // Ctrl-C: it cleans up (no ssh left behind) and says it was interrupted.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(130));
+    assert!(still, "wait -t 0 ended on a node that is down");
+    // … and a negative timeout is a usage error.
+    let out = rig.imaging().args(["wait", "-t=-1", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("0: no deadline"), "{}", text(&out));
+}

@@ -93,7 +93,7 @@ pub struct LoadArgs {
     /// Image name in the repository, or a path (default: [repository] default_image)
     #[arg(short = 'i', long = "image", value_name = "IMAGE")]
     pub image: Option<String>,
-    /// Give up after SECS seconds (default: [load] timeout)
+    /// Give up after SECS seconds; 0: no deadline (default: [load] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Rewrite every chunk, and write block devices even if mounted
@@ -117,7 +117,7 @@ pub struct SaveArgs {
     /// A name for the image(s): saving__<node>__<date>__<NAME>.img
     #[arg(short = 'o', long = "output", value_name = "NAME")]
     pub output: Option<String>,
-    /// Give up after SECS seconds (default: [save] timeout)
+    /// Give up after SECS seconds; 0: no deadline (default: [save] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Show what would be done, touch nothing
@@ -179,7 +179,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
 pub struct WaitArgs {
     #[command(flatten)]
     pub nodes: NodeArgs,
-    /// Give up after SECS seconds (default: [wait] timeout)
+    /// Give up after SECS seconds; 0: no deadline (default: [wait] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Print nothing; only the exit code tells

@@ -142,9 +142,7 @@ pub(crate) async fn run_wait(
     loaded: &Loaded,
 ) -> Result<Exit, UsageError> {
     let nodes = select(loaded, &args.nodes)?;
-    let timeout = args.timeout.unwrap_or(loaded.config.wait.timeout as f64);
-    let timeout = Duration::try_from_secs_f64(timeout)
-        .map_err(|_| UsageError::Other(format!("--timeout {timeout}: not a number of seconds")))?;
+    let deadline = deadline(args.timeout, loaded.config.wait.timeout)?;
     let ssh = ssh::SshSettings::from_config(&loaded.config)
         .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
     let mode = match output_mode(cli) {
@@ -154,7 +152,6 @@ pub(crate) async fn run_wait(
         mode => mode,
     };
     let info = run_info(cli, "wait", &nodes, args.verbose, None);
-    let deadline = tokio::time::Instant::now() + timeout;
     let verbose = args.verbose;
     Ok(drive(mode, info, move |report, cancel| async move {
         tokio::select! {
@@ -237,9 +234,16 @@ fn output_mode(cli: &Cli) -> ui::Mode {
     ui::Mode::resolve(cli.global.json, cli.global.curses, cli.global.plain)
 }
 
+/// `-t SECS` (else the config's timeout) as a deadline; 0 means none, for
+/// every command alike.
 fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Instant, UsageError> {
     let secs = timeout.unwrap_or(default_secs as f64);
-    let secs = if secs <= 0.0 {
+    if secs.is_nan() || secs < 0.0 {
+        return Err(UsageError::Other(format!(
+            "--timeout {secs}: not a number of seconds (0: no deadline)"
+        )));
+    }
+    let secs = if secs == 0.0 {
         10.0 * 365.0 * 86400.0
     } else {
         secs

@@ -152,3 +152,48 @@ fn timeout_zero_means_no_deadline_for_wait_too() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("0: no deadline"), "{}", text(&out));
 }
+
+/// The binary with no config at all: an empty HOME and working dir.
+fn bare(dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imaging"));
+    cmd.current_dir(dir)
+        .env("HOME", dir)
+        .env("XDG_CONFIG_HOME", dir.join("xdg"))
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .env_remove("IMAGING_CONFIG")
+        .env_remove("NODES");
+    cmd
+}
+
+#[test]
+fn without_any_config_the_errors_name_the_files_looked_for() {
+    if Path::new("/etc/imaging.conf").exists() || Path::new("/var/lib/imaging/images").exists() {
+        eprintln!("skipped: this machine has a system-wide imaging setup");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = bare(dir.path())
+        .args(["load", "-i", "x.img", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let home_conf = dir.path().join(".imaging.conf");
+    for needle in [
+        "inventory is empty",
+        "/etc/imaging.conf",
+        home_conf.to_str().unwrap(),
+        "imaging.conf.example",
+        "imaging config",
+    ] {
+        assert!(err.contains(needle), "{needle} not in: {err}");
+    }
+    let out = bare(dir.path()).arg("list").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/var/lib/imaging/images does not exist")
+            && err.contains("[repository] dir = "),
+        "{err}"
+    );
+}

@@ -106,7 +106,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
         Command::Demo(args) => demo::run(&cli, args).await,
         Command::List(args) => {
             let loaded = loaded()?;
-            let repo = config::expand_home(&loaded.config.repository.dir);
+            let repo = repository(&loaded)?;
             let images = repo::list(
                 &repo,
                 args.pattern.as_deref(),
@@ -282,11 +282,16 @@ pub(crate) async fn run_load(
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
     let nodes = select(loaded, &args.nodes)?;
-    let repo_dir = config::expand_home(&config.repository.dir);
     let image_arg = args
         .image
         .clone()
         .unwrap_or_else(|| config.repository.default_image.clone());
+    // A path needs no repository.
+    let repo_dir = if image_arg.contains('/') {
+        config::expand_home(&config.repository.dir)
+    } else {
+        repository(loaded)?
+    };
     let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
     let file = std::fs::File::open(&image)
         .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
@@ -368,13 +373,7 @@ pub(crate) async fn run_save(
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
     let nodes = select(loaded, &args.nodes)?;
-    let repo_dir = config::expand_home(&config.repository.dir);
-    if !repo_dir.is_dir() {
-        return Err(UsageError::Other(format!(
-            "image repository {} is not a directory",
-            repo_dir.display()
-        )));
-    }
+    let repo_dir = repository(loaded)?;
     let now = chrono::Local::now().naive_local();
     let names = nodes
         .iter()
@@ -421,9 +420,67 @@ pub(crate) async fn run_save(
     .await)
 }
 
+/// Which config files were read, or, if none, where they were looked for
+/// and how to start one.
+fn config_files_note(loaded: &Loaded) -> String {
+    if loaded.files.is_empty() {
+        let looked: Vec<String> = config::default_paths()
+            .iter()
+            .map(|p| absolute(p).display().to_string())
+            .collect();
+        format!(
+            "no config file found (looked for {}); start from imaging.conf.example, \
+             and check with `imaging config`",
+            looked.join(", ")
+        )
+    } else {
+        let read: Vec<String> = loaded
+            .files
+            .iter()
+            .map(|f| absolute(std::path::Path::new(f)).display().to_string())
+            .collect();
+        format!("config read from {}", read.join(", "))
+    }
+}
+
+/// `p` against the working directory, for messages.
+pub(crate) fn absolute(p: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The image repository, which must exist: else say how to set it.
+fn repository(loaded: &Loaded) -> Result<std::path::PathBuf, UsageError> {
+    let dir = config::expand_home(&loaded.config.repository.dir);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let what = if dir.exists() {
+        "is not a directory"
+    } else {
+        "does not exist"
+    };
+    let origin = loaded
+        .origin
+        .get("repository.dir")
+        .map(String::as_str)
+        .unwrap_or(config::BUILTIN);
+    Err(UsageError::Other(format!(
+        "image repository {} {what} (repository.dir from {origin}); create it, or set \
+         `[repository] dir = \"/path/to/images\"` in a config file; {}",
+        dir.display(),
+        config_files_note(loaded)
+    )))
+}
+
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.
 pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError> {
     let inventory = loaded.config.inventory()?;
+    if inventory.nodes.is_empty() {
+        return Err(UsageError::Other(format!(
+            "the inventory is empty: no [[node]] entry and no [nodes] inventory file; {}",
+            config_files_note(loaded)
+        )));
+    }
     let mut tokens = Vec::new();
     if args.all {
         match &loaded.config.nodes.all {

@@ -197,3 +197,52 @@ fn without_any_config_the_errors_name_the_files_looked_for() {
         "{err}"
     );
 }
+
+#[test]
+fn a_cancelled_run_says_cancelled_and_leaves_no_stale_bar() {
+    let rig = Rig::new(2);
+    random_file(&rig.dir().join("images/slow.img"), 32 * MIB);
+    let cmd = |extra: &[&str]| {
+        let mut c = rig.imaging();
+        c.args(["load", "-i", "slow.img", "-b", "1M", "1-2"])
+            .args(extra);
+        c
+    };
+
+    // Piped: Ctrl-C (SIGINT) once the transfer runs.
+    let child = cmd(&["--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for_data(&rig.nodes()[0].target);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{stdout}");
+    assert!(
+        stdout.contains("load: cancelled after") && stdout.contains("2 cancelled"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("nodes failed"), "{stdout}");
+
+    // Bars on a terminal: ^C typed; no bar is left above the summary.
+    let tmux = Tmux::new("cancel-bars");
+    let rc = rig.dir().join("bars.rc");
+    for n in rig.nodes() {
+        std::fs::remove_file(&n.target).unwrap();
+    }
+    tmux.start(rig.dir(), &cmd(&[]), &rc, 120, 30);
+    tmux.wait_for("the bars", 60, |s| s.contains("nodes finished"));
+    common::wait_for_data(&rig.nodes()[0].target);
+    tmux.keys("C-c");
+    assert_eq!(tmux.exit_code(&rc, 60), 130);
+    let screen = tmux.capture();
+    assert!(screen.contains("load: cancelled after"), "{screen}");
+    assert!(
+        !screen
+            .lines()
+            .any(|l| l.contains(" [") && l.contains("B/s")),
+        "a progress bar stayed:\n{screen}"
+    );
+}

@@ -11,7 +11,50 @@ use crate::engine::events::{Event, NodeState};
 
 pub const REFRESH: Duration = Duration::from_millis(100);
 
+/// Keys typed while the bars run are not echoed: an echoed `^C` moves the
+/// cursor under indicatif's feet, and the bars it then fails to clear stay
+/// above the summary. Restored when the bars end (or are dropped).
+struct NoEcho(Option<libc::termios>);
+
+impl NoEcho {
+    fn new() -> NoEcho {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a zeroed termios the
+        // call fills; nothing is kept but the copy.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return NoEcho(None);
+            }
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return NoEcho(None);
+            }
+            let mut quiet = saved;
+            quiet.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(0, libc::TCSANOW, &quiet) != 0 {
+                return NoEcho(None);
+            }
+            NoEcho(Some(saved))
+        }
+    }
+
+    fn restore(&mut self) {
+        if let Some(saved) = self.0.take() {
+            // SAFETY: puts back the settings read in `new`.
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, &saved);
+            }
+        }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
 pub struct Bars {
+    no_echo: NoEcho,
     multi: MultiProgress,
     nodes: Vec<ProgressBar>,
     total: ProgressBar,
@@ -71,6 +114,7 @@ impl Bars {
             total.set_style(style(&format!("{{prefix:{width}}} {{msg}}")));
         }
         Bars {
+            no_echo: NoEcho::new(),
             multi,
             nodes,
             total,
@@ -128,7 +172,11 @@ impl Bars {
     }
 
     pub fn finish(&mut self) {
-        self.total.finish();
+        // Every bar goes, so no stale progress line stays above the summary.
+        for bar in self.nodes.iter().chain([&self.total]) {
+            bar.finish_and_clear();
+        }
         let _ = self.multi.clear();
+        self.no_echo.restore();
     }
 }

@@ -14,6 +14,9 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 pub struct Lines {
     command: String,
     verbose: bool,
+    /// `wait`: list each failed node's reason in the summary (after the
+    /// dashboard, which showed them on a screen that is gone).
+    reasons: bool,
 }
 
 fn now() -> String {
@@ -25,7 +28,13 @@ impl Lines {
         Lines {
             command: info.command.clone(),
             verbose: info.verbose,
+            reasons: false,
         }
+    }
+
+    pub fn with_reasons(mut self) -> Self {
+        self.reasons = true;
+        self
     }
 
     pub fn show(
@@ -146,7 +155,38 @@ impl Lines {
             }
         }
         let took = human_duration(Duration::from_secs_f64(summary.elapsed_s));
-        if failed.is_empty() {
+        if self.command == "wait" && self.reasons {
+            for n in summary.failed() {
+                writeln!(
+                    out,
+                    "{} ssh KO ({})",
+                    n.name,
+                    n.error.as_deref().unwrap_or(n.state.label())
+                )?;
+            }
+        }
+        let cancelled = summary
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Cancelled)
+            .count();
+        if cancelled > 0 {
+            // Stopped by the operator: not a failure of the nodes.
+            let ok = summary
+                .nodes
+                .iter()
+                .filter(|n| n.state.is_success())
+                .count();
+            let failed = summary.nodes.len() - ok - cancelled;
+            let mut text = format!(
+                "{}: cancelled after {took}: {ok} succeeded, {cancelled} cancelled",
+                self.command
+            );
+            if failed > 0 {
+                text.push_str(&format!(", {failed} failed"));
+            }
+            writeln!(out, "{text}")?;
+        } else if failed.is_empty() {
             if self.command != "wait" {
                 match summary.nodes.len() {
                     1 => writeln!(out, "{}: the node succeeded in {took}", self.command)?,

@@ -467,10 +467,22 @@ fn render_gauge(frame: &mut Frame, area: Rect, view: &View, ui: &UiState) {
             human_bytes(total)
         ));
     }
-    label.push_str(&format!(
-        " · {finished}/{} nodes finished ",
-        view.nodes.len()
-    ));
+    let cancelled = view
+        .summary
+        .as_ref()
+        .is_some_and(|s| s.nodes.iter().any(|n| n.state == NodeState::Cancelled));
+    if cancelled {
+        let ok = view.nodes.iter().filter(|n| n.state.is_success()).count();
+        label.push_str(&format!(
+            " · cancelled: {ok}/{} nodes succeeded ",
+            view.nodes.len()
+        ));
+    } else {
+        label.push_str(&format!(
+            " · {finished}/{} nodes finished ",
+            view.nodes.len()
+        ));
+    }
     let color = match &view.summary {
         Some(s) if s.ok => Color::Green,
         Some(_) => Color::Yellow,
@@ -512,7 +524,8 @@ impl Columns {
             .clamp(4, 24) as u16;
         let wide = width >= WIDE;
         let with_bytes = has_bytes(view);
-        let state = if wide { 15 } else { 12 };
+        // `wait` has no byte columns: room for "waiting for ssh" whole.
+        let state = if wide || !with_bytes { 15 } else { 12 };
         // `human_bytes` is at most 8 wide: "1023 MiB / 1023 MiB" when wide,
         // the bytes written otherwise.
         let bytes = if wide { 19 } else { 8 };
@@ -574,7 +587,13 @@ impl Columns {
         let style = ui.state_style(n.state);
         let mut cells = vec![
             Cell::from(n.name.clone()),
-            Cell::from(Span::styled(n.state.label(), style)),
+            Cell::from(Span::styled(
+                match n.state.label() {
+                    long if long.len() > usize::from(self.state) => "wait ssh",
+                    label => label,
+                },
+                style,
+            )),
         ];
         let failed = matches!(n.state, NodeState::Failed | NodeState::Timeout);
         let last = match (&n.message, n.eta()) {
@@ -1074,7 +1093,8 @@ pub async fn run(mut feed: Feed, mut view: View) -> Option<Summary> {
         Err(e) => Some(e),
     };
     let mut out = io::stdout();
-    let mut plain = Lines::new(&feed.info);
+    // The screen is gone: the summary repeats every failure's reason.
+    let mut plain = Lines::new(&feed.info).with_reasons();
     if let Some(e) = failure {
         // The run goes on; show it as plain lines.
         eprintln!("imaging: the dashboard failed ({e}); going on with plain lines");

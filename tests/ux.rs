@@ -246,3 +246,57 @@ fn a_cancelled_run_says_cancelled_and_leaves_no_stale_bar() {
         "a progress bar stayed:\n{screen}"
     );
 }
+
+#[test]
+fn dry_run_is_a_plan_of_nodes_targets_reachability_and_fanout() {
+    let mut rig = Rig::new_stopped(3);
+    rig.start(0);
+    rig.start(1);
+    random_file(&rig.dir().join("images/plan.img"), 8 * MIB);
+    random_file(&rig.nodes()[0].target, MIB);
+    let before = std::fs::read(&rig.nodes()[0].target).unwrap();
+
+    let out = rig
+        .imaging()
+        .args(["load", "-n", "--json", "-i", "plan.img", "1-3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let plan: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(plan["event"], "plan");
+    assert_eq!(plan["size"], 8 * MIB as u64);
+    assert_eq!(plan["fanout"], "star");
+    let nodes = plan["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes[0]["reachable"], true);
+    assert_eq!(nodes[0]["target_now"]["kind"], "file");
+    assert_eq!(nodes[0]["target_now"]["size"], MIB as u64);
+    assert_eq!(nodes[1]["target_now"]["kind"], "missing");
+    assert_eq!(nodes[2]["reachable"], false);
+    assert!(nodes[2]["error"].as_str().unwrap().len() > 3);
+    assert!(nodes[0]["would_receive_at_most"].as_u64().unwrap() <= 8 * MIB as u64);
+    // Nothing was written.
+    assert_eq!(std::fs::read(&rig.nodes()[0].target).unwrap(), before);
+    assert!(!rig.nodes()[1].target.exists());
+
+    // A /dev target that does not exist is warned about; text for humans.
+    let layer = rig.dir().join("dev.conf");
+    std::fs::write(&layer, "[load]\ntarget = \"/dev/imaging-no-such-{name}\"\n").unwrap();
+    let out = common::imaging(&rig, &layer)
+        .args(["load", "-n", "-i", "plan.img", "--fanout", "chain", "1-2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout.contains("fan-out chain"), "{stdout}");
+    assert!(stdout.contains("8.0 MiB"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "warning: /dev/imaging-no-such-node01 does not exist on node01: \
+             it would be created as a regular file"
+        ),
+        "{stdout}"
+    );
+    assert!(!Path::new("/dev/imaging-no-such-node01").exists());
+}

@@ -105,7 +105,7 @@ pub struct LoadArgs {
     /// star, chain or auto (default: [load] fanout)
     #[arg(long, value_name = "MODE")]
     pub fanout: Option<crate::config::Fanout>,
-    /// Show what would be done, touch nothing
+    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object)
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
 }

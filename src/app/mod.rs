@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod plan;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -306,25 +307,43 @@ pub(crate) async fn run_load(
         .await
         .map_err(|e| UsageError::Other(e.to_string()))?
         .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    let chain = match args.fanout.unwrap_or(config.load.fanout) {
+        config::Fanout::Star => false,
+        config::Fanout::Chain => true,
+        config::Fanout::Auto => nodes.len() >= load::CHAIN_FROM,
+    };
+    let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
+    let (ssh, agent) = ssh_and_agent(loaded)?;
     if args.dry_run {
-        println!(
-            "would load {} ({} bytes, {} of data, {} chunks) onto:",
-            image.display(),
-            manifest.size,
-            manifest.data_size(),
-            manifest.chunk_count()
-        );
-        for (n, t) in nodes.iter().zip(&targets) {
-            println!("  {} {}", n.name, t);
+        let probed = plan::probe_all(&ssh, &nodes, &targets).await;
+        let plan = plan::Plan {
+            event: "plan",
+            command: "load",
+            image: image.display().to_string(),
+            size: manifest.size,
+            data_size: manifest.data_size(),
+            chunks: manifest.chunk_count(),
+            chunk_size,
+            fanout: if chain { "chain" } else { "star" },
+            bandwidth: cap,
+            nodes: nodes
+                .iter()
+                .zip(&targets)
+                .zip(probed)
+                .map(|((n, t), p)| plan::node_plan(n, t, p, manifest.data_size()))
+                .collect(),
+        };
+        if cli.global.json {
+            println!("{}", serde_json::to_string(&plan).unwrap_or_default());
+        } else {
+            print!("{}", plan::format(&plan));
         }
         return Ok(Exit::Success);
     }
-    let (ssh, agent) = ssh_and_agent(loaded)?;
     let image_name = image
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
     let header = ui::ImageHeader {
         name: image_name.clone(),
         size: manifest.size,
@@ -350,11 +369,7 @@ pub(crate) async fn run_load(
         after: config.load.after.clone(),
         deadline,
         reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
-        chain: match args.fanout.unwrap_or(config.load.fanout) {
-            config::Fanout::Star => false,
-            config::Fanout::Chain => true,
-            config::Fanout::Auto => nodes.len() >= load::CHAIN_FROM,
-        },
+        chain,
         relay_bind: config.load.relay_bind.clone(),
         relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,

@@ -300,3 +300,37 @@ fn dry_run_is_a_plan_of_nodes_targets_reachability_and_fanout() {
     );
     assert!(!Path::new("/dev/imaging-no-such-node01").exists());
 }
+
+#[test]
+fn list_says_when_nothing_matched_and_shows_broken_links() {
+    let rig = Rig::new_stopped(1);
+    let images = rig.dir().join("images");
+    std::fs::write(images.join("a.img"), b"data").unwrap();
+    std::os::unix::fs::symlink("gone.img", images.join("old.img")).unwrap();
+
+    let out = rig.imaging().args(["list", "nomatch"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout.contains("matches `nomatch`"), "{stdout}");
+    assert!(!stdout.contains("no images"), "{stdout}");
+
+    let out = rig.imaging().arg("list").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("old.img"))
+        .unwrap_or_else(|| panic!("the broken link is hidden:\n{stdout}"));
+    assert!(row.contains("-> gone.img (broken"), "{row}");
+
+    let out = rig
+        .imaging()
+        .args(["load", "-i", "old.img", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("broken link to gone.img"),
+        "{}",
+        text(&out)
+    );
+}

@@ -123,7 +123,18 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
                     println!("{v}");
                 }
             } else if images.is_empty() {
-                println!("no images in {}", repo.display());
+                match &args.pattern {
+                    Some(p)
+                        if repo::list(&repo, None, loaded.config.load.chunk_size)
+                            .is_ok_and(|all| !all.is_empty()) =>
+                    {
+                        println!(
+                            "no image in {} matches `{p}` (`imaging list` shows them all)",
+                            repo.display()
+                        )
+                    }
+                    _ => println!("no images in {}", repo.display()),
+                }
             } else {
                 print!("{}", repo::format_table(&images));
             }

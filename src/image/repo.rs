@@ -25,6 +25,9 @@ pub struct ImageInfo {
     pub manifest: ManifestState,
     /// For a symlink: what it points at.
     pub link_to: Option<String>,
+    /// A symlink whose target does not exist.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub broken: bool,
 }
 
 /// Images in `repo`, sorted by name, optionally filtered by `pattern` (a
@@ -35,6 +38,7 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
     let mut images = Vec::new();
     // (dev, inode) of each file, to tie symlinks to their targets.
     let mut ids: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+    let mut broken = Vec::new();
     for entry in fs::read_dir(repo).map_err(in_repo)? {
         let entry = entry.map_err(in_repo)?;
         let Ok(name) = entry.file_name().into_string() else {
@@ -48,7 +52,22 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
             continue; // vanished
         };
         let Ok(meta) = fs::metadata(&path) else {
-            continue; // broken symlink
+            // A broken link: shown as such, so it can be mended or removed.
+            if own.file_type().is_symlink() && pattern.is_none_or(|p| name_matches(p, &name)) {
+                let target = fs::read_link(&path).map_err(in_repo)?;
+                broken.push(ImageInfo {
+                    name,
+                    path,
+                    size: 0,
+                    data_size: 0,
+                    modified: String::new(),
+                    symlinks: Vec::new(),
+                    manifest: ManifestState::Missing,
+                    link_to: Some(link_name(repo, &target)),
+                    broken: true,
+                });
+            }
+            continue;
         };
         if !meta.is_file() {
             continue;
@@ -98,8 +117,10 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
             symlinks,
             manifest: state,
             link_to,
+            broken: false,
         });
     }
+    out.extend(broken);
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
@@ -165,6 +186,7 @@ pub fn format_table(images: &[ImageInfo]) -> String {
         .iter()
         .map(|i| {
             let links = match &i.link_to {
+                Some(target) if i.broken => format!("-> {target} (broken: no such file)"),
                 Some(target) => format!("-> {target}"),
                 None if i.symlinks.is_empty() => String::new(),
                 None => format!("<- {}", i.symlinks.join(", ")),
@@ -174,10 +196,11 @@ pub fn format_table(images: &[ImageInfo]) -> String {
                 ManifestState::Stale => "stale",
                 ManifestState::Missing => "missing",
             };
+            let size = |n: u64| if i.broken { "-".into() } else { human_bytes(n) };
             [
                 i.name.clone(),
-                human_bytes(i.size),
-                human_bytes(i.data_size),
+                size(i.size),
+                size(i.data_size),
                 i.modified.clone(),
                 state.to_string(),
                 links,
@@ -231,6 +254,17 @@ pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
     }
     if let Some(hit) = tried.iter().find(|p| p.is_file()) {
         return Ok(hit.clone());
+    }
+    for path in &tried {
+        if let (Ok(own), Err(_)) = (fs::symlink_metadata(path), fs::metadata(path))
+            && own.file_type().is_symlink()
+        {
+            let target = fs::read_link(path).unwrap_or_default();
+            return Err(format!(
+                "image {arg:?} is a broken link to {} (it does not exist)",
+                link_name(repo, &target)
+            ));
+        }
     }
     let tried_text: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
     let mut msg = format!(
@@ -400,6 +434,7 @@ mod tests {
         assert_eq!(
             names(&images),
             [
+                "broken.img",
                 "default.img",
                 "fedora.img",
                 "latest.img",
@@ -407,13 +442,15 @@ mod tests {
                 "ubuntu.img"
             ]
         );
-        let fedora = &images[1];
+        // A broken link is shown as one, not hidden.
+        assert!(images[0].broken && images[0].link_to.as_deref() == Some("gone.img"));
+        let fedora = &images[2];
         assert_eq!(fedora.size, 100);
         assert_eq!(fedora.path, dir.path().join("fedora.img"));
-        assert_eq!(fedora.modified.len(), "2024-01-01 12:00".len());
+        assert_eq!(fedora.modified.len(), "2024-01-01 12:00 +00:00".len());
         assert!(fedora.symlinks.is_empty() && fedora.link_to.is_none());
         // A hole costs nothing; allocated size never exceeds the size.
-        let sparse = &images[3];
+        let sparse = &images[4];
         assert_eq!((sparse.size, sparse.data_size), (1 << 30, 0));
         assert!(fedora.data_size <= 100);
     }

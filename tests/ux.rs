@@ -334,3 +334,136 @@ fn list_says_when_nothing_matched_and_shows_broken_links() {
         text(&out)
     );
 }
+
+#[test]
+fn conflicting_or_meaningless_flags_are_rejected_and_help_has_examples() {
+    let rig = Rig::new_stopped(2);
+    for args in [
+        &["wait", "--json", "--plain", "1"][..],
+        &["wait", "-s", "-v", "1"],
+        &["load", "-c", "--json", "1"],
+        &["list", "-c"],
+        &["nodes", "--plain", "1"],
+        &["config", "--json"],
+    ] {
+        let out = rig.imaging().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cannot be used with") || err.contains("has no effect"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = rig
+        .imaging()
+        .args(["nodes", "--json", "1-2"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"["node01","node02"]"#
+    );
+    for sub in [
+        "load",
+        "save",
+        "wait",
+        "list",
+        "nodes",
+        "config",
+        "install-links",
+    ] {
+        let out = rig.imaging().args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("Examples:") && help.contains("Exit codes:"),
+            "{sub}: {help}"
+        );
+    }
+    let help = String::from_utf8_lossy(
+        &rig.imaging()
+            .args(["load", "--help"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for group in ["Selection:", "Output:", "Transfer:"] {
+        assert!(help.contains(group), "{group} missing:\n{help}");
+    }
+    // imaging-wait -V answers like imaging -V.
+    let link = rig.dir().join("imaging-wait");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_imaging"), &link).unwrap();
+    let out = std::process::Command::new(&link)
+        .arg("-V")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("imaging"));
+}
+
+#[test]
+fn install_links_refuses_to_replace_files_and_names_a_missing_dir() {
+    let rig = Rig::new_stopped(0);
+    let missing = rig.dir().join("no-such-bin");
+    let out = rig
+        .imaging()
+        .arg("install-links")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+
+    let bin = rig.dir().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(bin.join("imaging-wait"), b"#!/bin/sh\necho mine\n").unwrap();
+    let out = rig
+        .imaging()
+        .arg("install-links")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("-f"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(bin.join("imaging-wait")).unwrap(),
+        b"#!/bin/sh\necho mine\n"
+    );
+    assert!(!bin.join("imaging-load").exists(), "nothing is touched");
+    let out = rig
+        .imaging()
+        .args(["install-links", "-f"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(bin.join("imaging-wait").read_link().is_ok());
+}
+
+#[test]
+fn nodes_are_listed_in_number_order_whichever_inventory_holds_them() {
+    let rig = Rig::new_stopped(0);
+    let json = rig.dir().join("inventory.json");
+    std::fs::write(
+        &json,
+        r#"[{"control": {"hostname": "fit05", "ip": "10.0.0.5"}},
+            {"control": {"hostname": "fit06", "ip": "10.0.0.6"}}]"#,
+    )
+    .unwrap();
+    let layer = rig.dir().join("inv.conf");
+    std::fs::write(
+        &layer,
+        format!("[nodes]\ninventory = {json:?}\nall = \"1-6\"\n\n[[node]]\nname = \"fit02\"\n"),
+    )
+    .unwrap();
+    let out = common::imaging(&rig, &layer)
+        .args(["nodes", "-a"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "fit02 fit05 fit06",
+        "{}",
+        text(&out)
+    );
+}

@@ -11,10 +11,93 @@ Exit codes:
   2    bad usage, config, node spec or image (nothing was touched)
   130  interrupted by Ctrl-C (after cleanup)";
 
+const LOAD_HELP: &str = "\
+Examples:
+  imaging load -i ubuntu-24.04.img 1-12     write the image onto nodes 1 to 12
+  imaging load -c -a ~7                    the default image on every node but 7, with the dashboard
+  imaging load -n -i base.qcow2 hv-west    the plan only: targets, reachability, fan-out
+  imaging load -b 40M --json 1-4           cap the controller's links at 40 MiB/s; JSON lines
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const SAVE_HELP: &str = "\
+Examples:
+  imaging save 3 -o golden     saving__fit03__<date>__golden.img in the repository
+  imaging save -n 1-4          the names the images would get
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const WAIT_HELP: &str = "\
+Examples:
+  imaging wait -t 120 1-12 && run-experiment
+  imaging-wait -s 1-12 || echo 'some nodes are down'
+  imaging wait -t 0 -v hv-west                  no deadline; print every failed attempt
+
+Exit codes:
+  0    every selected node accepted an SSH login
+  1    one or more nodes did not before the deadline
+  2    bad usage, config or node spec
+  130  interrupted by Ctrl-C";
+
+const LIST_HELP: &str = "\
+Examples:
+  imaging list               every image
+  imaging list 'ubuntu*'     images whose name matches a glob (or contains a word)
+  imaging list --json        one JSON object per image
+
+Exit codes:
+  0    listed (also when nothing matched)
+  2    bad config, or the repository does not exist";
+
+const NODES_HELP: &str = "\
+Examples:
+  imaging nodes 1-12 ~5       fit01 … fit12 without fit05
+  imaging nodes -a --json     the all-nodes scope, as a JSON array
+
+Exit codes:
+  0    printed
+  2    bad config or node spec";
+
+const CONFIG_HELP: &str = "\
+Examples:
+  imaging config                       every key, its value and the file it came from
+  imaging --config lab.conf config     with an extra layer on top
+
+Exit codes:
+  0    printed
+  2    a config file is invalid (its file, line and key are named)";
+
+const DEMO_HELP: &str = "\
+Examples:
+  imaging demo                 8 simulated nodes, a 1 GiB image, the dashboard on a terminal
+  imaging demo -b 0 --size 4G  no cap, a bigger image
+
+Exit codes:
+  0    the demo ran and every check held
+  1    a step failed";
+
+const LINKS_HELP: &str = "\
+Examples:
+  imaging install-links ~/.local/bin        imaging-load, imaging-wait, … -> this executable
+  imaging install-links -f /usr/local/bin   replace files that are already there
+
+Exit codes:
+  0    links created
+  2    DIR does not exist, or a file is in the way (without -f)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "imaging",
     version,
+    propagate_version = true,
     about = "Load disk images onto many lab nodes at once, save them back, wait for nodes to come up",
     after_help = EXIT_CODES,
 )]
@@ -31,55 +114,74 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "IMAGING_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// One JSON object per event on stdout, and a final summary
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output", conflicts_with_all = ["curses", "plain"])]
     pub json: bool,
     /// Full-screen dashboard (q cancels, ? for keys)
-    #[arg(short = 'c', long = "curses", global = true)]
+    #[arg(
+        short = 'c',
+        long = "curses",
+        global = true,
+        help_heading = "Output",
+        conflicts_with = "plain"
+    )]
     pub curses: bool,
     /// Plain timestamped lines, even on a terminal
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output")]
     pub plain: bool,
     /// With -c: leave the dashboard when the run ends instead of waiting for a key (for scripts)
-    #[arg(long = "no-wait", global = true)]
+    #[arg(long = "no-wait", global = true, help_heading = "Output")]
     pub no_wait: bool,
     /// Append every event to FILE (default: ~/.local/state/imaging/imaging.log)
-    #[arg(long = "log", global = true, value_name = "FILE")]
+    #[arg(
+        long = "log",
+        global = true,
+        value_name = "FILE",
+        help_heading = "Output"
+    )]
     pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
     /// Nodes: `1-12`, `fit04`, `4-16-2`, `~5`, `hv-west`… (default: $NODES)
-    #[arg(value_name = "NODES")]
+    #[arg(value_name = "NODES", help_heading = "Selection")]
     pub spec: Vec<String>,
     /// Add the configured all-nodes scope ([nodes] all)
-    #[arg(short = 'a', long = "all")]
+    #[arg(short = 'a', long = "all", help_heading = "Selection")]
     pub all: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write an image onto every selected node's target
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = LOAD_HELP)]
     Load(LoadArgs),
     /// Read nodes' targets back into new images in the repository
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = SAVE_HELP)]
     Save(SaveArgs),
     /// Images in the repository: size, data size, date, links, manifest state
+    #[command(after_help = LIST_HELP)]
     List(ListArgs),
     /// Return once every node accepts SSH, or report those that never did
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = WAIT_HELP)]
     Wait(WaitArgs),
     /// Print the selected node names, space separated, in inventory order
+    #[command(after_help = NODES_HELP)]
     Nodes(NodeArgs),
     /// Print the effective configuration, each value with the file it came from
+    #[command(after_help = CONFIG_HELP)]
     Config,
     /// The main job on simulated local nodes: generate an image, load it, save one node back, wait
+    #[command(after_help = DEMO_HELP)]
     Demo(DemoArgs),
     /// Create `imaging-<command>` symlinks to this executable in DIR
+    #[command(after_help = LINKS_HELP)]
     InstallLinks {
         /// Directory for the links (e.g. ~/.local/bin)
         dir: PathBuf,
+        /// Replace files that are already there
+        #[arg(short = 'f', long = "force")]
+        force: bool,
     },
     /// The node side, started by the controller over SSH (speaks the agent protocol on stdin/stdout)
     #[command(hide = true)]
@@ -91,19 +193,24 @@ pub struct LoadArgs {
     #[command(flatten)]
     pub nodes: NodeArgs,
     /// Image name in the repository, or a path (default: [repository] default_image)
-    #[arg(short = 'i', long = "image", value_name = "IMAGE")]
+    #[arg(
+        short = 'i',
+        long = "image",
+        value_name = "IMAGE",
+        help_heading = "Transfer"
+    )]
     pub image: Option<String>,
     /// Give up after SECS seconds; 0: no deadline (default: [load] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Rewrite every chunk, and write block devices even if mounted
-    #[arg(long)]
+    #[arg(long, help_heading = "Transfer")]
     pub force: bool,
     /// Cap on the bytes leaving this machine, as sent (compressed), over all nodes, per second (K, M, G: 40M); nodes may write faster
-    #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
+    #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate, help_heading = "Transfer")]
     pub bandwidth: Option<u64>,
     /// star, chain or auto (default: [load] fanout)
-    #[arg(long, value_name = "MODE")]
+    #[arg(long, value_name = "MODE", help_heading = "Transfer")]
     pub fanout: Option<crate::config::Fanout>,
     /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object)
     #[arg(short = 'n', long = "dry-run")]
@@ -115,7 +222,12 @@ pub struct SaveArgs {
     #[command(flatten)]
     pub nodes: NodeArgs,
     /// A name for the image(s): saving__<node>__<date>__<NAME>.img
-    #[arg(short = 'o', long = "output", value_name = "NAME")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "NAME",
+        help_heading = "Transfer"
+    )]
     pub output: Option<String>,
     /// Give up after SECS seconds; 0: no deadline (default: [save] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
@@ -183,10 +295,15 @@ pub struct WaitArgs {
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Print nothing; only the exit code tells
-    #[arg(short = 's', long = "silent")]
+    #[arg(
+        short = 's',
+        long = "silent",
+        conflicts_with = "verbose",
+        help_heading = "Output"
+    )]
     pub silent: bool,
     /// Print every failed attempt as it happens
-    #[arg(short = 'v', long = "verbose")]
+    #[arg(short = 'v', long = "verbose", help_heading = "Output")]
     pub verbose: bool,
 }
 

@@ -86,7 +86,32 @@ pub async fn run(cli: Cli) -> Exit {
     }
 }
 
+/// Commands without a progress display take none of its flags (and say so
+/// rather than ignore them); `json_ok` where `--json` has a meaning.
+fn reject_display_flags(cli: &Cli, command: &str, json_ok: bool) -> Result<(), UsageError> {
+    let g = &cli.global;
+    let given = [
+        ("-c", g.curses),
+        ("--plain", g.plain),
+        ("--no-wait", g.no_wait),
+        ("--json", g.json && !json_ok),
+    ];
+    match given.iter().find(|(_, on)| *on) {
+        Some((flag, _)) => Err(UsageError::Other(format!(
+            "{flag} has no effect on `{command}`; leave it out"
+        ))),
+        None => Ok(()),
+    }
+}
+
 async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
+    match &cli.command {
+        Command::List(_) => reject_display_flags(&cli, "list", true)?,
+        Command::Nodes(_) => reject_display_flags(&cli, "nodes", true)?,
+        Command::Config => reject_display_flags(&cli, "config", false)?,
+        Command::InstallLinks { .. } => reject_display_flags(&cli, "install-links", false)?,
+        _ => {}
+    }
     let loaded = || config::load(cli.global.config.as_deref());
     match &cli.command {
         Command::Config => {
@@ -98,7 +123,11 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             let loaded = loaded()?;
             let nodes = select(&loaded, args)?;
             let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-            println!("{}", names.join(" "));
+            if cli.global.json {
+                println!("{}", serde_json::json!(names));
+            } else {
+                println!("{}", names.join(" "));
+            }
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
@@ -141,8 +170,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Agent => Ok(Exit::Usage),
-        Command::InstallLinks { dir } => {
-            install_links(dir)?;
+        Command::InstallLinks { dir, force } => {
+            install_links(dir, *force)?;
             Ok(Exit::Success)
         }
     }
@@ -530,7 +559,7 @@ pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError>
         !token.contains('/')
             && (repo.join(token).is_file() || repo.join(format!("{token}.img")).is_file())
     };
-    nodespec::select_nodes(&inventory, &tokens, &is_image).map_err(|e| {
+    let mut nodes = nodespec::select_nodes(&inventory, &tokens, &is_image).map_err(|e| {
         // A file-like token is most likely an image given without -i: say
         // that first, and briefly.
         match repo::images_a_token_may_mean(&repo, &e.token) {
@@ -546,16 +575,46 @@ pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError>
             )),
             None => e.into(),
         }
-    })
+    })?;
+    // Number order, whichever inventory a node came from (the JSON file's
+    // nodes are read before the inline ones); unnumbered names after.
+    nodes.sort_by_key(|n| (n.number.is_none(), n.number));
+    Ok(nodes)
 }
 
-fn install_links(dir: &std::path::Path) -> Result<(), UsageError> {
+fn install_links(dir: &std::path::Path, force: bool) -> Result<(), UsageError> {
     let exe = std::env::current_exe()
         .map_err(|e| UsageError::Other(format!("cannot find this executable: {e}")))?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| UsageError::Other(format!("cannot create {}: {e}", dir.display())))?;
-    for sub in cli::LINKED {
-        let link = dir.join(format!("imaging-{sub}"));
+    if !dir.exists() {
+        return Err(UsageError::Other(format!(
+            "{} does not exist (create it first, e.g. mkdir -p {})",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    if !dir.is_dir() {
+        return Err(UsageError::Other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    let links: Vec<std::path::PathBuf> = cli::LINKED
+        .iter()
+        .map(|sub| dir.join(format!("imaging-{sub}")))
+        .collect();
+    // Refuse before touching anything: a file in the way is someone's.
+    let in_way: Vec<String> = links
+        .iter()
+        .filter(|l| l.symlink_metadata().is_ok() && std::fs::read_link(l).ok() != Some(exe.clone()))
+        .map(|l| l.display().to_string())
+        .collect();
+    if !in_way.is_empty() && !force {
+        return Err(UsageError::Other(format!(
+            "already there: {} (use -f to replace)",
+            in_way.join(", ")
+        )));
+    }
+    for link in links {
         if link.symlink_metadata().is_ok() {
             std::fs::remove_file(&link).map_err(|e| {
                 UsageError::Other(format!("cannot replace {}: {e}", link.display()))

@@ -467,3 +467,59 @@ fn nodes_are_listed_in_number_order_whichever_inventory_holds_them() {
         text(&out)
     );
 }
+
+#[test]
+fn bash_completion_offers_subcommands_images_and_nodes() {
+    let rig = Rig::new_stopped(2);
+    std::fs::write(rig.dir().join("images/ubuntu-24.04.img"), b"x").unwrap();
+    let out = rig
+        .imaging()
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let script = rig.dir().join("imaging.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // A bash that loaded the script completes as a user's would.
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_imaging")).parent().unwrap();
+    let complete = |line: &str| {
+        let probe = format!(
+            "source {}; COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}; \
+             _imaging_dynamic imaging; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let cmd = rig.imaging();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&probe)
+            .envs(
+                cmd.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            )
+            .env("PATH", path)
+            .current_dir(rig.dir())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(complete("imaging lo").contains("load"));
+    assert_eq!(complete("imaging load -i ub").trim(), "ubuntu-24.04.img");
+    let nodes = complete("imaging wait node");
+    assert!(
+        nodes.contains("node01") && nodes.contains("node02"),
+        "{nodes}"
+    );
+
+    for shell in ["zsh", "fish"] {
+        let out = rig.imaging().args(["completions", shell]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("load"));
+    }
+    let man = rig.dir().join("man");
+    let out = rig.imaging().arg("man").arg(&man).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let page = std::fs::read_to_string(man.join("imaging-load.1")).unwrap();
+    assert!(page.starts_with(".ie") || page.contains(".TH"), "{page}");
+}

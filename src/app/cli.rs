@@ -183,6 +183,25 @@ pub enum Command {
         #[arg(short = 'f', long = "force")]
         force: bool,
     },
+    /// Print shell completions (bash also completes image and node names)
+    #[command(
+        after_help = "Examples:\n  imaging completions bash > /etc/bash_completion.d/imaging\n  imaging completions zsh > ~/.zfunc/_imaging\n  imaging completions fish > ~/.config/fish/completions/imaging.fish\n\nExit codes:\n  0    printed\n  2    unknown shell"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (imaging.1, imaging-load.1, …) into DIR
+    #[command(
+        after_help = "Examples:\n  imaging man /usr/local/share/man/man1\n\nExit codes:\n  0    written\n  2    DIR cannot be written"
+    )]
+    Man {
+        /// Directory for the pages (created if missing)
+        dir: PathBuf,
+    },
+    /// Names for the shell completion: `images` or `nodes`
+    #[command(name = "__complete", hide = true)]
+    Complete { what: String },
     /// The node side, started by the controller over SSH (speaks the agent protocol on stdin/stdout)
     #[command(hide = true)]
     Agent,

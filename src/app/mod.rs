@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod demo;
 pub mod plan;
+pub mod shell;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -110,6 +111,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
         Command::Nodes(_) => reject_display_flags(&cli, "nodes", true)?,
         Command::Config => reject_display_flags(&cli, "config", false)?,
         Command::InstallLinks { .. } => reject_display_flags(&cli, "install-links", false)?,
+        Command::Completions { .. } => reject_display_flags(&cli, "completions", false)?,
+        Command::Man { .. } => reject_display_flags(&cli, "man", false)?,
         _ => {}
     }
     let loaded = || config::load(cli.global.config.as_deref());
@@ -170,6 +173,46 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Agent => Ok(Exit::Usage),
+        Command::Completions { shell } => {
+            shell::completions(*shell, &mut std::io::stdout())
+                .map_err(|e| UsageError::Other(format!("cannot write the completions: {e}")))?;
+            Ok(Exit::Success)
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| UsageError::Other(format!("cannot create {}: {e}", dir.display())))?;
+            let pages = shell::man_pages(dir).map_err(|e| {
+                UsageError::Other(format!("cannot write into {}: {e}", dir.display()))
+            })?;
+            for p in pages {
+                println!("{}", p.display());
+            }
+            Ok(Exit::Success)
+        }
+        Command::Complete { what } => {
+            // Quiet on any error: a completion must never print noise.
+            let Ok(loaded) = loaded() else {
+                return Ok(Exit::Success);
+            };
+            let names: Vec<String> = match what.as_str() {
+                "images" => {
+                    let repo = config::expand_home(&loaded.config.repository.dir);
+                    repo::list(&repo, None, loaded.config.load.chunk_size)
+                        .map(|l| l.into_iter().map(|i| i.name).collect())
+                        .unwrap_or_default()
+                }
+                "nodes" => loaded
+                    .config
+                    .inventory()
+                    .map(|inv| inv.nodes.into_iter().map(|n| n.name).collect())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            for n in names {
+                println!("{n}");
+            }
+            Ok(Exit::Success)
+        }
         Command::InstallLinks { dir, force } => {
             install_links(dir, *force)?;
             Ok(Exit::Success)

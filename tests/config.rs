@@ -44,7 +44,11 @@ fn layers_apply_in_order_and_config_shows_where_each_value_came_from() {
             .to_string()
     };
     // ./imaging.conf beats the user config dir, which beats ~/.imaging.conf …
-    assert!(line("ssh.port").contains("= 2203") && line("ssh.port").ends_with("# imaging.conf"));
+    // Origins are full paths: ./imaging.conf is the one in the working dir.
+    assert!(
+        line("ssh.port").contains("= 2203")
+            && line("ssh.port").ends_with(&format!("# {}", work.join("imaging.conf").display()))
+    );
     assert!(
         line("wait.timeout").contains("= 22")
             && line("wait.timeout").contains("xdg/config/imaging/imaging.conf")

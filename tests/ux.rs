@@ -523,3 +523,30 @@ fn bash_completion_offers_subcommands_images_and_nodes() {
     let page = std::fs::read_to_string(man.join("imaging-load.1")).unwrap();
     assert!(page.starts_with(".ie") || page.contains(".TH"), "{page}");
 }
+
+#[test]
+fn config_shows_files_aligned_origins_nodes_per_line_and_unset_keys() {
+    let rig = Rig::new_stopped(2);
+    let out = rig.imaging().arg("config").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rig_conf = rig.dir().join("imaging.conf");
+    assert!(
+        stdout.contains(&format!("# read:        {}", rig_conf.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("# not found:   /etc/imaging.conf"),
+        "{stdout}"
+    );
+    // Every origin comment starts in the same column.
+    let columns: std::collections::HashSet<usize> = stdout
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("# read") && !l.starts_with("# not"))
+        .map(|l| l.find("  # ").unwrap_or_else(|| panic!("no origin: {l}")))
+        .collect();
+    assert_eq!(columns.len(), 1, "{stdout}");
+    assert!(stdout.contains("node[0] = { name = \"node01\""), "{stdout}");
+    assert!(stdout.contains("node[1] = { name = \"node02\""), "{stdout}");
+    assert!(stdout.contains("# nodes.inventory = "), "{stdout}");
+}

@@ -119,7 +119,9 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
     match &cli.command {
         Command::Config => {
             let loaded = loaded()?;
-            print!("{}", config::describe(&loaded));
+            let mut looked = config::default_paths();
+            looked.extend(cli.global.config.clone());
+            print!("{}", config::describe(&loaded, &looked));
             Ok(Exit::Success)
         }
         Command::Nodes(args) => {

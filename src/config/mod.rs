@@ -487,24 +487,127 @@ pub fn expand_home(path: &str) -> PathBuf {
     }
 }
 
-/// `key = value  # source` lines of the effective configuration.
-pub fn describe(loaded: &Loaded) -> String {
+/// The documented example, whose commented `# key = value` lines name the
+/// keys that have no default (shown commented when unset).
+const EXAMPLE: &str = include_str!("../../imaging.conf.example");
+
+/// A source as a full path (files), or as it is ([`BUILTIN`]).
+fn full(source: &str) -> String {
+    if source == BUILTIN {
+        return source.to_string();
+    }
+    std::path::absolute(source)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| source.to_string())
+}
+
+/// Optional keys of the example (`ssh.identity_file`), with its sample value.
+fn optional_keys() -> Vec<(String, String)> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in EXAMPLE.lines() {
+        let t = line.trim();
+        if t.trim_start_matches(['#', ' ']).starts_with("[[") {
+            section.clear(); // [[node]] fields are per node, not keys
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            section = name.to_string();
+        } else if let Some(rest) = t.strip_prefix("# ")
+            && !section.is_empty()
+            && let Some((k, v)) = rest.split_once(" = ")
+            && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            let v = v.split("  #").next().unwrap_or(v).trim();
+            out.push((format!("{section}.{k}"), v.to_string()));
+        }
+    }
+    out
+}
+
+/// The effective configuration: the files read and looked for, then
+/// `key = value  # source` lines, aligned; unset optional keys commented;
+/// one line per `[[node]]`.
+pub fn describe(loaded: &Loaded, looked_for: &[PathBuf]) -> String {
     let table = toml::Table::try_from(&loaded.config).unwrap_or_default();
     let mut out = String::new();
-    let mut width = 0;
+    let read: Vec<String> = loaded.files.iter().map(|f| full(f)).collect();
+    for f in &read {
+        out.push_str(&format!("# read:        {f}\n"));
+    }
+    for p in looked_for {
+        let p = full(&p.display().to_string());
+        if !read.contains(&p) {
+            out.push_str(&format!("# not found:   {p}\n"));
+        }
+    }
+    if read.is_empty() {
+        out.push_str("# no config file: built-in defaults only (see imaging.conf.example)\n");
+    }
+    out.push('\n');
     let mut rows = Vec::new();
     flatten(&table, "", &mut rows);
-    for (k, _) in &rows {
-        width = width.max(k.len());
-    }
-    for (key, value) in rows {
-        let source = loaded
+    let source_of = |key: &str| {
+        loaded
             .origin
-            .get(&key)
+            .get(key)
             .or_else(|| loaded.origin.get(key.split('.').next().unwrap_or("")))
-            .map(String::as_str)
-            .unwrap_or(BUILTIN);
-        out.push_str(&format!("{key:width$} = {value}    # {source}\n"));
+            .map(|s| full(s))
+            .unwrap_or_else(|| BUILTIN.to_string())
+    };
+    let mut lines: Vec<(String, String)> = rows
+        .iter()
+        .map(|(k, v)| (format!("{k} = {v}"), source_of(k)))
+        .collect();
+    for (key, sample) in optional_keys() {
+        if !rows.iter().any(|(k, _)| *k == key) {
+            lines.push((
+                format!("# {key} = {sample}"),
+                "unset (example value)".into(),
+            ));
+        }
+    }
+    // Keys of a section together, in the schema's order.
+    let order: Vec<String> = rows
+        .iter()
+        .map(|(k, _)| k.split('.').next().unwrap_or("").to_string())
+        .fold(Vec::new(), |mut v, s| {
+            if !v.contains(&s) {
+                v.push(s);
+            }
+            v
+        });
+    let section_rank = |line: &str| {
+        let key = line.trim_start_matches("# ");
+        let section = key.split('.').next().unwrap_or("");
+        order
+            .iter()
+            .position(|s| s == section)
+            .unwrap_or(order.len())
+    };
+    lines.sort_by_key(|(l, _)| section_rank(l));
+    let mut nodes = Vec::new();
+    if let Some(toml::Value::Array(list)) = table.get("node") {
+        let source = source_of("node");
+        for (i, n) in list.iter().enumerate() {
+            let inline = match n {
+                toml::Value::Table(t) => {
+                    let fields: Vec<String> = t.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                    format!("{{ {} }}", fields.join(", "))
+                }
+                other => other.to_string(),
+            };
+            nodes.push((format!("node[{i}] = {inline}"), source.clone()));
+        }
+    }
+    lines.retain(|(l, _)| !l.starts_with("node = "));
+    lines.extend(nodes);
+    let width = lines
+        .iter()
+        .map(|(l, _)| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (line, source) in lines {
+        let pad = width - line.chars().count();
+        out.push_str(&format!("{line}{}  # {source}\n", " ".repeat(pad)));
     }
     out
 }

@@ -677,12 +677,12 @@ mod tests {
         assert_eq!(loaded.origin["ssh.port"], "/etc/imaging.conf");
         assert_eq!(loaded.origin["wait.timeout"], "explicit");
         assert_eq!(loaded.origin["load.concurrency"], BUILTIN);
-        let shown = describe(&loaded);
+        let shown = describe(&loaded, &[]);
         assert!(shown.contains("ssh.port"), "{shown}");
         assert!(
             shown
                 .lines()
-                .any(|l| l.starts_with("ssh.user") && l.ends_with("# home")),
+                .any(|l| l.starts_with("ssh.user") && l.ends_with("/home")),
             "{shown}"
         );
     }

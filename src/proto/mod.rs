@@ -19,6 +19,7 @@
 //! Finish ends the load as without a relay.
 
 pub mod pipes;
+pub mod relay;
 
 use std::io;
 

@@ -20,8 +20,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::LoadJob;
+use super::session::{AttemptError, Counters, Plan, begin, open_link};
 use crate::engine::events::NodeState;
-use crate::engine::load::{AttemptError, Counters, LoadJob, Plan, begin, open_link};
 use crate::engine::report::Reporter;
 use crate::node::agent_link::{AgentLink, Tx};
 use crate::proto::{self, Msg};
@@ -31,10 +32,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A head that takes no data for this long is cut out.
 const STALL: Duration = Duration::from_secs(10);
 
-pub(crate) type SharedTx = Arc<Mutex<Tx>>;
+pub(super) type SharedTx = Arc<Mutex<Tx>>;
 
 /// What node tasks tell the coordinator.
-pub(crate) enum ToCoord {
+pub(super) enum ToCoord {
     /// Ready, needs `needed`; `cut` ends the member when it is cut out.
     Joined {
         node: usize,
@@ -78,7 +79,7 @@ struct Member {
     counters: Arc<Counters>,
 }
 
-pub(crate) struct Coordinator {
+pub(super) struct Coordinator {
     job: Arc<LoadJob>,
     report: Reporter,
     rx: mpsc::UnboundedReceiver<ToCoord>,
@@ -106,7 +107,7 @@ fn fresh_secret() -> Vec<u8> {
 }
 
 impl Coordinator {
-    pub(crate) fn new(
+    pub(super) fn new(
         job: Arc<LoadJob>,
         report: Reporter,
         rx: mpsc::UnboundedReceiver<ToCoord>,
@@ -248,7 +249,7 @@ impl Coordinator {
         true
     }
 
-    pub(crate) async fn run(mut self) {
+    pub(super) async fn run(mut self) {
         // 1. Everyone joins or drops out: the stream starts when the chain is known.
         let mut settled = std::collections::HashSet::new();
         let total = self.job.nodes.len();
@@ -429,7 +430,7 @@ impl Coordinator {
 
 /// One node's part of a chain load: check the target, join the chain, and
 /// report progress until the node is done (or cut out, or gone).
-pub(crate) async fn member(
+pub(super) async fn member(
     i: usize,
     job: &LoadJob,
     report: &Reporter,

@@ -299,6 +299,24 @@ fn usage_error_naming(out: &Output, names: &[&str]) {
     );
 }
 
+/// Like [`usage_error_naming`], as a message instead of a panic (to check
+/// several cases in one test and report them all).
+fn check_usage_error(what: &str, out: &Output, names: &[&str]) -> Option<String> {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let named = names.iter().any(|n| err.contains(n));
+    let ok = out.status.code() == Some(2) && !err.contains("panicked") && named;
+    (!ok).then(|| {
+        let first = err
+            .lines()
+            .find(|l| l.contains("Message:") || l.contains("error"))
+            .unwrap_or("");
+        format!(
+            "{what}: exit {:?}, names {names:?}: {named}; {first}",
+            out.status.code()
+        )
+    })
+}
+
 fn repo_files(rig: &Rig) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(rig.dir().join("images"))
         .unwrap()
@@ -479,14 +497,16 @@ fn huge_timeout_option_is_a_usage_error_not_a_panic() {
     let rig = Rig::new(1);
     write_image(&rig.dir().join("images/lab.img"), 4, 5);
     std::fs::write(&rig.nodes()[0].target, vec![7u8; MIB]).unwrap();
+    let mut wrong = Vec::new();
     for args in [
         &["load", "-t", "1e19", "-i", "lab.img", "1"][..],
         &["save", "-t", "1e19", "1", "-o", "huge"][..],
         &["wait", "-t", "1e19", "1"][..],
     ] {
         let (out, _) = run(rig.imaging().args(args), 60);
-        usage_error_naming(&out, &["-t", "timeout"]);
+        wrong.extend(check_usage_error(args[0], &out, &["-t", "timeout"]));
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 #[test]
@@ -495,6 +515,7 @@ fn huge_timeout_in_any_config_section_is_a_usage_error_naming_the_key() {
     write_image(&rig.dir().join("images/lab.img"), 4, 6);
     std::fs::write(&rig.nodes()[0].target, vec![7u8; MIB]).unwrap();
     let max = i64::MAX;
+    let mut wrong = Vec::new();
     for (section, args) in [
         ("load", &["load", "-i", "lab.img", "1"][..]),
         ("save", &["save", "1", "-o", "huge"][..]),
@@ -503,8 +524,13 @@ fn huge_timeout_in_any_config_section_is_a_usage_error_naming_the_key() {
         let cfg = rig.dir().join(format!("{section}.conf"));
         std::fs::write(&cfg, format!("[{section}]\ntimeout = {max}\n")).unwrap();
         let (out, _) = run(imaging(&rig, &cfg).args(args), 60);
-        usage_error_naming(&out, &[&format!("{section}.timeout")]);
+        wrong.extend(check_usage_error(
+            section,
+            &out,
+            &[&format!("{section}.timeout")],
+        ));
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 #[test]

@@ -598,15 +598,15 @@ fn huge_reconnect_wait_is_a_usage_error_and_hooks_stay_paired() {
             text(&out)
         );
     }
-    if let Some(last) = String::from_utf8_lossy(&out.stdout).lines().last() {
-        if let Ok(s) = serde_json::from_str::<serde_json::Value>(last) {
-            for n in s["nodes"].as_array().into_iter().flatten() {
-                let st = n["state"].as_str().unwrap_or("");
-                assert!(
-                    ["done", "up-to-date", "failed", "timeout", "cancelled"].contains(&st),
-                    "not a contract state: {s}"
-                );
-            }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    if let Ok(s) = serde_json::from_str::<serde_json::Value>(last) {
+        for n in s["nodes"].as_array().into_iter().flatten() {
+            let st = n["state"].as_str().unwrap_or("");
+            assert!(
+                ["done", "up-to-date", "failed", "timeout", "cancelled"].contains(&st),
+                "not a contract state: {s}"
+            );
         }
     }
     usage_error_naming(&out, &["reconnect_wait"]);

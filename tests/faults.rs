@@ -8,6 +8,27 @@
 //!
 //! Every child is bounded in time and killed (with its process group) when
 //! the test ends, also when it fails.
+//!
+//! Defects (issue 9) and their tests:
+//!  1 second_load_onto_a_held_target_fails_at_once_naming_the_holder,
+//!    overlapping_loads_never_report_done_over_mixed_data
+//!  2 demo_with_default_node_count_on_{local_agents,sshd_nodes}_succeeds
+//!  3 huge_timeout_option_is_a_usage_error_not_a_panic,
+//!    huge_timeout_in_any_config_section_is_a_usage_error_naming_the_key,
+//!    huge_concurrency_is_a_usage_error_naming_the_key,
+//!    huge_reconnect_wait_is_a_usage_error_and_hooks_stay_paired
+//!  4 relay_ports_flooded_with_idle_connections_still_give_byte_exact_nodes
+//!  5 empty_image_is_a_usage_error_and_leaves_the_target_alone
+//!  6 missing_identity_file_…, unauthorised_key_…, wrong_user_…,
+//!    unknown_host_key_with_strict_…, changed_host_key_…
+//!  7 interrupted_save_…, two_saves_of_one_name_at_once_…
+//!  8 star_load_does_not_wait_for_the_deadline_on_a_stopped_agent
+//!  9 duplicate_names_in_a_json_inventory_are_a_usage_error_naming_them
+//! 10 target_inside_the_repository_is_refused,
+//!    target_that_is_the_image_being_loaded_is_up_to_date_without_writing
+//! 11 demo_into_a_pipe_closed_after_{2,8}_lines_…
+//! 12 control_dir_of_a_sigkilled_run_is_removed_by_the_next_run
+//! 13 verify_finds_a_zero_chunk_that_gained_data_under_a_matching_stamp
 
 mod common;
 
@@ -340,8 +361,11 @@ fn second_load_onto_a_held_target_fails_at_once_naming_the_holder() {
     let first = spawn(imaging(&rig, &cfg).args([
         "load", "--json", "-t", "120", "-b", "3M", "-i", "A.img", "1",
     ]));
-    let holder = first.pid();
     wait_for_data(&rig.nodes()[0].target);
+    // The holder may be named by the controller's pid or by its agent's
+    // pid on the node (the agent takes the lock): either will do.
+    let mut holders = agents_of(&rig, 0, 20);
+    holders.push(first.pid());
     thread::sleep(Duration::from_millis(500));
     let (out, took) = run(
         imaging(&rig, &cfg).args(["load", "--json", "-t", "120", "-i", "B.img", "1"]),
@@ -354,8 +378,8 @@ fn second_load_onto_a_held_target_fails_at_once_naming_the_holder() {
     assert_eq!(state(&s, "node01"), "failed", "{s}");
     let why = error(&s, "node01");
     assert!(
-        why.contains(&holder.to_string()),
-        "the reason does not name the holder's pid {holder}: {why}"
+        holders.iter().any(|p| why.contains(&p.to_string())),
+        "the reason names none of the holder's pids {holders:?}: {why}"
     );
     assert!(took < Duration::from_secs(20), "took {took:?} to fail");
     let s1 = summary(&first);

@@ -1009,7 +1009,7 @@ fn demo_into_a_closed_pipe(keep: usize) {
         seen.push(line);
     }
     drop(out); // the reader goes away, as `head` does
-    // "demo: generating a 48 MiB disk image in /tmp/imaging-demo-XXX/images/demo.img"
+    // "demo: generating a 48 MiB disk image in <its temp dir>/images/demo.img"
     let dir = seen
         .first()
         .and_then(|l| l.split_whitespace().find(|w| w.contains("imaging-demo-")))

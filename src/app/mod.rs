@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod demo;
+mod guard;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -285,7 +286,9 @@ pub(crate) async fn run_load(
     let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
     let file = std::fs::File::open(&image)
         .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
+    guard::refuse_empty_image(&image, &file)?;
     let targets = targets(loaded, &nodes);
+    let is_image = guard::targets_in_repository(&repo_dir, &image, &nodes, &targets)?;
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
@@ -330,6 +333,8 @@ pub(crate) async fn run_load(
         ssh,
         agent,
         force: args.force,
+        verify: args.verify,
+        is_image,
         retries: config.load.retries,
         concurrency: config.load.concurrency,
         rate: source::RateLimit::new(args.bandwidth.unwrap_or(config.load.bandwidth)),

@@ -41,6 +41,11 @@ pub struct LoadJob {
     pub ssh: SshSettings,
     pub agent: AgentSource,
     pub force: bool,
+    /// Check every chunk's digest even where the stamp says up to date.
+    pub verify: bool,
+    /// Nodes whose target is the image file itself (a local agent's):
+    /// up to date without a session.
+    pub is_image: Vec<bool>,
     pub retries: u32,
     pub concurrency: usize,
     pub rate: Option<Arc<RateLimit>>,
@@ -133,6 +138,20 @@ async fn load_node(
     }
     if outcome.is_ok() {
         let work = async {
+            if job.is_image[i] {
+                // The target is the image file itself (see app::guard).
+                if let Some(coord) = &coord {
+                    let _ = coord.send(chain::ToCoord::Out { node: i });
+                }
+                report.log(
+                    Some(i),
+                    format!(
+                        "{}: the target is the image itself, nothing to write",
+                        node.name
+                    ),
+                );
+                return Ok(NodeState::UpToDate);
+            }
             match coord {
                 Some(coord) => chain::member(i, job, report, &counters, coord).await,
                 None => star::transfer(i, job, report, &counters).await,

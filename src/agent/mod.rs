@@ -17,6 +17,7 @@
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
 mod load;
+mod lock;
 mod mounts;
 mod relay;
 mod save;
@@ -84,6 +85,9 @@ pub enum AgentError {
     /// The relay listener cannot be opened.
     #[error("{0}")]
     Relay(String),
+    /// Another run holds the target: not worth a retry while it runs.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl AgentError {
@@ -97,7 +101,8 @@ impl AgentError {
             | AgentError::Verify(_)
             | AgentError::Closed(_)
             | AgentError::Peer(_)
-            | AgentError::Relay(_) => 3,
+            | AgentError::Relay(_)
+            | AgentError::Busy(_) => 3,
         }
     }
 }

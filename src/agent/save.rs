@@ -6,20 +6,33 @@ use std::os::unix::fs::FileTypeExt;
 
 use std::fs::File;
 use std::io::{SeekFrom, Write};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use crate::agent::lock::{Mode, TargetLock};
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
-use crate::agent::{AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
+use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
 use crate::proto::{Codec, Msg};
 
 pub(super) fn save<W: Write>(
     out: &mut Replies<W>,
+    env: &AgentEnv,
     target: &str,
     chunk_size: u32,
     level: i32,
+    holder: &str,
 ) -> Result<(), AgentError> {
     check_chunk_size(chunk_size)?;
+    // A save must not read a target a load is writing.
+    let _lock =
+        match std::fs::metadata(target) {
+            Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => Some(
+                TargetLock::take(env, Path::new(target), Mode::Shared, holder)?,
+            ),
+            // open_save_target says what is wrong.
+            _ => None,
+        };
     let target = open_save_target(target)?;
     let layout = Layout::new(target.old_len, chunk_size)?;
     out.reply(&Msg::SaveInfo { size: layout.size })?;
@@ -230,6 +243,7 @@ mod tests {
                     target: source.to_string_lossy().into_owned(),
                     chunk_size: CS,
                     level,
+                    holder: String::new(),
                 }],
             );
             result.unwrap();
@@ -287,6 +301,7 @@ mod tests {
                         target: target.to_string_lossy().into_owned(),
                         chunk_size: CS,
                         level: 1,
+                        holder: String::new(),
                     }],
                 )
                 .0,

@@ -72,6 +72,8 @@ pub(super) fn session<R: Read + Send, W: Write>(
             identity,
             force,
             force_mounted,
+            verify,
+            holder,
             digests,
             zero,
         } => {
@@ -82,6 +84,8 @@ pub(super) fn session<R: Read + Send, W: Write>(
                 identity,
                 force,
                 force_mounted,
+                verify,
+                holder,
                 digests,
                 zero,
             )?;
@@ -91,7 +95,8 @@ pub(super) fn session<R: Read + Send, W: Write>(
             target,
             chunk_size,
             level,
-        } => save(out, &target, chunk_size, level),
+            holder,
+        } => save(out, env, &target, chunk_size, level, &holder),
         Msg::Error { message } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
@@ -181,6 +186,8 @@ mod tests {
                 identity,
                 force: false,
                 force_mounted: false,
+                verify: false,
+                holder: String::new(),
                 digests,
                 zero,
             };
@@ -189,6 +196,7 @@ mod tests {
                 target,
                 chunk_size,
                 level: 3,
+                holder: String::new(),
             };
             assert_malformed(&env, &with_hello(&[save]), "chunk size");
         }
@@ -212,6 +220,8 @@ mod tests {
             identity,
             force: false,
             force_mounted: false,
+            verify: false,
+            holder: String::new(),
             digests,
             zero,
         };

@@ -96,6 +96,10 @@ pub struct LoadArgs {
     /// Rewrite every chunk, and write block devices even if mounted
     #[arg(long)]
     pub force: bool,
+    /// Compare every chunk's digest even when the node's stamp says the
+    /// target is up to date (finds in-place changes the stamp cannot see)
+    #[arg(long)]
+    pub verify: bool,
     /// Total bandwidth cap, bytes per second (suffixes K, M, G: 100M)
     #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
     pub bandwidth: Option<u64>,

@@ -183,6 +183,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         image: Some("demo.img".into()),
         timeout: None,
         force: false,
+        verify: false,
         bandwidth: None,
         fanout: None,
         dry_run: false,

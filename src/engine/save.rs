@@ -109,6 +109,7 @@ async fn receive(
             target: job.targets[i].clone(),
             chunk_size: job.chunk_size as u32,
             level: job.level,
+            holder: crate::engine::holder::holder(),
         },
     )
     .await

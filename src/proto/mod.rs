@@ -26,7 +26,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 8] = *b"IMAGING\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame either side accepts: the largest chunk plus headroom.
 pub const MAX_FRAME: u32 = (64 << 20) + (1 << 20);
 
@@ -57,6 +57,11 @@ pub enum Msg {
         force: bool,
         /// Write to a block device even if it is mounted.
         force_mounted: bool,
+        /// Ignore the stamp: check every chunk's digest (zero chunks too).
+        verify: bool,
+        /// Who asks, for the target's lock record: controller host, pid and
+        /// command line.
+        holder: String,
         digests: Vec<u128>,
         /// Bit i set: chunk i of the image is all zeros (never sent).
         zero: Vec<u8>,
@@ -86,6 +91,8 @@ pub enum Msg {
         chunk_size: u32,
         /// zstd level for the data; 0 = raw.
         level: i32,
+        /// As in LoadBegin.
+        holder: String,
     },
     SaveInfo {
         size: u64,
@@ -236,6 +243,8 @@ impl Msg {
                 identity,
                 force,
                 force_mounted,
+                verify,
+                holder,
                 digests,
                 zero,
             } => {
@@ -245,6 +254,8 @@ impl Msg {
                 b.extend_from_slice(&identity.to_le_bytes());
                 b.push(*force as u8);
                 b.push(*force_mounted as u8);
+                b.push(*verify as u8);
+                put_bytes(&mut b, holder.as_bytes());
                 b.extend_from_slice(&(digests.len() as u32).to_le_bytes());
                 for d in digests {
                     b.extend_from_slice(&d.to_le_bytes());
@@ -278,10 +289,12 @@ impl Msg {
                 target,
                 chunk_size,
                 level,
+                holder,
             } => {
                 put_bytes(&mut b, target.as_bytes());
                 b.extend_from_slice(&chunk_size.to_le_bytes());
                 b.extend_from_slice(&level.to_le_bytes());
+                put_bytes(&mut b, holder.as_bytes());
             }
             Msg::SaveInfo { size } => b.extend_from_slice(&size.to_le_bytes()),
             Msg::SaveChunk {
@@ -353,6 +366,8 @@ impl Msg {
                 let identity = r.u128("identity")?;
                 let force = r.bool("force")?;
                 let force_mounted = r.bool("force_mounted")?;
+                let verify = r.bool("verify")?;
+                let holder = r.string("holder")?;
                 let n = r.u32("digest count")? as usize;
                 if n > r.remaining() / 16 {
                     return Err(ProtocolError::Malformed(format!(
@@ -370,6 +385,8 @@ impl Msg {
                     identity,
                     force,
                     force_mounted,
+                    verify,
+                    holder,
                     digests,
                     zero: r.bytes("zero bitmap")?,
                 }
@@ -396,6 +413,7 @@ impl Msg {
                 target: r.string("target")?,
                 chunk_size: r.u32("chunk_size")?,
                 level: r.i32("level")?,
+                holder: r.string("holder")?,
             },
             21 => Msg::SaveInfo {
                 size: r.u64("size")?,
@@ -768,6 +786,8 @@ mod tests {
                 identity: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
                 force: true,
                 force_mounted: false,
+                verify: true,
+                holder: "lab 42 imaging load".into(),
                 digests: vec![1, 2, u128::MAX],
                 zero: vec![0b101],
             },
@@ -791,6 +811,7 @@ mod tests {
                 target: "/tmp/x".into(),
                 chunk_size: 1 << 20,
                 level: 3,
+                holder: "lab 42 imaging save".into(),
             },
             Msg::SaveInfo { size: 12345 },
             Msg::SaveChunk {
@@ -883,7 +904,8 @@ mod tests {
         body.extend_from_slice(&0u64.to_le_bytes());
         body.extend_from_slice(&0u32.to_le_bytes());
         body.extend_from_slice(&0u128.to_le_bytes());
-        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&[0, 0, 0]);
+        put_bytes(&mut body, b"holder");
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         let err = Msg::decode(&body).unwrap_err().to_string();
         assert!(err.contains("digests"), "{err}");

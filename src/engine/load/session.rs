@@ -104,6 +104,8 @@ pub(super) async fn begin(
             identity: m.identity,
             force: job.force,
             force_mounted: job.force,
+            verify: job.verify,
+            holder: crate::engine::holder::holder(),
             digests: m.digests.clone(),
             zero: m.zero.clone(),
         },

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::LoadJob;
+use super::job::LoadJob;
 use super::session::{AttemptError, Counters, Plan, begin, open_link};
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;

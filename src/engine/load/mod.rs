@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -16,45 +15,18 @@ use tokio::time::Instant;
 use crate::engine::cancel::Cancel;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
-use crate::engine::source::{ChunkSource, RateLimit};
-use crate::inventory::Node;
-use crate::node::agent_link::AgentSource;
 use crate::node::hooks;
-use crate::node::ssh::SshSettings;
 
 mod chain;
+mod job;
 mod session;
 mod star;
 
+pub use job::LoadJob;
 use session::Counters;
 
 /// `fanout = "auto"` relays through a chain from this many nodes on.
 pub const CHAIN_FROM: usize = 4;
-
-pub struct LoadJob {
-    /// The image's name, for hooks (`{image}`).
-    pub image_name: String,
-    pub source: Arc<ChunkSource>,
-    pub nodes: Vec<Node>,
-    /// Each node's target, placeholders filled.
-    pub targets: Vec<String>,
-    pub ssh: SshSettings,
-    pub agent: AgentSource,
-    pub force: bool,
-    pub retries: u32,
-    pub concurrency: usize,
-    pub rate: Option<Arc<RateLimit>>,
-    pub before: String,
-    pub after: String,
-    pub deadline: Instant,
-    /// How long a retry waits for the node's SSH to come back.
-    pub reconnect_wait: Duration,
-    /// Star (a stream per node) or a relay chain.
-    pub chain: bool,
-    /// Where relay listeners bind on the nodes ("" = all addresses) and their port range.
-    pub relay_bind: String,
-    pub relay_ports: (u16, u16),
-}
 
 pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
     let job = Arc::new(job);

@@ -394,10 +394,11 @@ impl Config {
             message: format!("`{key}`: {message}"),
         };
         let cs = self.load.chunk_size;
-        if !cs.is_power_of_two() || !(64 << 10..=64 << 20).contains(&cs) {
+        if !u32::try_from(cs).is_ok_and(crate::image::chunk_size_ok) {
+            use crate::image::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
             return Err(bad(
                 "load.chunk_size",
-                format!("{cs} is not a power of two between 65536 and 67108864"),
+                format!("{cs} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"),
             ));
         }
         if self.load.relay_port_min > self.load.relay_port_max {

@@ -39,9 +39,20 @@ pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
     let mut tasks = JoinSet::new();
-    let coordinator = job.chain.then(|| {
+    let secret = match job.chain.then(chain::fresh_secret).transpose() {
+        Ok(secret) => secret,
+        Err(e) => {
+            // No secret, no chain: nothing may be sent unauthenticated.
+            for i in 0..job.nodes.len() {
+                let reason = format!("no randomness from the OS for the relay secret: {e}");
+                report.state(i, NodeState::Failed, Some(reason));
+            }
+            return;
+        }
+    };
+    let coordinator = secret.map(|secret| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let c = chain::Coordinator::new(job.clone(), report.clone(), rx);
+        let c = chain::Coordinator::new(job.clone(), report.clone(), rx, secret);
         (tx, tokio::spawn(c.run()))
     });
     for i in 0..job.nodes.len() {

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod power;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -13,7 +14,8 @@ use clap::Parser;
 use crate::agent;
 use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
-use crate::engine::{cancel, events, load, report, save, source, wait};
+use crate::engine::power::PowerAction;
+use crate::engine::{cancel, check, events, load, report, save, source, wait};
 use crate::image::{manifest, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
@@ -101,6 +103,10 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
+        Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
+        Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,
+        Command::Power(args) => power::run_power(&cli, args, PowerAction::Status, &loaded()?).await,
         Command::Load(args) => run_load(&cli, args, &loaded()?).await,
         Command::Save(args) => run_save(&cli, args, &loaded()?).await,
         Command::Demo(args) => demo::run(&cli, args).await,
@@ -286,6 +292,15 @@ pub(crate) async fn run_load(
     let file = std::fs::File::open(&image)
         .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
     let targets = targets(loaded, &nodes);
+    for (key, template) in [
+        ("[load] before", &config.load.before),
+        ("[load] after", &config.load.after),
+    ] {
+        hooks_have_values(key, template, &nodes)?;
+    }
+    if !args.dry_run && !run_check("[load] check", &config.load.check, &nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
@@ -394,6 +409,9 @@ pub(crate) async fn run_save(
         }
         return Ok(Exit::Success);
     }
+    if !run_check("[save] check", &config.save.check, &nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let (ssh, agent) = ssh_and_agent(loaded)?;
     let job = save::SaveJob {
         targets,
@@ -411,6 +429,32 @@ pub(crate) async fn run_save(
         save::save_all(job, report, cancel)
     })
     .await)
+}
+
+/// A hook that uses a placeholder some node has no value for (`{cmc}`,
+/// `{mac}`) is refused before anything runs.
+fn hooks_have_values(key: &str, template: &str, nodes: &[Node]) -> Result<(), UsageError> {
+    for node in nodes {
+        if let Some(p) = hooks::missing_placeholder(template, node) {
+            return Err(UsageError::Other(format!(
+                "`{key}` uses {p}, which node {} has no value for",
+                node.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The run check (`[load] check`): false if Ctrl-C ended it (the run ends
+/// with 130), an error if it failed (exit 2).
+async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, UsageError> {
+    tokio::select! {
+        r = check::run(key, template, nodes) => r.map(|()| true).map_err(UsageError::Other),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("imaging: `{key}` interrupted");
+            Ok(false)
+        }
+    }
 }
 
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.

@@ -350,3 +350,123 @@ fn a_failing_check_ends_the_run_before_any_node_is_touched() {
     log.sort();
     assert_eq!(log, ["before local01", "before local02"]);
 }
+
+/// The README's R2LAB configuration, run as written except for the
+/// inventory path and the pxelinux dir (a temp dir instead of /tftpboot):
+/// `curl` (the CMC cards) and `rhubarbe` (the lease check) are fakes on
+/// PATH, and the inventory's nodes are loaded as local nodes.
+#[test]
+fn readme_r2lab_recipe_links_pxe_power_cycles_and_checks_the_lease() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme
+        .find("\n## R2LAB")
+        .expect("README has an R2LAB section")..];
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let recipe = &section[start..start + section[start..].find("```").unwrap()];
+
+    let rig = Rig::new(0);
+    let dir = rig.dir();
+    let tftp = dir.join("tftpboot/pxelinux.cfg");
+    std::fs::create_dir_all(&tftp).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let calls = dir.join("calls.log");
+    let fake = |name: &str, body: &str| {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).unwrap();
+    };
+    // The CMC: status answers "off"; each call is logged with the node's
+    // pxelinux link as it is at that moment.
+    fake(
+        "curl",
+        &format!(
+            "url=$(for a; do :; done; echo $a)\n\
+             echo \"$url $(readlink {}/01-02-00-00-00-03-01)\" >> {}\n\
+             case $url in */status) echo off ;; *) echo ok ;; esac",
+            tftp.display(),
+            calls.display()
+        ),
+    );
+    let lease = dir.join("lease");
+    fake(
+        "rhubarbe",
+        &format!(
+            "test \"$*\" = 'leases --check' || exit 9\n\
+             test -e {} || {{ echo 'rhubarbe: no lease for you right now' >&2; exit 1; }}",
+            lease.display()
+        ),
+    );
+    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/r2lab-inventory.json");
+    let config = recipe
+        .replace(
+            "/etc/rhubarbe/inventory-nodes.json",
+            &inventory.display().to_string(),
+        )
+        .replace("/tftpboot/pxelinux.cfg", &tftp.display().to_string());
+    let targets = dir.join("targets");
+    let cfg = layer(
+        &rig,
+        "r2lab.conf",
+        &format!(
+            "{config}\n[[node]]\nname = \"fit01\"\nlocal = true\ntarget = \"{}/{{name}}.img\"\n",
+            targets.display()
+        ),
+    );
+    let mut image = vec![0u8; 2 << 20];
+    fastrand::Rng::with_seed(9).fill(&mut image[..1 << 20]);
+    std::fs::write(dir.join("images/lab.img"), &image).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    // No lease: refused, nothing touched.
+    let out = imaging(&rig, &cfg)
+        .env("PATH", &path)
+        .args(["load", "-i", "lab.img", "fit01"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no lease for you right now"), "{err}");
+    assert!(!calls.exists(), "a CMC was called");
+    assert_eq!(std::fs::read_dir(&tftp).unwrap().count(), 0);
+
+    // With the lease: link, status (off) → on, load, link removed, reset.
+    std::fs::write(&lease, "").unwrap();
+    let out = imaging(&rig, &cfg)
+        .env("PATH", &path)
+        .args(["load", "--json", "-i", "lab.img", "fit01"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(0), "{s}{}", stderr(&out));
+    assert_same(&targets.join("fit01.img"), &image);
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "http://192.168.1.1/status pxeimaging\n\
+         http://192.168.1.1/on pxeimaging\n\
+         http://192.168.1.1/reset \n"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tftp).unwrap().count(),
+        0,
+        "link left behind"
+    );
+
+    // The same file's [power] section.
+    std::fs::remove_file(&calls).unwrap();
+    let out = imaging(&rig, &cfg)
+        .env("PATH", &path)
+        .args(["power", "1", "4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "fit01 off\nfit04 off\n");
+    let called = std::fs::read_to_string(&calls).unwrap();
+    assert!(called.contains("http://reboot04/status"), "{called}");
+}

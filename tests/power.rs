@@ -165,12 +165,26 @@ fn power_actions_run_per_node_and_report_failures_and_timeouts() {
     );
 
     // Reset: only the selected node; -t overrides the timeout.
+    let log = dir.join("power.log");
     let out = imaging(&rig, &cfg)
-        .args(["reset", "-t", "1", "fit01", "fit03"])
+        .args(["reset", "-t", "1", "fit01", "fit03", "--log"])
+        .arg(&log)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stdout(&out), "fit01 reset\nfit03 timeout after 1s\n");
+    // The run is in the log, which the failure message names.
+    assert!(stderr(&out).contains(&format!("log: {}", log.display())));
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logged.len(), 4, "{logged:?}");
+    assert_eq!(logged[0]["event"], "start");
+    assert_eq!(logged[3]["event"], "summary");
+    assert_eq!(logged[3]["command"], "reset");
+    assert_eq!(logged[2]["state"], "timeout");
     assert_eq!(
         std::fs::read_to_string(dir.join("fit01.resets")).unwrap(),
         "reset\n"

@@ -11,6 +11,7 @@ use crate::app::cli::{Cli, PowerArgs};
 use crate::config::Loaded;
 use crate::engine::events::NodeState;
 use crate::engine::power::{self, NodePower, PowerAction, PowerJob};
+use crate::ui::{RunInfo, logfile};
 
 pub(crate) async fn run_power(
     cli: &Cli,
@@ -36,23 +37,38 @@ pub(crate) async fn run_power(
         }
     };
     let ok = results.iter().all(|r| r.state.is_success());
-    if cli.global.json {
-        for r in &results {
-            println!(
-                "{}",
-                json!({"event": "state", "node": r.name, "state": r.state, "message": r.error.clone().unwrap_or_else(|| message(action, r))})
-            );
+    let mut events: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            let message = r.error.clone().unwrap_or_else(|| message(action, r));
+            json!({"event": "state", "node": r.name, "state": r.state, "message": message})
+        })
+        .collect();
+    events.push(json!({
+        "event": "summary",
+        "command": command_name(action),
+        "ok": ok,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "nodes": results,
+    }));
+    let log_path = cli.global.log.clone().or_else(logfile::default_path);
+    let mut log = log_path.as_deref().and_then(logfile::LogFile::open);
+    if let Some(log) = &mut log {
+        log.start(&RunInfo {
+            command: command_name(action).into(),
+            names: job.names.clone(),
+            verbose: false,
+            image: None,
+            log_path: log_path.clone(),
+        });
+        for e in &events {
+            log.record(e.clone());
         }
-        println!(
-            "{}",
-            json!({
-                "event": "summary",
-                "command": command_name(action),
-                "ok": ok,
-                "elapsed_s": started.elapsed().as_secs_f64(),
-                "nodes": results,
-            })
-        );
+    }
+    if cli.global.json {
+        for e in &events {
+            println!("{e}");
+        }
     } else {
         for r in &results {
             println!("{} {}", r.name, message(action, r));
@@ -70,6 +86,9 @@ pub(crate) async fn run_power(
                 results.len(),
                 failed.join(" ")
             );
+            if let Some(log) = &log {
+                eprintln!("log: {}", log.path().display());
+            }
         }
     }
     Ok(if ok { Exit::Success } else { Exit::NodesFailed })

@@ -298,9 +298,6 @@ pub(crate) async fn run_load(
     ] {
         hooks_have_values(key, template, &nodes)?;
     }
-    if !args.dry_run && !run_check("[load] check", &config.load.check, &nodes).await? {
-        return Ok(Exit::Interrupted);
-    }
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
@@ -361,6 +358,9 @@ pub(crate) async fn run_load(
         relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,
     };
+    if !run_check("[load] check", &config.load.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "load", &job.nodes, true, Some(header));
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         load::load_all(job, report, cancel)
@@ -409,9 +409,6 @@ pub(crate) async fn run_save(
         }
         return Ok(Exit::Success);
     }
-    if !run_check("[save] check", &config.save.check, &nodes).await? {
-        return Ok(Exit::Interrupted);
-    }
     let (ssh, agent) = ssh_and_agent(loaded)?;
     let job = save::SaveJob {
         targets,
@@ -424,6 +421,9 @@ pub(crate) async fn run_save(
         deadline: deadline(args.timeout, config.save.timeout)?,
         nodes,
     };
+    if !run_check("[save] check", &config.save.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "save", &job.nodes, true, None);
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         save::save_all(job, report, cancel)
@@ -446,8 +446,13 @@ fn hooks_have_values(key: &str, template: &str, nodes: &[Node]) -> Result<(), Us
 }
 
 /// The run check (`[load] check`): false if Ctrl-C ended it (the run ends
-/// with 130), an error if it failed (exit 2).
+/// with 130), an error if it failed (exit 2). It runs last before the
+/// engine starts: listening for Ctrl-C replaces the default SIGINT action
+/// for the rest of the process, and only `drive` listens after it.
 async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, UsageError> {
+    if template.trim().is_empty() {
+        return Ok(true);
+    }
     tokio::select! {
         r = check::run(key, template, nodes) => r.map(|()| true).map_err(UsageError::Other),
         _ = tokio::signal::ctrl_c() => {

@@ -484,3 +484,67 @@ fn readme_r2lab_recipe_links_pxe_power_cycles_and_checks_the_lease() {
     let called = std::fs::read_to_string(&calls).unwrap();
     assert!(called.contains("http://reboot04/status"), "{called}");
 }
+
+#[test]
+fn ctrl_c_ends_a_power_run_and_its_commands() {
+    let rig = Rig::new(0);
+    let switch = write_switch(rig.dir());
+    let cfg = layer(
+        &rig,
+        "power.conf",
+        &format!(
+            "[power]\non = \"{} {{name}} on\"\ntimeout = 60\n\n{}",
+            switch.display(),
+            four_nodes()
+        ),
+    );
+    let started = Instant::now();
+    let mut cmd = imaging(&rig, &cfg);
+    cmd.args(["on", "fit03"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    common::die_with_test(&mut cmd);
+    let child = cmd.spawn().unwrap();
+    let pidfile = rig.dir().join("fit03.sleep");
+    while !pidfile.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "fit03 never hung"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(!sleep_alive(&pidfile), "sleep outlived the run");
+}
+
+#[test]
+fn a_hook_placeholder_a_node_lacks_is_refused_before_the_load() {
+    let rig = Rig::new(0);
+    std::fs::write(rig.dir().join("images/lab.img"), vec![1u8; 1 << 20]).unwrap();
+    let marker = rig.dir().join("reset");
+    let cfg = layer(
+        &rig,
+        "l.conf",
+        &format!(
+            "[load]\nchunk_size = 1048576\nbefore = \"echo {{cmc}} > {}\"\n\
+             [[node]]\nname = \"local01\"\nlocal = true\ntarget = \"{}/t.img\"\n",
+            marker.display(),
+            rig.dir().display()
+        ),
+    );
+    let out = imaging(&rig, &cfg)
+        .args(["load", "-i", "lab.img", "local01"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("`[load] before`") && err.contains("{cmc}") && err.contains("local01"),
+        "{err}"
+    );
+    assert!(!marker.exists() && !rig.dir().join("t.img").exists());
+}

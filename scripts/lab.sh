@@ -48,6 +48,8 @@ NET=10.77.0
 CTL_ADDR=$NET.1
 SSHD=/usr/sbin/sshd
 SFTP_SERVER=/usr/lib/openssh/sftp-server
+# The one sshd configuration of lab nodes, shared with the Rust rig (src/lab).
+SSHD_TEMPLATE=$(cd "$(dirname "$0")/.." && pwd)/assets/sshd_config
 LAB_DIR=${LAB_DIR:-${TMPDIR:-/tmp}/imaging-lab}
 MARKER=.imaging-lab
 
@@ -151,23 +153,15 @@ write_sshd_config() { # i
     name=$(node_name "$1")
     addr=$(node_addr "$1")
     dir=$LAB_DIR/nodes/$name
-    cat >"$dir/sshd_config" <<EOF
-Port 22
-ListenAddress $addr
-HostKey $dir/host_key
-AuthorizedKeysFile $LAB_DIR/authorized_keys
-PidFile none
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-Subsystem sftp $SFTP_SERVER -d $LAB_DIR/targets/pscp-$name
-SetEnv XDG_CACHE_HOME=$dir/cache
-LogLevel ERROR
-MaxStartups 100:30:200
-MaxSessions 50
-EOF
+    # Placeholder values must not hold '|', the sed delimiter.
+    grep -v '^#' "$SSHD_TEMPLATE" | sed \
+        -e "s|{port}|22|" \
+        -e "s|{address}|$addr|" \
+        -e "s|{host_key}|$dir/host_key|" \
+        -e "s|{authorized_keys}|$LAB_DIR/authorized_keys|" \
+        -e "s|{sftp_server}|$SFTP_SERVER -d $LAB_DIR/targets/pscp-$name|" \
+        -e "s|{set_env}| XDG_CACHE_HOME=$dir/cache|" \
+        >"$dir/sshd_config"
 }
 
 write_imaging_conf() {

@@ -34,10 +34,7 @@ use std::path::PathBuf;
 
 use crate::proto::{Msg, ProtocolError, write_msg_sync};
 
-/// Smallest chunk size the agent accepts.
-pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
-/// Largest chunk size the agent accepts (frames are capped just above it).
-pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+pub use crate::image::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 /// Threads that check the target's chunks before a load, and that read and
 /// compress chunks during a save.
@@ -162,7 +159,7 @@ fn closed_as(e: ProtocolError, when: &'static str) -> AgentError {
 }
 
 fn check_chunk_size(chunk_size: u32) -> Result<(), AgentError> {
-    if chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+    if crate::image::chunk_size_ok(chunk_size) {
         Ok(())
     } else {
         Err(malformed(format!(

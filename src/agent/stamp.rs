@@ -1,11 +1,10 @@
 //! Load stamps: what a complete load leaves behind so the next load of the
 //! same image can answer "up to date" without reading the target.
 
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -127,24 +126,8 @@ impl StampFile {
         let meta = target.file.metadata()?;
         settle_past(&meta);
         let stamp = Stamp::of(&meta, req.identity, &self.key);
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = self
-            .path
-            .with_extension(format!("stamp.tmp{}", std::process::id()));
-        let written = write_synced(&tmp, stamp.encode().as_bytes())
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        crate::image::fileio::replace_atomically(&self.path, stamp.encode().as_bytes(), true)
     }
-}
-
-pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// File times come from a clock that may lag by a tick: a write in the

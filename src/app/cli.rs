@@ -69,6 +69,18 @@ pub enum Command {
     Wait(WaitArgs),
     /// Print the selected node names, space separated, in inventory order
     Nodes(NodeArgs),
+    /// Power nodes on, through the `[power] on` command
+    #[command(after_help = EXIT_CODES)]
+    On(PowerArgs),
+    /// Power nodes off, through the `[power] off` command
+    #[command(after_help = EXIT_CODES)]
+    Off(PowerArgs),
+    /// Reset nodes, through the `[power] reset` command
+    #[command(after_help = EXIT_CODES)]
+    Reset(PowerArgs),
+    /// Print each node's power state (on, off, unknown), through the `[power] status` command
+    #[command(after_help = EXIT_CODES)]
+    Power(PowerArgs),
     /// Print the effective configuration, each value with the file it came from
     Config,
     /// The main job on simulated local nodes: generate an image, load it, save one node back, wait
@@ -124,6 +136,15 @@ pub struct SaveArgs {
     /// Show what would be done, touch nothing
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PowerArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Seconds each node's command may run before it is killed (default: [power] timeout)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -192,7 +213,9 @@ pub struct WaitArgs {
 }
 
 /// Subcommands reachable through an `imaging-<name>` link.
-pub const LINKED: &[&str] = &["load", "save", "wait", "list", "nodes", "config"];
+pub const LINKED: &[&str] = &[
+    "load", "save", "wait", "list", "nodes", "config", "on", "off", "reset", "power",
+];
 
 /// argv with busybox-style dispatch: `imaging-wait 1-3` → `imaging wait 1-3`.
 pub fn dispatch_argv(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::app::cli::{Cli, Command, DemoArgs, LoadArgs, NodeArgs, SaveArgs, WaitArgs};
-use crate::image::repo::human_bytes;
+use crate::ui::fmt::human_bytes;
 use crate::{Exit, UsageError, config, lab};
 
 const MIB: u64 = 1 << 20;

@@ -101,15 +101,8 @@ mod tests {
     fn node(name: &str, address: &str) -> Node {
         Node {
             name: name.into(),
-            number: None,
             address: address.into(),
-            port: None,
-            user: None,
-            target: None,
-            mac: None,
-            data_address: None,
-            local: false,
-            extra: Default::default(),
+            ..Node::default()
         }
     }
 

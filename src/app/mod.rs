@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod demo;
 mod guard;
+pub mod power;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -14,7 +15,8 @@ use clap::Parser;
 use crate::agent;
 use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
-use crate::engine::{cancel, events, load, report, save, source, wait};
+use crate::engine::power::PowerAction;
+use crate::engine::{cancel, check, events, load, report, save, source, wait};
 use crate::image::{manifest, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
@@ -102,6 +104,10 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
+        Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
+        Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,
+        Command::Power(args) => power::run_power(&cli, args, PowerAction::Status, &loaded()?).await,
         Command::Load(args) => run_load(&cli, args, &loaded()?).await,
         Command::Save(args) => run_save(&cli, args, &loaded()?).await,
         Command::Demo(args) => demo::run(&cli, args).await,
@@ -289,6 +295,12 @@ pub(crate) async fn run_load(
     guard::refuse_empty_image(&image, &file)?;
     let targets = targets(loaded, &nodes);
     let is_image = guard::targets_in_repository(&repo_dir, &image, &nodes, &targets)?;
+    for (key, template) in [
+        ("[load] before", &config.load.before),
+        ("[load] after", &config.load.after),
+    ] {
+        hooks_have_values(key, template, &nodes)?;
+    }
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
@@ -351,6 +363,9 @@ pub(crate) async fn run_load(
         relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,
     };
+    if !run_check("[load] check", &config.load.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "load", &job.nodes, true, Some(header));
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         load::load_all(job, report, cancel)
@@ -411,11 +426,45 @@ pub(crate) async fn run_save(
         deadline: deadline(args.timeout, config.save.timeout)?,
         nodes,
     };
+    if !run_check("[save] check", &config.save.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "save", &job.nodes, true, None);
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         save::save_all(job, report, cancel)
     })
     .await)
+}
+
+/// A hook that uses a placeholder some node has no value for (`{cmc}`,
+/// `{mac}`) is refused before anything runs.
+fn hooks_have_values(key: &str, template: &str, nodes: &[Node]) -> Result<(), UsageError> {
+    for node in nodes {
+        if let Some(p) = hooks::missing_placeholder(template, node) {
+            return Err(UsageError::Other(format!(
+                "`{key}` uses {p}, which node {} has no value for",
+                node.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The run check (`[load] check`): false if Ctrl-C ended it (the run ends
+/// with 130), an error if it failed (exit 2). It runs last before the
+/// engine starts: listening for Ctrl-C replaces the default SIGINT action
+/// for the rest of the process, and only `drive` listens after it.
+async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, UsageError> {
+    if template.trim().is_empty() {
+        return Ok(true);
+    }
+    tokio::select! {
+        r = check::run(key, template, nodes) => r.map(|()| true).map_err(UsageError::Other),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("imaging: `{key}` interrupted");
+            Ok(false)
+        }
+    }
 }
 
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.

@@ -15,6 +15,34 @@ pub fn write_all_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::
     Ok(())
 }
 
+/// Replace `place` with `bytes` atomically: written to a hidden temporary
+/// file beside it (synced first if `sync`), then renamed over it by
+/// `tempfile`'s `persist`, so a reader sees the old file or the new one,
+/// never half of one. The temporary file is removed on failure.
+pub fn replace_atomically(
+    place: &std::path::Path,
+    bytes: &[u8],
+    sync: bool,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = place.parent().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no parent directory")
+    })?;
+    std::fs::create_dir_all(dir)?;
+    let name = place.file_name().unwrap_or_default().to_string_lossy();
+    let prefix = format!(".{}.", name.strip_prefix('.').unwrap_or(&name));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    if sync {
+        tmp.as_file().sync_all()?;
+    }
+    tmp.persist(place).map_err(|e| e.error)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

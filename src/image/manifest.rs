@@ -18,7 +18,7 @@
 //! panic or a huge allocation.
 
 use std::fs::{self, File, Metadata};
-use std::io::{self, Write};
+use std::io::{self};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -563,30 +563,7 @@ fn write_cache(places: &[PathBuf], stamp: FileStamp, manifest: &Manifest) -> io:
 }
 
 fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = place
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
-    fs::create_dir_all(dir)?;
-    let name = place.file_name().unwrap_or_default().to_string_lossy();
-    let name = name.strip_prefix('.').unwrap_or(&name);
-    let tmp = dir.join(format!(
-        ".{name}.{}-{:08x}.tmp",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        drop(f);
-        fs::rename(&tmp, place)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::image::fileio::replace_atomically(place, bytes, false)
 }
 
 /// Encoded size of a cache file for `count` chunks.

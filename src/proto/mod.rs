@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 pub const VERSION: u16 = 2;
 /// Largest frame either side accepts: the largest chunk plus headroom.
-pub const MAX_FRAME: u32 = (64 << 20) + (1 << 20);
+pub const MAX_FRAME: u32 = crate::image::MAX_CHUNK_SIZE + (1 << 20);
 
 /// How a chunk's bytes travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,10 +38,11 @@ pub(crate) fn proof(
     hasher.finalize()
 }
 
-pub(crate) fn nonce() -> [u8; 16] {
+/// A handshake nonce from the OS's randomness (never a predictable one).
+pub(crate) fn nonce() -> Result<[u8; 16], String> {
     let mut nonce = [0u8; 16];
-    fastrand::fill(&mut nonce);
-    nonce
+    getrandom::fill(&mut nonce).map_err(|e| format!("no randomness for a nonce: {e}"))?;
+    Ok(nonce)
 }
 
 /// The listener's side: the connector's magic, version and nonce; ours and
@@ -63,7 +64,7 @@ pub(crate) fn accept_handshake(stream: &TcpStream, secret: &Secret) -> Result<()
     }
     let mut nonce_c = [0u8; 16];
     read_by(stream, &mut nonce_c, deadline).map_err(handshake_error)?;
-    let nonce_l = nonce();
+    let nonce_l = nonce()?;
     write_by(stream, &nonce_l, deadline).map_err(handshake_error)?;
     let ours = proof(secret, b'L', &nonce_c, &nonce_l);
     write_by(stream, ours.as_bytes(), deadline).map_err(handshake_error)?;
@@ -86,7 +87,7 @@ pub(crate) fn accept_handshake(stream: &TcpStream, secret: &Secret) -> Result<()
 /// The connector's side of [`accept_handshake`].
 pub(crate) fn connect_handshake(stream: &TcpStream, secret: &Secret) -> Result<(), String> {
     let deadline = Instant::now() + RELAY_TIMEOUT;
-    let nonce_c = nonce();
+    let nonce_c = nonce()?;
     let mut hello = [0u8; 25];
     hello[..8].copy_from_slice(&RELAY_MAGIC);
     hello[8] = RELAY_VERSION;

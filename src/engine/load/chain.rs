@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::LoadJob;
+use super::job::LoadJob;
 use super::session::{AttemptError, Counters, Plan, begin, open_link};
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
@@ -93,17 +93,12 @@ pub(super) struct Coordinator {
     linked: std::collections::HashSet<usize>,
 }
 
-fn fresh_secret() -> Vec<u8> {
-    // The secret only has to be unguessable by other hosts of the lab for
-    // the length of a run: 256 bits from the OS's randomness.
+/// The run's relay secret: it only has to be unguessable by other hosts
+/// of the lab for the length of a run, so 256 bits from the OS.
+pub(super) fn fresh_secret() -> Result<Vec<u8>, getrandom::Error> {
     let mut secret = vec![0u8; 32];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
-        .is_err()
-    {
-        fastrand::fill(&mut secret);
-    }
-    secret
+    getrandom::fill(&mut secret)?;
+    Ok(secret)
 }
 
 impl Coordinator {
@@ -111,12 +106,13 @@ impl Coordinator {
         job: Arc<LoadJob>,
         report: Reporter,
         rx: mpsc::UnboundedReceiver<ToCoord>,
+        secret: Vec<u8>,
     ) -> Self {
         Coordinator {
             job,
             report,
             rx,
-            secret: fresh_secret(),
+            secret,
             chain: Vec::new(),
             successor_of: HashMap::new(),
             stream_ended: false,

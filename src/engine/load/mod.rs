@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -16,50 +15,18 @@ use tokio::time::Instant;
 use crate::engine::cancel::Cancel;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
-use crate::engine::source::{ChunkSource, RateLimit};
-use crate::inventory::Node;
-use crate::node::agent_link::AgentSource;
 use crate::node::hooks;
-use crate::node::ssh::SshSettings;
 
 mod chain;
+mod job;
 mod session;
 mod star;
 
+pub use job::LoadJob;
 use session::Counters;
 
 /// `fanout = "auto"` relays through a chain from this many nodes on.
 pub const CHAIN_FROM: usize = 4;
-
-pub struct LoadJob {
-    /// The image's name, for hooks (`{image}`).
-    pub image_name: String,
-    pub source: Arc<ChunkSource>,
-    pub nodes: Vec<Node>,
-    /// Each node's target, placeholders filled.
-    pub targets: Vec<String>,
-    pub ssh: SshSettings,
-    pub agent: AgentSource,
-    pub force: bool,
-    /// Check every chunk's digest even where the stamp says up to date.
-    pub verify: bool,
-    /// Nodes whose target is the image file itself (a local agent's):
-    /// up to date without a session.
-    pub is_image: Vec<bool>,
-    pub retries: u32,
-    pub concurrency: usize,
-    pub rate: Option<Arc<RateLimit>>,
-    pub before: String,
-    pub after: String,
-    pub deadline: Instant,
-    /// How long a retry waits for the node's SSH to come back.
-    pub reconnect_wait: Duration,
-    /// Star (a stream per node) or a relay chain.
-    pub chain: bool,
-    /// Where relay listeners bind on the nodes ("" = all addresses) and their port range.
-    pub relay_bind: String,
-    pub relay_ports: (u16, u16),
-}
 
 pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
     let job = Arc::new(job);
@@ -72,9 +39,20 @@ pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
     let mut tasks = JoinSet::new();
-    let coordinator = job.chain.then(|| {
+    let secret = match job.chain.then(chain::fresh_secret).transpose() {
+        Ok(secret) => secret,
+        Err(e) => {
+            // No secret, no chain: nothing may be sent unauthenticated.
+            for i in 0..job.nodes.len() {
+                let reason = format!("no randomness from the OS for the relay secret: {e}");
+                report.state(i, NodeState::Failed, Some(reason));
+            }
+            return;
+        }
+    };
+    let coordinator = secret.map(|secret| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let c = chain::Coordinator::new(job.clone(), report.clone(), rx);
+        let c = chain::Coordinator::new(job.clone(), report.clone(), rx, secret);
         (tx, tokio::spawn(c.run()))
     });
     for i in 0..job.nodes.len() {

@@ -12,7 +12,7 @@ use crate::engine::wait;
 use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
-use super::LoadJob;
+use super::job::LoadJob;
 
 /// Why an attempt ended without success.
 pub(super) enum AttemptError {

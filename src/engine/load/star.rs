@@ -13,7 +13,7 @@ use crate::engine::report::Reporter;
 use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
-use super::LoadJob;
+use super::job::LoadJob;
 use super::session::{AttemptError, Counters, Plan, begin, open_link};
 
 /// Chunks prepared ahead of the one being sent, per node.

@@ -354,6 +354,7 @@ pub(crate) async fn run_load(
         after: config.load.after.clone(),
         deadline,
         reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
+        stall_timeout: Duration::from_secs(config.load.stall_timeout),
         chain: match args.fanout.unwrap_or(config.load.fanout) {
             config::Fanout::Star => false,
             config::Fanout::Chain => true,

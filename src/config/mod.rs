@@ -112,6 +112,9 @@ pub struct LoadConfig {
     pub retries: u32,
     /// Seconds a reconnection waits for the node's SSH to come back.
     pub reconnect_wait: u64,
+    /// Star fan-out: seconds a node's agent may go without acknowledging
+    /// data it was sent before the attempt counts as stalled and is retried.
+    pub stall_timeout: u64,
     /// Path of the agent on the nodes; empty: upload our own executable.
     pub agent_path: String,
     /// Address relay listeners bind on the nodes ("": all); a node's
@@ -141,6 +144,7 @@ impl Default for LoadConfig {
             bandwidth: 0,
             retries: 3,
             reconnect_wait: 60,
+            stall_timeout: 30,
             agent_path: String::new(),
             relay_bind: String::new(),
             relay_port_min: 0,
@@ -448,6 +452,12 @@ impl Config {
                     "{} is above relay_port_max {}",
                     self.load.relay_port_min, self.load.relay_port_max
                 ),
+            ));
+        }
+        if !(1..=86_400).contains(&self.load.stall_timeout) {
+            return Err(bad(
+                "load.stall_timeout",
+                format!("{} is not 1 to 86400 seconds", self.load.stall_timeout),
             ));
         }
         if self.load.concurrency == 0 {

@@ -35,6 +35,8 @@ pub struct LoadJob {
     pub deadline: Instant,
     /// How long a retry waits for the node's SSH to come back.
     pub reconnect_wait: Duration,
+    /// Star: how long an agent may acknowledge nothing it was sent.
+    pub stall_timeout: Duration,
     /// Star (a stream per node) or a relay chain.
     pub chain: bool,
     /// Where relay listeners bind on the nodes ("" = all addresses) and their port range.

@@ -19,6 +19,7 @@ use crate::node::hooks;
 
 mod chain;
 mod job;
+mod refusals;
 mod session;
 mod star;
 

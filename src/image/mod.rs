@@ -3,4 +3,5 @@
 pub mod digest;
 pub mod fileio;
 pub mod manifest;
+pub mod ndz;
 pub mod repo;

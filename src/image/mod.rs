@@ -2,6 +2,8 @@
 
 pub mod digest;
 pub mod fileio;
+pub mod import;
 pub mod manifest;
 pub mod ndz;
+pub mod reader;
 pub mod repo;

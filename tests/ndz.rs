@@ -95,15 +95,33 @@ fn each_fixture_imports_and_loads_to_its_disk_and_reloads_up_to_date() {
         std::fs::copy(fixture(&ndz), rig.dir().join("images").join(&ndz)).unwrap();
 
         // import: a raw image with the decoded disk, and its manifest.
-        let out = rig.imaging().args(["import", &ndz]).output().unwrap();
+        let version = if name == "ext4-v1" {
+            "ndz v1"
+        } else {
+            "ndz v3"
+        };
+        let json = name == "ext4-v1";
+        let mut import = rig.imaging();
+        import.args(["import", &ndz]);
+        if json {
+            import.arg("--json");
+        }
+        let out = import.output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{name}: {}", stderr(&out));
         let img = rig.dir().join("images").join(format!("{name}.img"));
         assert_eq!(sha_padded(&img, size), want, "{name}: imported image");
-        assert!(
-            stdout(&out).contains(&format!("{name}.img")),
-            "{}",
-            stdout(&out)
-        );
+        let img_len = std::fs::metadata(&img).unwrap().len();
+        if json {
+            let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+            assert_eq!(v["event"], "import", "{v}");
+            assert_eq!(v["name"], format!("{name}.img"), "{v}");
+            assert_eq!(v["format"], version, "{v}");
+            assert_eq!(v["size"], img_len, "{v}");
+        } else {
+            let text = stdout(&out);
+            assert!(text.contains(&format!("{name}.img")), "{text}");
+            assert!(text.contains(&format!("({img_len} bytes)")), "{text}");
+        }
         let listed = rig
             .imaging()
             .args(["--json", "list", name])
@@ -117,7 +135,7 @@ fn each_fixture_imports_and_loads_to_its_disk_and_reloads_up_to_date() {
             .unwrap();
         assert_eq!(row["format"], "raw", "{row}");
         assert_eq!(row["manifest"], "fresh", "{row}");
-        assert_eq!(row["size"], std::fs::metadata(&img).unwrap().len());
+        assert_eq!(row["size"], img_len);
         // A second import would overwrite it: refused.
         let again = rig.imaging().args(["import", &ndz]).output().unwrap();
         assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
@@ -143,7 +161,7 @@ fn each_fixture_imports_and_loads_to_its_disk_and_reloads_up_to_date() {
             // The target is the disk the .ndz describes, as `import` made it.
             assert_eq!(
                 std::fs::metadata(&n.target).unwrap().len(),
-                std::fs::metadata(&img).unwrap().len(),
+                img_len,
                 "{name}: {} size",
                 n.name
             );
@@ -172,6 +190,18 @@ fn each_fixture_imports_and_loads_to_its_disk_and_reloads_up_to_date() {
             "{name}: the manifest was built again"
         );
 
+        // The imported image is the same disk: same identity, up to date.
+        let out = rig
+            .imaging()
+            .args(["load", "--json", "-i", &format!("{name}.img"), "1-2"])
+            .output()
+            .unwrap();
+        let s = summary(&out);
+        assert_eq!(out.status.code(), Some(0), "{name}: {s}");
+        for n in rig.nodes() {
+            assert_eq!(node(&s, &n.name)["state"], "up-to-date", "{name}: {s}");
+        }
+
         // list: the format, and the disk's size once the manifest is known.
         let table = rig.imaging().args(["list", &ndz]).output().unwrap();
         let table = stdout(&table);
@@ -179,11 +209,6 @@ fn each_fixture_imports_and_loads_to_its_disk_and_reloads_up_to_date() {
             .lines()
             .find(|l| l.starts_with(&ndz))
             .unwrap_or_else(|| panic!("{table}"));
-        let version = if name == "ext4-v1" {
-            "ndz v1"
-        } else {
-            "ndz v3"
-        };
         assert!(line.contains(version) && line.contains("fresh"), "{line}");
         let listed = rig
             .imaging()
@@ -192,7 +217,7 @@ fn each_fixture_imports_and_loads_to_its_disk_and_reloads_up_to_date() {
             .unwrap();
         let row: serde_json::Value = serde_json::from_str(stdout(&listed).trim()).unwrap();
         assert_eq!(row["format"], version, "{row}");
-        assert_eq!(row["size"], std::fs::metadata(&img).unwrap().len(), "{row}");
+        assert_eq!(row["size"], img_len, "{row}");
     }
 }
 

@@ -153,6 +153,9 @@ pub fn import_ndz(
 
     let manifest =
         Manifest::build(tmp.path(), chunk_size).map_err(|e| io_err("reading the image back", e))?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(ImportError::Cancelled);
+    }
     if exists(&final_path) {
         return Err(usage(format!(
             "{name} appeared in {} while importing",

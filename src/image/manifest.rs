@@ -6,7 +6,9 @@
 //! `manifests/<xxh3-128 of the absolute image path>.manifest`. A cached
 //! manifest is used only while the image's stamp (length, mtime with
 //! nanoseconds, inode, device) is the one it was built from, so rewriting
-//! the image, even in place, makes it stale.
+//! the image, even in place, makes it stale. An `.ndz` is read decoded
+//! (see [`crate::image::reader`]): its manifest describes the disk, and is
+//! stamped with the `.ndz` file like any other.
 //!
 //! Cache file, integers little-endian:
 //! `b"IMGMANI1"`, stamp (`len u64`, `mtime_secs i64`, `mtime_nsec u32`,

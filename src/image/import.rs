@@ -107,18 +107,18 @@ pub fn import_ndz(
     let usage = ImportError::Usage;
     let final_path = repo.join(name);
     let exists = |p: &Path| p.symlink_metadata().is_ok();
-    if exists(&final_path) {
-        return Err(usage(format!(
-            "{name} already exists in {}",
-            repo.display()
-        )));
-    }
     let format = Format::sniff(source)
         .map_err(|e| usage(format!("cannot read {}: {e}", source.display())))?;
     if !matches!(format, Format::Ndz(_)) {
         return Err(usage(format!(
             "{} is not an .ndz image (it reads as {format}); load it as it is",
             source.display()
+        )));
+    }
+    if exists(&final_path) {
+        return Err(usage(format!(
+            "{name} already exists in {}",
+            repo.display()
         )));
     }
     let img = NdzImage::open(source).map_err(|e| usage(format!("{}: {e}", source.display())))?;
@@ -196,5 +196,54 @@ mod tests {
         for bad in ["", "a/b", ".hidden", "a..b"] {
             assert!(output_name(src, Some(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_import_is_the_decoded_disk_or_nothing() {
+        let repo = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ndz/ext4-v3.ndz");
+        let go = AtomicBool::new(false);
+        // A raw file is refused, whatever its name.
+        let raw = repo.path().join("raw.ndz.img");
+        std::fs::write(&raw, vec![7u8; 4096]).unwrap();
+        let e = import_ndz(&raw, repo.path(), "x.img", 1 << 20, &go).unwrap_err();
+        assert!(e.to_string().contains("not an .ndz"), "{e}");
+        // Interrupted: nothing is left.
+        let stop = AtomicBool::new(true);
+        let e = import_ndz(&fixture, repo.path(), "x.img", 1 << 20, &stop).unwrap_err();
+        assert!(matches!(e, ImportError::Cancelled), "{e}");
+        assert_eq!(names(repo.path()), ["raw.ndz.img"]);
+        // Done: every byte as decoded, holes where the image has no data.
+        let got = import_ndz(&fixture, repo.path(), "x.img", 1 << 20, &go).unwrap();
+        let img = NdzImage::open(&fixture).unwrap();
+        let mut want = vec![0u8; img.size() as usize];
+        for i in 0..img.chunk_count() {
+            for (off, bytes) in img.decode_chunk(i).unwrap() {
+                want[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+            }
+        }
+        assert!(std::fs::read(&got.path).unwrap() == want);
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&got.path.metadata().unwrap()) * 512;
+        assert!(allocated < img.size() / 2, "{allocated} of {}", img.size());
+        assert_eq!(
+            manifest::load_cached(&got.path, 1 << 20).map(|m| m.size),
+            Some(img.size())
+        );
+        assert_eq!(
+            names(repo.path()),
+            [".x.img.manifest", "raw.ndz.img", "x.img"]
+        );
+        // Never over an existing image.
+        let e = import_ndz(&fixture, repo.path(), "x.img", 1 << 20, &go).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
     }
 }

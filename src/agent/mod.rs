@@ -16,6 +16,8 @@
 //! Everything the controller or the disk says is checked; errors end the
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
+pub mod used;
+
 use std::collections::HashMap;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};

@@ -91,7 +91,8 @@ pub(super) fn session<R: Read + Send, W: Write>(
             target,
             chunk_size,
             level,
-        } => save(out, &target, chunk_size, level),
+            raw,
+        } => save(out, &target, chunk_size, level, raw),
         Msg::Error { message } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
@@ -189,6 +190,7 @@ mod tests {
                 target,
                 chunk_size,
                 level: 3,
+                raw: false,
             };
             assert_malformed(&env, &with_hello(&[save]), "chunk size");
         }

@@ -129,6 +129,10 @@ pub struct SaveArgs {
     /// A name for the image(s): saving__<node>__<date>__<NAME>.img
     #[arg(short = 'o', long = "output", value_name = "NAME")]
     pub output: Option<String>,
+    /// Read and save every block; by default blocks that ext2/3/4 file
+    /// systems mark free are neither read nor sent and become holes
+    #[arg(long)]
+    pub raw: bool,
     /// Give up after SECS seconds (default: [save] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,

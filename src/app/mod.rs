@@ -422,6 +422,7 @@ pub(crate) async fn run_save(
         agent,
         chunk_size: config.load.chunk_size,
         level: config.load.compression,
+        raw: args.raw,
         deadline: deadline(args.timeout, config.save.timeout)?,
         nodes,
     };

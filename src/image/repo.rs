@@ -20,7 +20,9 @@ pub struct ImageInfo {
     /// Bytes in the image; for an `.ndz`, of the disk it describes once its
     /// manifest is built (until then, of the compressed file).
     pub size: u64,
-    /// Bytes in non-zero chunks (fresh manifest), else bytes allocated on disk.
+    /// Bytes allocated on disk, and no more than the bytes in non-zero
+    /// chunks (fresh manifest): zeros written out in full do not count, nor
+    /// do holes inside a chunk (free blocks of a saved file system).
     pub data_size: u64,
     /// Local time, `YYYY-MM-DD HH:MM`.
     pub modified: String,
@@ -80,9 +82,12 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
             (Some(m), Format::Ndz(_)) => m.size,
             _ => meta.len(),
         };
-        let data_size = match cached {
-            Some(m) => m.data_size(),
-            None => meta.blocks().saturating_mul(512).min(size),
+        let allocated = meta.blocks().saturating_mul(512).min(meta.len());
+        // An .ndz's own blocks are compressed: its data is the decoded disk's.
+        let data_size = match (cached, format) {
+            (Some(m), Format::Ndz(_)) => m.data_size(),
+            (Some(m), _) => m.data_size().min(allocated),
+            (None, _) => allocated,
         };
         let symlinks = if link_to.is_none() {
             let mut names = ids
@@ -478,6 +483,26 @@ mod tests {
         assert_eq!(after.manifest, ManifestState::Fresh);
         assert_eq!((after.size, after.data_size), (m.size, m.data_size()));
         assert!(format_table(&[after]).contains("ndz v3"));
+    }
+
+    #[test]
+    fn list_counts_holes_inside_chunks_as_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("saved.img");
+        let chunk = 16 * CS;
+        // One chunk with data in its first block, the rest a hole.
+        let f = File::create(&path).unwrap();
+        f.set_len(chunk).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; CS as usize], 0).unwrap();
+        drop(f);
+        manifest::load_or_build(&path, chunk).unwrap();
+        let images = list(dir.path(), None, chunk).unwrap();
+        assert_eq!(images[0].manifest, ManifestState::Fresh);
+        assert!(
+            images[0].data_size <= 2 * CS,
+            "{} bytes of data",
+            images[0].data_size
+        );
     }
 
     #[test]

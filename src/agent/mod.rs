@@ -7,7 +7,10 @@
 //!   complete load, else the chunk digests), asks only for the chunks it
 //!   lacks, verifies each against the manifest before writing it, syncs and
 //!   stamps the target;
-//! - a save streams the target's chunks back, zero chunks as flags only.
+//! - a save streams the target's chunks back, zero chunks as flags only;
+//!   unless asked for a raw save, it first finds the blocks that the
+//!   target's ext2/3/4 file systems mark free ([`used`]) and does not read
+//!   them: they travel as zeros.
 //!
 //! A load can also be a link of a relay chain (fan-out): the agent then
 //! listens for its predecessor and forwards the stream to its successor
@@ -26,6 +29,7 @@ mod stamp;
 mod target;
 #[cfg(test)]
 mod testkit;
+pub mod used;
 
 pub use session::{run_agent, serve};
 

@@ -11,6 +11,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::agent::lock::{Mode, TargetLock};
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
+use crate::agent::used;
 use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
 use crate::proto::{Codec, Msg};
@@ -22,6 +23,7 @@ pub(super) fn save<W: Write>(
     chunk_size: u32,
     level: i32,
     holder: &str,
+    raw: bool,
 ) -> Result<(), AgentError> {
     check_chunk_size(chunk_size)?;
     // A save must not read a target a load is writing.
@@ -36,6 +38,13 @@ pub(super) fn save<W: Write>(
     let target = open_save_target(target)?;
     let layout = Layout::new(target.old_len, chunk_size)?;
     out.reply(&Msg::SaveInfo { size: layout.size })?;
+    // None: read every byte.
+    let used = if raw {
+        None
+    } else {
+        Some(analyse_target(out, &target, layout.size)?)
+    };
+    let used = used.as_deref();
 
     let level = level.min(*zstd::compression_level_range().end());
     let zero_digests = ZeroDigests::new(&layout);
@@ -47,7 +56,15 @@ pub(super) fn save<W: Write>(
             .map(|w| {
                 let (tx, rx) = sync_channel(RECEIVE_QUEUE / workers);
                 let (target, zero_digests) = (&target, &zero_digests);
-                s.spawn(move || save_worker(target, layout, level, zero_digests, w, workers, tx));
+                s.spawn(move || {
+                    let chunks = Chunks {
+                        target,
+                        layout,
+                        used,
+                        zero_digests,
+                    };
+                    save_worker(&chunks, level, w, workers, tx)
+                });
                 rx
             })
             .collect();
@@ -66,6 +83,45 @@ pub(super) fn save<W: Write>(
         Ok(())
     })?;
     out.reply(&Msg::SaveEnd)
+}
+
+/// Finds the byte ranges of the target that hold data (see [`used`]) and
+/// tells the controller what was found, one note per line.
+fn analyse_target<W: Write>(
+    out: &mut Replies<W>,
+    target: &Target,
+    size: u64,
+) -> Result<Vec<(u64, u64)>, AgentError> {
+    let analysis = used::analyse(&target.file, size);
+    let free = used::free_bytes(&analysis, size);
+    for text in &analysis.notes {
+        out.send(&Msg::Note { text: text.clone() })?;
+    }
+    out.reply(&Msg::Note {
+        text: format!(
+            "free-block analysis: {} of {} free, not read",
+            crate::ui::fmt::human_bytes(free),
+            crate::ui::fmt::human_bytes(size)
+        ),
+    })?;
+    Ok(analysis.used)
+}
+
+/// The parts of `[offset, offset + len)` that `used` (sorted, merged
+/// `(offset, len)` ranges) covers, as `(start, end)` relative to `offset`.
+fn used_within(used: &[(u64, u64)], offset: u64, len: usize) -> Vec<(usize, usize)> {
+    let end = offset.saturating_add(len as u64);
+    let first = used.partition_point(|&(o, l)| o.saturating_add(l) <= offset);
+    used[first..]
+        .iter()
+        .take_while(|&&(o, _)| o < end)
+        .map(|&(o, l)| {
+            let s = o.max(offset) - offset;
+            let e = o.saturating_add(l).min(end) - offset;
+            // Both within len, which is a usize.
+            (s as usize, e as usize)
+        })
+        .collect()
 }
 
 pub(super) fn open_save_target(name: &str) -> Result<Target, AgentError> {
@@ -125,11 +181,18 @@ impl ZeroDigests {
     }
 }
 
+/// What a save worker reads from.
+pub(super) struct Chunks<'a> {
+    pub(super) target: &'a Target,
+    pub(super) layout: Layout,
+    /// Ranges to read (the rest reads as zeros); None: everything.
+    pub(super) used: Option<&'a [(u64, u64)]>,
+    pub(super) zero_digests: &'a ZeroDigests,
+}
+
 pub(super) fn save_worker(
-    target: &Target,
-    layout: Layout,
+    chunks: &Chunks<'_>,
     level: i32,
-    zero_digests: &ZeroDigests,
     first: usize,
     step: usize,
     tx: SyncSender<Result<Msg, AgentError>>,
@@ -148,15 +211,8 @@ pub(super) fn save_worker(
         None
     };
     let mut buf = Vec::new();
-    for i in (first..layout.chunks).step_by(step) {
-        let msg = save_chunk(
-            target,
-            &layout,
-            i,
-            zero_digests,
-            compressor.as_mut(),
-            &mut buf,
-        );
+    for i in (first..chunks.layout.chunks).step_by(step) {
+        let msg = save_chunk(chunks, i, compressor.as_mut(), &mut buf);
         let failed = msg.is_err();
         if tx.send(msg).is_err() || failed {
             return;
@@ -165,13 +221,17 @@ pub(super) fn save_worker(
 }
 
 pub(super) fn save_chunk(
-    target: &Target,
-    layout: &Layout,
+    chunks: &Chunks<'_>,
     i: usize,
-    zero_digests: &ZeroDigests,
     compressor: Option<&mut zstd::bulk::Compressor<'static>>,
     buf: &mut Vec<u8>,
 ) -> Result<Msg, AgentError> {
+    let Chunks {
+        target,
+        layout,
+        used,
+        zero_digests,
+    } = chunks;
     let offset = layout.offset(i);
     let len = layout.chunk_len(i);
     // Fewer than 2^32 chunks: checked by Layout::new.
@@ -188,7 +248,21 @@ pub(super) fn save_chunk(
     }
     buf.resize(len, 0);
     let data = &mut buf[..len];
-    target.read_at(data, offset)?;
+    match used {
+        None => target.read_at(data, offset)?,
+        Some(used) => {
+            let parts = used_within(used, offset, len);
+            if parts.is_empty() {
+                return Ok(zero_chunk());
+            }
+            if parts != [(0, len)] {
+                data.fill(0);
+            }
+            for (s, e) in parts {
+                target.read_at(&mut data[s..e], offset + s as u64)?;
+            }
+        }
+    }
     if is_zero(data) {
         return Ok(zero_chunk());
     }
@@ -215,6 +289,7 @@ mod tests {
     use std::fs::File;
     use std::os::unix::fs::FileExt;
 
+    use super::used_within;
     use crate::agent::AgentError;
 
     use crate::agent::testkit::*;
@@ -236,17 +311,40 @@ mod tests {
         }
         drop(file);
 
-        for level in [3, 0] {
+        // No partition table: the analysis saves it raw, and says so.
+        for (level, raw) in [(3, false), (0, true)] {
             let (result, replies) = run(
                 &env,
                 &[Msg::SaveBegin {
                     target: source.to_string_lossy().into_owned(),
                     chunk_size: CS,
                     level,
+                    raw,
                     holder: String::new(),
                 }],
             );
             result.unwrap();
+            let (notes, replies): (Vec<Msg>, Vec<Msg>) = replies
+                .into_iter()
+                .partition(|m| matches!(m, Msg::Note { .. }));
+            let notes: Vec<String> = notes
+                .into_iter()
+                .map(|m| match m {
+                    Msg::Note { text } => text,
+                    _ => unreachable!(),
+                })
+                .collect();
+            if raw {
+                assert!(notes.is_empty(), "{notes:?}");
+            } else {
+                assert!(
+                    notes
+                        .iter()
+                        .any(|n| n.contains("no partition table: whole disk saved raw")),
+                    "{notes:?}"
+                );
+                assert!(notes.iter().any(|n| n.contains("0 B of")), "{notes:?}");
+            }
             assert_eq!(
                 replies[1],
                 Msg::SaveInfo {
@@ -290,6 +388,18 @@ mod tests {
     }
 
     #[test]
+    fn used_within_clips_ranges_to_the_chunk() {
+        let used = [(0, 10), (100, 50), (200, 1000), (5000, 1)];
+        assert_eq!(used_within(&used, 0, 100), [(0, 10)]);
+        assert_eq!(used_within(&used, 10, 90), []);
+        assert_eq!(used_within(&used, 120, 100), [(0, 30), (80, 100)]);
+        assert_eq!(used_within(&used, 300, 100), [(0, 100)]);
+        assert_eq!(used_within(&used, 1200, 3800), []);
+        assert_eq!(used_within(&used, 4096, 4096), [(904, 905)]);
+        assert_eq!(used_within(&[], 0, 4096), []);
+    }
+
+    #[test]
     fn save_of_a_missing_or_odd_target_is_a_target_error() {
         let dir = tempfile::tempdir().unwrap();
         let env = env(&dir);
@@ -301,6 +411,7 @@ mod tests {
                         target: target.to_string_lossy().into_owned(),
                         chunk_size: CS,
                         level: 1,
+                        raw: false,
                         holder: String::new(),
                     }],
                 )

@@ -95,8 +95,9 @@ pub(super) fn session<R: Read + Send, W: Write>(
             target,
             chunk_size,
             level,
+            raw,
             holder,
-        } => save(out, env, &target, chunk_size, level, &holder),
+        } => save(out, env, &target, chunk_size, level, &holder, raw),
         Msg::Error { message } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
@@ -196,6 +197,7 @@ mod tests {
                 target,
                 chunk_size,
                 level: 3,
+                raw: false,
                 holder: String::new(),
             };
             assert_malformed(&env, &with_hello(&[save]), "chunk size");

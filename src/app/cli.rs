@@ -62,8 +62,11 @@ pub enum Command {
     /// Read nodes' targets back into new images in the repository
     #[command(after_help = EXIT_CODES)]
     Save(SaveArgs),
-    /// Images in the repository: size, data size, date, links, manifest state
+    /// Images in the repository: format, size, data size, date, links, manifest state
     List(ListArgs),
+    /// Convert a Frisbee/imagezip .ndz into a raw sparse image with its manifest in the repository
+    #[command(after_help = EXIT_CODES)]
+    Import(ImportArgs),
     /// Return once every node accepts SSH, or report those that never did
     #[command(after_help = EXIT_CODES)]
     Wait(WaitArgs),
@@ -130,6 +133,10 @@ pub struct SaveArgs {
     /// A name for the image(s): saving__<node>__<date>__<NAME>.img
     #[arg(short = 'o', long = "output", value_name = "NAME")]
     pub output: Option<String>,
+    /// Read and save every block; by default blocks that ext2/3/4 file
+    /// systems mark free are neither read nor sent and become holes
+    #[arg(long)]
+    pub raw: bool,
     /// Give up after SECS seconds (default: [save] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -164,6 +171,16 @@ pub struct DemoArgs {
     /// Keep the demo's directory (images, targets, config) and print where it is
     #[arg(long)]
     pub keep: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The .ndz: a name in the repository, or a path
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// Name of the new image in the repository (default: the .ndz name with .img instead of .ndz)
+    #[arg(short = 'o', long = "output", value_name = "NAME")]
+    pub output: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -214,7 +231,7 @@ pub struct WaitArgs {
 
 /// Subcommands reachable through an `imaging-<name>` link.
 pub const LINKED: &[&str] = &[
-    "load", "save", "wait", "list", "nodes", "config", "on", "off", "reset", "power",
+    "load", "save", "wait", "list", "nodes", "config", "import", "on", "off", "reset", "power",
 ];
 
 /// argv with busybox-style dispatch: `imaging-wait 1-3` → `imaging wait 1-3`.

@@ -17,7 +17,7 @@ use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
 use crate::engine::power::PowerAction;
 use crate::engine::{cancel, check, events, load, report, save, source, wait};
-use crate::image::{manifest, repo};
+use crate::image::{import, manifest, reader, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
 use crate::node::{agent_link, hooks, ssh};
@@ -135,6 +135,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             }
             Ok(Exit::Success)
         }
+        Command::Import(args) => run_import(&cli, args, &loaded()?).await,
         Command::Agent => Ok(Exit::Usage),
         Command::InstallLinks { dir } => {
             install_links(dir)?;
@@ -290,9 +291,10 @@ pub(crate) async fn run_load(
         .clone()
         .unwrap_or_else(|| config.repository.default_image.clone());
     let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
-    let file = std::fs::File::open(&image)
-        .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
-    guard::refuse_empty_image(&image, &file)?;
+    let bytes = std::fs::metadata(&image)
+        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?
+        .len();
+    guard::refuse_empty_image(&image, bytes)?;
     let targets = targets(loaded, &nodes);
     let is_image = guard::targets_in_repository(&repo_dir, &image, &nodes, &targets)?;
     for (key, template) in [
@@ -307,10 +309,17 @@ pub(crate) async fn run_load(
     if !cli.global.json {
         eprintln!("imaging: reading {} (manifest)", image.display());
     }
-    let manifest = tokio::task::spawn_blocking(move || manifest::load_or_build(&path, chunk_size))
-        .await
-        .map_err(|e| UsageError::Other(e.to_string()))?
-        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    // Everything about the image is checked here, before any node is
+    // contacted: a damaged `.ndz` is found while its manifest is built.
+    let (file, manifest) = tokio::task::spawn_blocking(move || {
+        let file = reader::ImageReader::open(&path)?;
+        Ok::<_, std::io::Error>((file, manifest::load_or_build(&path, chunk_size)?))
+    })
+    .await
+    .map_err(|e| UsageError::Other(e.to_string()))?
+    .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    // An image file with data may still hold 0 bytes of disk (an .ndz).
+    guard::refuse_empty_image(&image, manifest.size)?;
     if args.dry_run {
         println!(
             "would load {} ({} bytes, {} of data, {} chunks) onto:",
@@ -424,6 +433,7 @@ pub(crate) async fn run_save(
         agent,
         chunk_size: config.load.chunk_size,
         level: config.load.compression,
+        raw: args.raw,
         deadline: deadline(args.timeout, config.save.timeout)?,
         nodes,
     };
@@ -468,6 +478,70 @@ async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, Us
     }
 }
 
+/// `import X.ndz [-o NAME]`: decode into a new raw image in the repository.
+async fn run_import(
+    cli: &Cli,
+    args: &cli::ImportArgs,
+    loaded: &Loaded,
+) -> Result<Exit, UsageError> {
+    let config = &loaded.config;
+    let repo_dir = config::expand_home(&config.repository.dir);
+    if !repo_dir.is_dir() {
+        return Err(UsageError::Other(format!(
+            "image repository {} is not a directory",
+            repo_dir.display()
+        )));
+    }
+    let source = repo::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
+    let name = import::output_name(&source, args.output.as_deref())
+        .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
+    if !cli.global.json {
+        eprintln!("imaging: decoding {} into {name}", source.display());
+    }
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chunk_size = config.load.chunk_size;
+    let task = {
+        let cancel = cancel.clone();
+        let repo_dir = repo_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            import::import_ndz(&source, &repo_dir, &name, chunk_size, &cancel)
+        })
+    };
+    tokio::pin!(task);
+    // Ctrl-C stops the decoding between chunks; the partial file goes away.
+    let result = tokio::select! {
+        r = &mut task => r,
+        _ = tokio::signal::ctrl_c() => {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            task.await
+        }
+    }
+    .map_err(|e| UsageError::Other(format!("import failed: {e}")))?;
+    let imported = match result {
+        Ok(imported) => imported,
+        Err(import::ImportError::Cancelled) => return Ok(Exit::Interrupted),
+        Err(e) => return Err(UsageError::Other(e.to_string())),
+    };
+    if cli.global.json {
+        let mut v = serde_json::to_value(&imported).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("event".into(), "import".into());
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "{}: {} ({} bytes), {} of data, from {} chunks of {}",
+            imported.name,
+            crate::ui::fmt::human_bytes(imported.size),
+            imported.size,
+            crate::ui::fmt::human_bytes(imported.data_size),
+            imported.chunks,
+            imported.format,
+        );
+    }
+    Ok(Exit::Success)
+}
+
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.
 pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError> {
     let inventory = loaded.config.inventory()?;
@@ -492,7 +566,9 @@ pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError>
     let repo = config::expand_home(&loaded.config.repository.dir);
     let is_image = |token: &str| {
         !token.contains('/')
-            && (repo.join(token).is_file() || repo.join(format!("{token}.img")).is_file())
+            && (repo.join(token).is_file()
+                || repo.join(format!("{token}.img")).is_file()
+                || repo.join(format!("{token}.ndz")).is_file())
     };
     Ok(nodespec::select_nodes(&inventory, &tokens, &is_image)?)
 }

@@ -2,7 +2,10 @@
 
 pub mod digest;
 pub mod fileio;
+pub mod import;
 pub mod manifest;
+pub mod ndz;
+pub mod reader;
 pub mod repo;
 
 /// Smallest chunk size: the one limit the configuration, the wire and the

@@ -8,15 +8,21 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::image::manifest::{self, ManifestState};
+use crate::image::reader::Format;
 use crate::ui::fmt::human_bytes;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageInfo {
     pub name: String,
     pub path: PathBuf,
-    /// Bytes in the image.
+    /// `raw`, `qcow2` (loaded as it is) or `ndz v1`..`ndz v4` (decoded).
+    pub format: String,
+    /// Bytes in the image; for an `.ndz`, of the disk it describes once its
+    /// manifest is built (until then, of the compressed file).
     pub size: u64,
-    /// Bytes in non-zero chunks (fresh manifest), else bytes allocated on disk.
+    /// Bytes allocated on disk, and no more than the bytes in non-zero
+    /// chunks (fresh manifest): zeros written out in full do not count, nor
+    /// do holes inside a chunk (free blocks of a saved file system).
     pub data_size: u64,
     /// Local time, `YYYY-MM-DD HH:MM`.
     pub modified: String,
@@ -71,10 +77,17 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
             continue;
         }
         let (state, cached) = manifest::lookup(&path, chunk_size);
-        let size = meta.len();
-        let data_size = match cached {
-            Some(m) => m.data_size(),
-            None => meta.blocks().saturating_mul(512).min(size),
+        let format = Format::sniff(&path).unwrap_or(Format::Raw);
+        let size = match (&cached, format) {
+            (Some(m), Format::Ndz(_)) => m.size,
+            _ => meta.len(),
+        };
+        let allocated = meta.blocks().saturating_mul(512).min(meta.len());
+        // An .ndz's own blocks are compressed: its data is the decoded disk's.
+        let data_size = match (cached, format) {
+            (Some(m), Format::Ndz(_)) => m.data_size(),
+            (Some(m), _) => m.data_size().min(allocated),
+            (None, _) => allocated,
         };
         let symlinks = if link_to.is_none() {
             let mut names = ids
@@ -89,6 +102,7 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
         out.push(ImageInfo {
             name,
             path,
+            format: format.label(),
             size,
             data_size,
             modified: meta
@@ -162,10 +176,12 @@ fn name_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// A table for humans: NAME SIZE DATA DATE MANIFEST LINKS.
+/// A table for humans: NAME FORMAT SIZE DATA DATE MANIFEST LINKS.
 pub fn format_table(images: &[ImageInfo]) -> String {
-    let header = ["NAME", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS"];
-    let rows: Vec<[String; 6]> = images
+    let header = [
+        "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS",
+    ];
+    let rows: Vec<[String; 7]> = images
         .iter()
         .map(|i| {
             let links = match &i.link_to {
@@ -180,6 +196,7 @@ pub fn format_table(images: &[ImageInfo]) -> String {
             };
             [
                 i.name.clone(),
+                i.format.clone(),
                 human_bytes(i.size),
                 human_bytes(i.data_size),
                 i.modified.clone(),
@@ -194,13 +211,13 @@ pub fn format_table(images: &[ImageInfo]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; 7]| {
         let mut s = String::new();
         for (k, (cell, w)) in cells.iter().zip(widths).enumerate() {
             match k {
                 0 => s.push_str(&format!("{cell:<w$}")),
-                1 | 2 => s.push_str(&format!("  {cell:>w$}")),
-                5 => s.push_str(&format!("  {cell}")),
+                2 | 3 => s.push_str(&format!("  {cell:>w$}")),
+                6 => s.push_str(&format!("  {cell}")),
                 _ => s.push_str(&format!("  {cell:<w$}")),
             }
         }
@@ -216,7 +233,7 @@ pub fn format_table(images: &[ImageInfo]) -> String {
 }
 
 /// Resolve the image a user names: a path if it contains '/', else
-/// `repo/arg`, else `repo/arg.img`.
+/// `repo/arg`, else `repo/arg.img`, else `repo/arg.ndz`.
 pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
     if arg.is_empty() {
         return Err("empty image name".into());
@@ -230,18 +247,21 @@ pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
         };
     }
     let mut tried = vec![repo.join(arg)];
-    if !arg.ends_with(".img") {
+    if !arg.ends_with(".img") && !arg.ends_with(".ndz") {
         tried.push(repo.join(format!("{arg}.img")));
+        tried.push(repo.join(format!("{arg}.ndz")));
     }
     if let Some(hit) = tried.iter().find(|p| p.is_file()) {
         return Ok(hit.clone());
     }
-    let tried_text: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-    let mut msg = format!(
-        "no image {arg:?} in {}: tried {}",
-        repo.display(),
-        tried_text.join(" and ")
-    );
+    let mut tried_text: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    let last = tried_text.pop().unwrap_or_default();
+    let tried_text = if tried_text.is_empty() {
+        last
+    } else {
+        format!("{} and {last}", tried_text.join(", "))
+    };
+    let mut msg = format!("no image {arg:?} in {}: tried {tried_text}", repo.display(),);
     let close = close_names(repo, arg);
     if !close.is_empty() {
         msg.push_str(&format!("; did you mean {}?", close.join(", ")));
@@ -439,13 +459,62 @@ mod tests {
     }
 
     #[test]
+    fn list_shows_the_format_and_an_ndz_disk_size_once_known() {
+        let dir = repo();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ndz/ext4-v3.ndz");
+        let ndz = dir.path().join("frisbee.ndz");
+        fs::copy(&fixture, &ndz).unwrap();
+        fs::write(dir.path().join("base.qcow2"), b"QFI\xfb\0\0\0\x03").unwrap();
+        let get = |n: &str| {
+            list(dir.path(), None, CS)
+                .unwrap()
+                .into_iter()
+                .find(|i| i.name == n)
+                .unwrap()
+        };
+        assert_eq!(get("fedora.img").format, "raw");
+        assert_eq!(get("base.qcow2").format, "qcow2");
+        let before = get("frisbee.ndz");
+        assert_eq!(before.format, "ndz v3");
+        assert_eq!(before.manifest, ManifestState::Missing);
+        assert_eq!(before.size, fs::metadata(&ndz).unwrap().len());
+        let m = manifest::load_or_build(&ndz, CS).unwrap();
+        let after = get("frisbee.ndz");
+        assert_eq!(after.manifest, ManifestState::Fresh);
+        assert_eq!((after.size, after.data_size), (m.size, m.data_size()));
+        assert!(format_table(&[after]).contains("ndz v3"));
+    }
+
+    #[test]
+    fn list_counts_holes_inside_chunks_as_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("saved.img");
+        let chunk = 16 * CS;
+        // One chunk with data in its first block, the rest a hole.
+        let f = File::create(&path).unwrap();
+        f.set_len(chunk).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; CS as usize], 0).unwrap();
+        drop(f);
+        manifest::load_or_build(&path, chunk).unwrap();
+        let images = list(dir.path(), None, chunk).unwrap();
+        assert_eq!(images[0].manifest, ManifestState::Fresh);
+        assert!(
+            images[0].data_size <= 2 * CS,
+            "{} bytes of data",
+            images[0].data_size
+        );
+    }
+
+    #[test]
     fn table_has_one_row_per_image_with_human_sizes() {
         let dir = repo();
         let images = list(dir.path(), None, CS).unwrap();
         let table = format_table(&images);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 1 + images.len());
-        for col in ["NAME", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS"] {
+        for col in [
+            "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS",
+        ] {
             assert!(lines[0].contains(col), "{}", lines[0]);
         }
         let sparse = lines.iter().find(|l| l.starts_with("sparse.img")).unwrap();
@@ -470,6 +539,8 @@ mod tests {
         );
         assert_eq!(resolve_image(p, "ubuntu").unwrap(), p.join("ubuntu.img"));
         assert_eq!(resolve_image(p, "default").unwrap(), p.join("default.img"));
+        fs::write(p.join("frisbee.ndz"), b"x").unwrap();
+        assert_eq!(resolve_image(p, "frisbee").unwrap(), p.join("frisbee.ndz"));
         let full = p.join("fedora.img");
         let full = full.to_str().unwrap();
         assert_eq!(resolve_image(p, full).unwrap(), PathBuf::from(full));

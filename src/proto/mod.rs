@@ -8,7 +8,8 @@
 //!
 //! Load:  C→A Hello, A→C Hello, C→A LoadBegin, A→C Needed,
 //!        C→A Chunk… (A→C Written after each), C→A Finish, A→C Finished.
-//! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd.
+//! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd;
+//!        A→C Note (a line for the run's log) may come anywhere after SaveInfo.
 //! Either side may send Error instead of its next message and then stop.
 //!
 //! Relay (a load's chain, after Needed): C→A RelayListen, A→C RelayPort;
@@ -26,7 +27,9 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 8] = *b"IMAGING\0";
-pub const VERSION: u16 = 2;
+/// 2: SaveBegin carries `raw`; the agent sends Note during a save.
+/// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
+pub const VERSION: u16 = 3;
 /// Largest frame either side accepts: the largest chunk plus headroom.
 pub const MAX_FRAME: u32 = crate::image::MAX_CHUNK_SIZE + (1 << 20);
 
@@ -91,6 +94,8 @@ pub enum Msg {
         chunk_size: u32,
         /// zstd level for the data; 0 = raw.
         level: i32,
+        /// Read every block: no free-block analysis of the target.
+        raw: bool,
         /// As in LoadBegin.
         holder: String,
     },
@@ -105,6 +110,10 @@ pub enum Msg {
         data: Vec<u8>,
     },
     SaveEnd,
+    /// A line for the run's log (what the agent found on the target).
+    Note {
+        text: String,
+    },
     /// Open the relay listener: `bind` is an IP address ("" = 0.0.0.0); the
     /// first free port of `port_min..=port_max` ((0, 0) = any free port).
     RelayListen {
@@ -184,6 +193,7 @@ impl Msg {
             Msg::SaveInfo { .. } => "SaveInfo",
             Msg::SaveChunk { .. } => "SaveChunk",
             Msg::SaveEnd => "SaveEnd",
+            Msg::Note { .. } => "Note",
             Msg::RelayListen { .. } => "RelayListen",
             Msg::RelayPort { .. } => "RelayPort",
             Msg::RelayConnect { .. } => "RelayConnect",
@@ -210,6 +220,7 @@ impl Msg {
             Msg::SaveInfo { .. } => 21,
             Msg::SaveChunk { .. } => 22,
             Msg::SaveEnd => 23,
+            Msg::Note { .. } => 24,
             Msg::RelayListen { .. } => 30,
             Msg::RelayPort { .. } => 31,
             Msg::RelayConnect { .. } => 32,
@@ -289,13 +300,16 @@ impl Msg {
                 target,
                 chunk_size,
                 level,
+                raw,
                 holder,
             } => {
                 put_bytes(&mut b, target.as_bytes());
                 b.extend_from_slice(&chunk_size.to_le_bytes());
                 b.extend_from_slice(&level.to_le_bytes());
+                b.push(*raw as u8);
                 put_bytes(&mut b, holder.as_bytes());
             }
+            Msg::Note { text } => put_bytes(&mut b, text.as_bytes()),
             Msg::SaveInfo { size } => b.extend_from_slice(&size.to_le_bytes()),
             Msg::SaveChunk {
                 index,
@@ -413,6 +427,7 @@ impl Msg {
                 target: r.string("target")?,
                 chunk_size: r.u32("chunk_size")?,
                 level: r.i32("level")?,
+                raw: r.bool("raw")?,
                 holder: r.string("holder")?,
             },
             21 => Msg::SaveInfo {
@@ -426,6 +441,9 @@ impl Msg {
                 data: r.bytes("data")?,
             },
             23 => Msg::SaveEnd,
+            24 => Msg::Note {
+                text: r.string("text")?,
+            },
             30 => Msg::RelayListen {
                 secret: r.secret()?,
                 bind: r.string("bind")?,
@@ -811,9 +829,13 @@ mod tests {
                 target: "/tmp/x".into(),
                 chunk_size: 1 << 20,
                 level: 3,
+                raw: true,
                 holder: "lab 42 imaging save".into(),
             },
             Msg::SaveInfo { size: 12345 },
+            Msg::Note {
+                text: "MBR partition 1: 10 of 20 blocks free, skipped".into(),
+            },
             Msg::SaveChunk {
                 index: 1,
                 digest: 42,

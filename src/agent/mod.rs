@@ -32,8 +32,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
 use crate::proto::{
-    Codec, Msg, ProtocolError, RELAY_SECRET_LEN, bit, bitmap_len, check_hello, read_msg_sync,
-    set_bit, write_msg_sync, write_stream_chunk_sync,
+    Codec, HeldImage, Msg, ProtocolError, RELAY_SECRET_LEN, bit, bitmap_len, check_hello,
+    read_msg_sync, set_bit, write_msg_sync, write_stream_chunk_sync,
 };
 
 /// Smallest chunk size the agent accepts.
@@ -213,8 +213,9 @@ fn session<R: Read + Send, W: Write>(
             force_mounted,
             digests,
             zero,
+            image,
         } => {
-            let req = LoadRequest::new(
+            let mut req = LoadRequest::new(
                 target,
                 size,
                 chunk_size,
@@ -224,13 +225,14 @@ fn session<R: Read + Send, W: Write>(
                 digests,
                 zero,
             )?;
+            req.image = image;
             load(input, out, env, &req)
         }
         Msg::SaveBegin {
             target,
             chunk_size,
             level,
-        } => save(out, &target, chunk_size, level),
+        } => save(out, env, &target, chunk_size, level),
         Msg::Error { message } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
@@ -300,6 +302,8 @@ struct LoadRequest {
     force_mounted: bool,
     digests: Vec<ChunkDigest>,
     zero: Vec<u8>,
+    /// The image's name, for the stamp ("" if the controller did not say).
+    image: String,
 }
 
 impl LoadRequest {
@@ -342,6 +346,7 @@ impl LoadRequest {
             force_mounted,
             digests,
             zero,
+            image: String::new(),
         })
     }
 }
@@ -1682,10 +1687,13 @@ struct Stamp {
     inode: u64,
     dev: u64,
     target: String,
+    /// The loaded image's name; "" if unknown. Not part of what makes a
+    /// stamp match: the same identity under another name is the same data.
+    image: String,
 }
 
 impl Stamp {
-    fn of(meta: &Metadata, identity: u128, target: &str) -> Stamp {
+    fn of(meta: &Metadata, identity: u128, target: &str, image: &str) -> Stamp {
         Stamp {
             identity,
             size: meta.len(),
@@ -1693,12 +1701,23 @@ impl Stamp {
             inode: meta.ino(),
             dev: meta.dev(),
             target: target.to_string(),
+            // One line per field: a name that cannot be one line is not kept.
+            image: if image.contains(['\n', '\r']) {
+                String::new()
+            } else {
+                image.to_string()
+            },
         }
     }
 
     fn encode(&self) -> String {
+        let image = if self.image.is_empty() {
+            String::new()
+        } else {
+            format!("image {}\n", self.image)
+        };
         format!(
-            "imaging-stamp 1\nidentity {:032x}\nsize {}\nmtime_ns {}\ninode {}\ndev {}\ntarget {}\nend\n",
+            "imaging-stamp 1\nidentity {:032x}\nsize {}\nmtime_ns {}\ninode {}\ndev {}\ntarget {}\n{image}end\n",
             self.identity, self.size, self.mtime_ns, self.inode, self.dev, self.target
         )
     }
@@ -1715,15 +1734,22 @@ impl Stamp {
                 .and_then(|l| l.strip_prefix(name))
                 .and_then(|l| l.strip_prefix(' '))
         };
-        let stamp = Stamp {
+        let mut stamp = Stamp {
             identity: u128::from_str_radix(field("identity")?, 16).ok()?,
             size: field("size")?.parse().ok()?,
             mtime_ns: field("mtime_ns")?.parse().ok()?,
             inode: field("inode")?.parse().ok()?,
             dev: field("dev")?.parse().ok()?,
             target: field("target")?.to_string(),
+            image: String::new(),
         };
-        (lines.next()? == "end" && lines.next().is_none()).then_some(stamp)
+        let mut last = lines.next()?;
+        // Optional (stamps written before it existed lack it).
+        if let Some(image) = last.strip_prefix("image ") {
+            stamp.image = image.to_string();
+            last = lines.next()?;
+        }
+        (last == "end" && lines.next().is_none()).then_some(stamp)
     }
 }
 
@@ -1757,7 +1783,18 @@ impl StampFile {
         let Ok(meta) = target.file.metadata() else {
             return false;
         };
-        stamp.size == req.layout.size && stamp == Stamp::of(&meta, req.identity, &self.key)
+        stamp.size == req.layout.size
+            && stamp == Stamp::of(&meta, req.identity, &self.key, &stamp.image)
+    }
+
+    /// What the stamp says was last loaded, whether or not the target
+    /// changed since (a save records it as the image the node held).
+    fn held(&self) -> Option<HeldImage> {
+        let stamp = Stamp::decode(&std::fs::read_to_string(&self.path).ok()?)?;
+        Some(HeldImage {
+            identity: stamp.identity,
+            image: stamp.image,
+        })
     }
 
     fn remove(&self) -> Result<(), AgentError> {
@@ -1785,7 +1822,7 @@ impl StampFile {
         // Read after every write and the sync, so the stamp sees the final mtime.
         let meta = target.file.metadata()?;
         settle_past(&meta);
-        let stamp = Stamp::of(&meta, req.identity, &self.key);
+        let stamp = Stamp::of(&meta, req.identity, &self.key, &req.image);
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
         let tmp = self
@@ -1825,6 +1862,7 @@ fn settle_past(meta: &Metadata) {
 
 fn save<W: Write>(
     out: &mut Replies<W>,
+    env: &AgentEnv,
     target: &str,
     chunk_size: u32,
     level: i32,
@@ -1832,7 +1870,13 @@ fn save<W: Write>(
     check_chunk_size(chunk_size)?;
     let target = open_save_target(target)?;
     let layout = Layout::new(target.old_len, chunk_size)?;
-    out.reply(&Msg::SaveInfo { size: layout.size })?;
+    let held = (target.kind == TargetKind::File)
+        .then(|| StampFile::new(env, &target).held())
+        .flatten();
+    out.reply(&Msg::SaveInfo {
+        size: layout.size,
+        held,
+    })?;
 
     let level = level.min(*zstd::compression_level_range().end());
     let zero_digests = ZeroDigests::new(&layout);
@@ -2280,6 +2324,7 @@ mod tests {
                 force_mounted: false,
                 digests: self.digests(),
                 zero: self.zero_bitmap(),
+                image: "test.img".into(),
             }
         }
 
@@ -2729,7 +2774,8 @@ mod tests {
             assert_eq!(
                 replies[1],
                 Msg::SaveInfo {
-                    size: image.data.len() as u64
+                    size: image.data.len() as u64,
+                    held: None,
                 }
             );
             let chunks = image.layout().chunks;
@@ -2889,6 +2935,7 @@ mod tests {
                 force_mounted: false,
                 digests,
                 zero,
+                image: String::new(),
             };
             assert_malformed(&env, &with_hello(&[begin]), "chunk size");
             let save = Msg::SaveBegin {
@@ -2920,6 +2967,7 @@ mod tests {
             force_mounted: false,
             digests,
             zero,
+            image: String::new(),
         };
         assert_malformed(
             &env,
@@ -3638,6 +3686,7 @@ mod tests {
             inode: 42,
             dev: 2049,
             target: "/var/lib/images/a b.img".into(),
+            image: "ubuntu 24.04.img".into(),
         };
         assert_eq!(Stamp::decode(&stamp.encode()), Some(stamp.clone()));
         let text = stamp.encode();
@@ -3646,6 +3695,65 @@ mod tests {
         }
         assert_eq!(Stamp::decode(&format!("{text}extra\n")), None);
         assert_eq!(Stamp::decode(&text.replace("size", "SIZE")), None);
+        // A stamp written before the image line existed still counts.
+        let older = text.replace("image ubuntu 24.04.img\n", "");
+        let decoded = Stamp::decode(&older).unwrap();
+        assert_eq!(
+            (decoded.identity, decoded.image.as_str()),
+            (stamp.identity, "")
+        );
+    }
+
+    #[test]
+    fn save_reports_what_the_stamp_says_the_target_was_loaded_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("held", 0, 16);
+        run(&env, &image.load(&target, false, &image.data_chunks()))
+            .0
+            .unwrap();
+        // Changed since the load, as a node that is saved usually is.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .write_all_at(b"nginx", 3)
+            .unwrap();
+        let save = Msg::SaveBegin {
+            target: target.to_string_lossy().into_owned(),
+            chunk_size: CS,
+            level: 0,
+        };
+        let (result, replies) = run(&env, &[save]);
+        result.unwrap();
+        assert_eq!(
+            replies[1],
+            Msg::SaveInfo {
+                size: image.data.len() as u64,
+                held: Some(HeldImage {
+                    identity: image.identity(),
+                    image: "test.img".into()
+                }),
+            }
+        );
+        // Another file was never loaded: nothing held.
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![1u8; CS as usize]).unwrap();
+        let (result, replies) = run(
+            &env,
+            &[Msg::SaveBegin {
+                target: other.to_string_lossy().into_owned(),
+                chunk_size: CS,
+                level: 0,
+            }],
+        );
+        result.unwrap();
+        assert!(
+            matches!(&replies[1], Msg::SaveInfo { held: None, .. }),
+            "{:?}",
+            replies[1]
+        );
     }
 
     #[test]

@@ -198,6 +198,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         output: Some("demo-copy".into()),
         timeout: None,
         dry_run: false,
+        message: Some("imaging demo".into()),
     };
     let saved_exit = super::run_save(&phase, &save, &loaded).await?;
     if saved_exit == Exit::Interrupted {

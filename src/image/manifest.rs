@@ -562,7 +562,7 @@ fn write_cache(places: &[PathBuf], stamp: FileStamp, manifest: &Manifest) -> io:
     Err(last)
 }
 
-fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = place
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;

@@ -2,5 +2,7 @@
 
 pub mod digest;
 pub mod fileio;
+pub mod manage;
 pub mod manifest;
+pub mod provenance;
 pub mod repo;

@@ -334,6 +334,7 @@ pub(crate) async fn begin(
             force_mounted: job.force,
             digests: m.digests.clone(),
             zero: m.zero.clone(),
+            image: job.image_name.clone(),
         },
     )
     .await?;

@@ -384,12 +384,11 @@ impl Repos {
             lines.push("(its manifest will be rebuilt on first use)".into());
         }
         let _ = fs::remove_file(&src_manifest);
+        // The provenance moves as it is (whatever it holds).
         let src_info = provenance::sidecar(&found.file, "info");
-        if let Some(p) = provenance::read(&found.file) {
-            provenance::write(&dest, &p)
-                .map_err(|e| format!("cannot write the provenance of {}: {e}", dest.display()))?;
+        if fs::symlink_metadata(&src_info).is_ok() {
+            move_file(&src_info, &provenance::sidecar(&dest, "info"))?;
         }
-        let _ = fs::remove_file(&src_info);
         for a in local_aliases {
             replace_symlink(&dest, &a)?;
             lines.push(format!("alias {} -> {}", file_name(&a), dest.display()));

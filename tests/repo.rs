@@ -315,7 +315,10 @@ fn share_moves_into_the_shared_repository_and_list_says_where() {
         .as_array_mut()
         .unwrap()
         .sort_by_key(|v| v.to_string());
-    assert_eq!(aliases, serde_json::json!(["default.img", "golden.img"]));
+    assert_eq!(
+        aliases,
+        serde_json::json!(["default.img (local)", "golden.img"])
+    );
     let out = run(&rig, &cfg, &["list"]);
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(table.lines().next().unwrap().contains("WHERE"), "{table}");

@@ -20,7 +20,9 @@ pub struct ImageInfo {
     pub data_size: u64,
     /// Local time, `YYYY-MM-DD HH:MM`.
     pub modified: String,
-    /// For a file: the repository symlinks (aliases) that point at it.
+    /// For a file: the repository symlinks (aliases) that point at it; one
+    /// in another repository directory has its location after it
+    /// (`default.img (local)`).
     pub symlinks: Vec<String>,
     pub manifest: ManifestState,
     /// For a symlink: what it points at.
@@ -61,7 +63,7 @@ pub fn list_dirs(
     let mut problems = Vec::new();
     // (dev, inode) of each file, to tie symlinks to their targets across
     // directories.
-    let mut ids: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+    let mut ids: HashMap<(u64, u64), Vec<(String, String)>> = HashMap::new();
     for (order, (repo, location)) in dirs.iter().enumerate() {
         match read_entries(repo, location, &mut ids) {
             Ok(found) => entries.extend(found.into_iter().map(|e| (order, e))),
@@ -110,10 +112,18 @@ pub fn list_dirs(
             None => meta.blocks().saturating_mul(512).min(size),
         };
         let symlinks = if e.link_to.is_none() {
-            let mut names = ids
+            let mut names: Vec<String> = ids
                 .get(&(meta.dev(), meta.ino()))
-                .cloned()
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .map(|(name, location)| {
+                    if *location == e.location {
+                        name.clone()
+                    } else {
+                        format!("{name} ({location})")
+                    }
+                })
+                .collect();
             names.sort();
             names
         } else {
@@ -154,7 +164,7 @@ struct Entry {
 fn read_entries(
     repo: &Path,
     location: &str,
-    ids: &mut HashMap<(u64, u64), Vec<String>>,
+    ids: &mut HashMap<(u64, u64), Vec<(String, String)>>,
 ) -> io::Result<Vec<Entry>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(repo)? {
@@ -182,7 +192,7 @@ fn read_entries(
                 if link_to.is_some() {
                     ids.entry((m.dev(), m.ino()))
                         .or_default()
-                        .push(name.clone());
+                        .push((name.clone(), location.to_string()));
                 }
             }
             _ => continue,

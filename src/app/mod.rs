@@ -346,7 +346,14 @@ pub(crate) async fn run_load(
         nodes,
     };
     let info = run_info(cli, "load", &job.nodes, true, Some(header));
-    Ok(drive(output_mode(cli), info, move |report, cancel| {
+    let mode = output_mode(cli);
+    if mode == ui::Mode::Bars
+        && let Some(line) = &origin
+    {
+        // Progress bars show no log lines: say it before they start.
+        eprintln!("imaging: {line}");
+    }
+    Ok(drive(mode, info, move |report, cancel| {
         if let Some(line) = origin {
             report.log(None, line);
         }

@@ -924,4 +924,47 @@ mod tests {
         assert!(fs::metadata(&to).unwrap().blocks() * 512 < 4 << 20);
         assert!(copy_sparse(&from, &to).is_err(), "never overwrites");
     }
+
+    #[test]
+    fn move_across_filesystems_copies_sparsely_and_never_overwrites() {
+        // /dev/shm is a tmpfs on Linux, the temp dir usually is not.
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm: the cross-filesystem move is not exercised");
+            return;
+        };
+        let here = tempfile::tempdir().unwrap();
+        let dev = |p: &Path| fs::metadata(p).unwrap().dev();
+        if dev(here.path()) == dev(other.path()) {
+            eprintln!("one filesystem: the cross-filesystem move is not exercised");
+            return;
+        }
+        let from = here.path().join("a.img");
+        let f = fs::File::create(&from).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all_at(b"payload", 20 << 20).unwrap();
+        drop(f);
+        let want = fs::read(&from).unwrap();
+        let to = other.path().join("a.img");
+        move_file(&from, &to).unwrap();
+        assert!(!from.exists());
+        assert_eq!(fs::read(&to).unwrap(), want);
+        assert!(
+            fs::metadata(&to).unwrap().blocks() * 512 < 4 << 20,
+            "holes kept"
+        );
+        assert_eq!(
+            fs::read_dir(other.path()).unwrap().count(),
+            1,
+            "no partial left"
+        );
+        // Never over an existing file.
+        fs::write(&from, b"new").unwrap();
+        assert!(
+            move_file(&from, &to)
+                .unwrap_err()
+                .contains("already exists")
+        );
+        assert_eq!(fs::read(&from).unwrap(), b"new");
+        assert_eq!(fs::read(&to).unwrap(), want);
+    }
 }

@@ -62,8 +62,11 @@ pub enum Command {
     /// Read nodes' targets back into new images in the repository
     #[command(after_help = EXIT_CODES)]
     Save(SaveArgs),
-    /// Images in the repositories: size, data size, date, manifest state, where, aliases
+    /// Images in the repositories: format, size, data size, date, manifest state, where, aliases
     List(ListArgs),
+    /// Convert a Frisbee/imagezip .ndz into a raw sparse image with its manifest in the repository
+    #[command(after_help = EXIT_CODES)]
+    Import(ImportArgs),
     /// Name an image: make NAME an alias (a symlink in the repository) to IMAGE
     #[command(after_help = EXIT_CODES)]
     Alias(AliasArgs),
@@ -84,6 +87,18 @@ pub enum Command {
     Wait(WaitArgs),
     /// Print the selected node names, space separated, in inventory order
     Nodes(NodeArgs),
+    /// Power nodes on, through the `[power] on` command
+    #[command(after_help = EXIT_CODES)]
+    On(PowerArgs),
+    /// Power nodes off, through the `[power] off` command
+    #[command(after_help = EXIT_CODES)]
+    Off(PowerArgs),
+    /// Reset nodes, through the `[power] reset` command
+    #[command(after_help = EXIT_CODES)]
+    Reset(PowerArgs),
+    /// Print each node's power state (on, off, unknown), through the `[power] status` command
+    #[command(after_help = EXIT_CODES)]
+    Power(PowerArgs),
     /// Print the effective configuration, each value with the file it came from
     Config,
     /// The main job on simulated local nodes: generate an image, load it, save one node back, wait
@@ -132,6 +147,10 @@ pub struct SaveArgs {
     /// A comment recorded with the image's provenance (shown by list -l)
     #[arg(short = 'm', long = "message", value_name = "COMMENT")]
     pub message: Option<String>,
+    /// Read and save every block; by default blocks that ext2/3/4 file
+    /// systems mark free are neither read nor sent and become holes
+    #[arg(long)]
+    pub raw: bool,
     /// Give up after SECS seconds (default: [save] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -192,6 +211,15 @@ pub struct PruneArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct PowerArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Seconds each node's command may run before it is killed (default: [power] timeout)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// How many simulated nodes
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -208,6 +236,16 @@ pub struct DemoArgs {
     /// Keep the demo's directory (images, targets, config) and print where it is
     #[arg(long)]
     pub keep: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The .ndz: a name in the repository, or a path
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// Name of the new image in the repository (default: the .ndz name with .img instead of .ndz)
+    #[arg(short = 'o', long = "output", value_name = "NAME")]
+    pub output: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -260,7 +298,10 @@ pub struct WaitArgs {
 }
 
 /// Subcommands reachable through an `imaging-<name>` link.
-pub const LINKED: &[&str] = &["load", "save", "wait", "list", "nodes", "config"];
+pub const LINKED: &[&str] = &[
+    "load", "save", "wait", "list", "nodes", "config", "import", "on", "off", "reset", "power",
+    "alias", "resolve", "share", "rm", "prune",
+];
 
 /// argv with busybox-style dispatch: `imaging-wait 1-3` → `imaging wait 1-3`.
 pub fn dispatch_argv(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::app::cli::{Cli, Command, DemoArgs, LoadArgs, NodeArgs, SaveArgs, WaitArgs};
-use crate::image::repo::human_bytes;
+use crate::ui::fmt::human_bytes;
 use crate::{Exit, UsageError, config, lab};
 
 const MIB: u64 = 1 << 20;
@@ -196,6 +196,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     let save = SaveArgs {
         nodes: node_args("1"),
         output: Some("demo-copy".into()),
+        raw: false,
         timeout: None,
         dry_run: false,
         message: Some("imaging demo".into()),

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod power;
 mod repo_cmds;
 
 use std::ffi::OsString;
@@ -14,8 +15,9 @@ use clap::Parser;
 use crate::agent;
 use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
-use crate::engine::{cancel, events, load, report, save, source, wait};
-use crate::image::{manifest, provenance, repo};
+use crate::engine::power::PowerAction;
+use crate::engine::{cancel, check, events, load, report, save, source, wait};
+use crate::image::{import, manifest, provenance, reader, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
 use crate::node::{agent_link, hooks, ssh};
@@ -102,10 +104,15 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
+        Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
+        Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,
+        Command::Power(args) => power::run_power(&cli, args, PowerAction::Status, &loaded()?).await,
         Command::Load(args) => run_load(&cli, args, &loaded()?).await,
         Command::Save(args) => run_save(&cli, args, &loaded()?).await,
         Command::Demo(args) => demo::run(&cli, args).await,
         Command::List(args) => repo_cmds::list(&cli, args, &loaded()?),
+        Command::Import(args) => run_import(&cli, args, &loaded()?).await,
         Command::Alias(args) => repo_cmds::alias(args, &loaded()?),
         Command::Resolve(args) => repo_cmds::resolve(&cli, args, &loaded()?),
         Command::Share(args) => repo_cmds::share(args, &loaded()?),
@@ -268,19 +275,28 @@ pub(crate) async fn run_load(
         .resolve(&image_arg)
         .map_err(UsageError::Other)?;
     let image = resolved.path.clone();
-    let file = std::fs::File::open(&image)
-        .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
     let targets = targets(loaded, &nodes);
+    for (key, template) in [
+        ("[load] before", &config.load.before),
+        ("[load] after", &config.load.after),
+    ] {
+        hooks_have_values(key, template, &nodes)?;
+    }
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
     if !cli.global.json {
         eprintln!("imaging: reading {} (manifest)", image.display());
     }
-    let manifest = tokio::task::spawn_blocking(move || manifest::load_or_build(&path, chunk_size))
-        .await
-        .map_err(|e| UsageError::Other(e.to_string()))?
-        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    // Everything about the image is checked here, before any node is
+    // contacted: a damaged `.ndz` is found while its manifest is built.
+    let (file, manifest) = tokio::task::spawn_blocking(move || {
+        let file = reader::ImageReader::open(&path)?;
+        Ok::<_, std::io::Error>((file, manifest::load_or_build(&path, chunk_size)?))
+    })
+    .await
+    .map_err(|e| UsageError::Other(e.to_string()))?
+    .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
     // Where a saved image came from: one line in the run's log.
     let origin = provenance::read(&resolved.file).map(|p| {
         let name = resolved
@@ -345,6 +361,9 @@ pub(crate) async fn run_load(
         relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,
     };
+    if !run_check("[load] check", &config.load.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "load", &job.nodes, true, Some(header));
     let mode = output_mode(cli);
     if mode == ui::Mode::Bars
@@ -413,6 +432,7 @@ pub(crate) async fn run_save(
         agent,
         chunk_size: config.load.chunk_size,
         level: config.load.compression,
+        raw: args.raw,
         deadline: deadline(args.timeout, config.save.timeout)?,
         provenance: save::SaveProvenance {
             saved_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
@@ -422,11 +442,109 @@ pub(crate) async fn run_save(
         },
         nodes,
     };
+    if !run_check("[save] check", &config.save.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "save", &job.nodes, true, None);
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         save::save_all(job, report, cancel)
     })
     .await)
+}
+
+/// A hook that uses a placeholder some node has no value for (`{cmc}`,
+/// `{mac}`) is refused before anything runs.
+fn hooks_have_values(key: &str, template: &str, nodes: &[Node]) -> Result<(), UsageError> {
+    for node in nodes {
+        if let Some(p) = hooks::missing_placeholder(template, node) {
+            return Err(UsageError::Other(format!(
+                "`{key}` uses {p}, which node {} has no value for",
+                node.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The run check (`[load] check`): false if Ctrl-C ended it (the run ends
+/// with 130), an error if it failed (exit 2). It runs last before the
+/// engine starts: listening for Ctrl-C replaces the default SIGINT action
+/// for the rest of the process, and only `drive` listens after it.
+async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, UsageError> {
+    if template.trim().is_empty() {
+        return Ok(true);
+    }
+    tokio::select! {
+        r = check::run(key, template, nodes) => r.map(|()| true).map_err(UsageError::Other),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("imaging: `{key}` interrupted");
+            Ok(false)
+        }
+    }
+}
+
+/// `import X.ndz [-o NAME]`: decode into a new raw image in the repository.
+async fn run_import(
+    cli: &Cli,
+    args: &cli::ImportArgs,
+    loaded: &Loaded,
+) -> Result<Exit, UsageError> {
+    let config = &loaded.config;
+    let repo_dir = config::expand_home(&config.repository.dir);
+    if !repo_dir.is_dir() {
+        return Err(UsageError::Other(format!(
+            "image repository {} is not a directory",
+            repo_dir.display()
+        )));
+    }
+    let source = repo::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
+    let name = import::output_name(&source, args.output.as_deref())
+        .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
+    if !cli.global.json {
+        eprintln!("imaging: decoding {} into {name}", source.display());
+    }
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chunk_size = config.load.chunk_size;
+    let task = {
+        let cancel = cancel.clone();
+        let repo_dir = repo_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            import::import_ndz(&source, &repo_dir, &name, chunk_size, &cancel)
+        })
+    };
+    tokio::pin!(task);
+    // Ctrl-C stops the decoding between chunks; the partial file goes away.
+    let result = tokio::select! {
+        r = &mut task => r,
+        _ = tokio::signal::ctrl_c() => {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            task.await
+        }
+    }
+    .map_err(|e| UsageError::Other(format!("import failed: {e}")))?;
+    let imported = match result {
+        Ok(imported) => imported,
+        Err(import::ImportError::Cancelled) => return Ok(Exit::Interrupted),
+        Err(e) => return Err(UsageError::Other(e.to_string())),
+    };
+    if cli.global.json {
+        let mut v = serde_json::to_value(&imported).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("event".into(), "import".into());
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "{}: {} ({} bytes), {} of data, from {} chunks of {}",
+            imported.name,
+            crate::ui::fmt::human_bytes(imported.size),
+            imported.size,
+            crate::ui::fmt::human_bytes(imported.data_size),
+            imported.chunks,
+            imported.format,
+        );
+    }
+    Ok(Exit::Success)
 }
 
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.
@@ -453,7 +571,9 @@ pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError>
     let repo = config::expand_home(&loaded.config.repository.dir);
     let is_image = |token: &str| {
         !token.contains('/')
-            && (repo.join(token).is_file() || repo.join(format!("{token}.img")).is_file())
+            && (repo.join(token).is_file()
+                || repo.join(format!("{token}.img")).is_file()
+                || repo.join(format!("{token}.ndz")).is_file())
     };
     Ok(nodespec::select_nodes(&inventory, &tokens, &is_image)?)
 }

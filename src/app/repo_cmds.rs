@@ -68,13 +68,12 @@ pub(crate) fn resolve(
     let found = repos(loaded)
         .resolve(&args.name)
         .map_err(UsageError::Other)?;
-    let size = std::fs::metadata(&found.file)
-        .map(|m| m.len())
-        .map_err(|e| UsageError::Other(format!("{}: {e}", found.file.display())))?;
-    // The identity is the manifest's: built (and cached) if need be, as load would.
+    // The identity is the manifest's: built (and cached) if need be, as load
+    // would. Its size is what a load writes (an `.ndz` decoded).
     let m = manifest::load_or_build(&found.file, loaded.config.load.chunk_size).map_err(|e| {
         UsageError::Other(format!("cannot read image {}: {e}", found.file.display()))
     })?;
+    let size = m.size;
     let origin = provenance::read(&found.file);
     if cli.global.json {
         let v = serde_json::json!({
@@ -102,7 +101,10 @@ pub(crate) fn resolve(
     };
     println!("{}", found.file.display());
     println!("  via       {via}");
-    println!("  size      {} ({size} bytes)", repo::human_bytes(size));
+    println!(
+        "  size      {} ({size} bytes)",
+        crate::ui::fmt::human_bytes(size)
+    );
     println!("  identity  {}", m.identity_hex());
     if let Some(p) = origin {
         println!("  origin    {}", p.describe());

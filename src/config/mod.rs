@@ -27,6 +27,7 @@ pub struct Config {
     pub save: SaveConfig,
     pub wait: WaitConfig,
     pub nodes: NodesConfig,
+    pub power: PowerConfig,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub node: Vec<NodeEntry>,
 }
@@ -127,6 +128,9 @@ pub struct LoadConfig {
     pub before: String,
     /// Local command run after, whenever `before` ran.
     pub after: String,
+    /// Local command run once before the run touches any node (a lease
+    /// check); non-zero ends the run with exit 2. Placeholder: `{nodes}`.
+    pub check: String,
 }
 
 impl Default for LoadConfig {
@@ -147,6 +151,7 @@ impl Default for LoadConfig {
             relay_port_max: 0,
             before: String::new(),
             after: String::new(),
+            check: String::new(),
         }
     }
 }
@@ -155,11 +160,44 @@ impl Default for LoadConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SaveConfig {
     pub timeout: u64,
+    /// Like `[load] check`, before a save.
+    pub check: String,
 }
 
 impl Default for SaveConfig {
     fn default() -> Self {
-        SaveConfig { timeout: 1800 }
+        SaveConfig {
+            timeout: 1800,
+            check: String::new(),
+        }
+    }
+}
+
+/// `imaging on|off|reset|power`: local command templates per action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PowerConfig {
+    pub on: String,
+    pub off: String,
+    pub reset: String,
+    /// Prints the power state: `on` or `off` somewhere in its last line.
+    pub status: String,
+    /// Seconds each command may run before its process group is killed.
+    pub timeout: u64,
+    /// Commands run at once.
+    pub concurrency: usize,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        PowerConfig {
+            on: String::new(),
+            off: String::new(),
+            reset: String::new(),
+            status: String::new(),
+            timeout: 10,
+            concurrency: 32,
+        }
     }
 }
 
@@ -194,6 +232,8 @@ pub struct NodeEntry {
     pub user: Option<String>,
     pub target: Option<String>,
     pub mac: Option<String>,
+    /// The node's power controller address, for `{cmc}`.
+    pub cmc: Option<String>,
     pub data_address: Option<String>,
     #[serde(default)]
     pub local: bool,
@@ -398,10 +438,11 @@ impl Config {
             message: format!("`{key}`: {message}"),
         };
         let cs = self.load.chunk_size;
-        if !cs.is_power_of_two() || !(64 << 10..=64 << 20).contains(&cs) {
+        if !u32::try_from(cs).is_ok_and(crate::image::chunk_size_ok) {
+            use crate::image::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
             return Err(bad(
                 "load.chunk_size",
-                format!("{cs} is not a power of two between 65536 and 67108864"),
+                format!("{cs} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"),
             ));
         }
         if self.load.relay_port_min > self.load.relay_port_max {
@@ -415,6 +456,12 @@ impl Config {
         }
         if self.load.concurrency == 0 {
             return Err(bad("load.concurrency", "must be at least 1".into()));
+        }
+        if self.power.concurrency == 0 {
+            return Err(bad("power.concurrency", "must be at least 1".into()));
+        }
+        if self.power.timeout == 0 {
+            return Err(bad("power.timeout", "must be at least 1 second".into()));
         }
         if !(0..=22).contains(&self.load.compression) {
             return Err(bad(
@@ -453,6 +500,7 @@ impl Config {
                 user: e.user.clone(),
                 target: e.target.clone(),
                 mac: e.mac.clone(),
+                cmc: e.cmc.clone(),
                 data_address: e.data_address.clone(),
                 local: e.local,
                 extra: BTreeMap::new(),
@@ -461,6 +509,7 @@ impl Config {
                 Some(existing) => {
                     let extra = std::mem::take(&mut existing.extra);
                     let mac = existing.mac.take();
+                    let cmc = existing.cmc.take();
                     let address = if e.address.is_none() {
                         existing.address.clone()
                     } else {
@@ -469,6 +518,7 @@ impl Config {
                     *existing = Node {
                         address,
                         mac: node.mac.clone().or(mac),
+                        cmc: node.cmc.clone().or(cmc),
                         extra,
                         ..node
                     };
@@ -554,6 +604,7 @@ mod tests {
             "all",
             "data_address",
             "mac",
+            "cmc",
         ] {
             assert!(
                 text.contains(&format!("# {optional} = ")),

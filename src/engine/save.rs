@@ -4,6 +4,11 @@
 //! against the digest the agent computed, synced, re-read and compared,
 //! given its manifest, and only then linked to its final name (never over
 //! an existing file): an interrupted save never looks like a good image.
+//!
+//! Unless the save is raw, the agent does not read the blocks that the
+//! target's ext2/3/4 file systems mark free and sends them as zeros; every
+//! all-zero 4 KiB block becomes a hole in the image, so free blocks cost
+//! no space. What the agent found on the target goes to the run's log.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +38,8 @@ pub struct SaveJob {
     pub agent: AgentSource,
     pub chunk_size: u64,
     pub level: i32,
+    /// Read every block of the target (no free-block analysis).
+    pub raw: bool,
     pub deadline: Instant,
     /// Recorded beside each saved image (node, target, identity, size and
     /// what the node held are filled in per node).
@@ -144,6 +151,7 @@ async fn receive(
             target: job.targets[i].clone(),
             chunk_size: job.chunk_size as u32,
             level: job.level,
+            raw: job.raw,
         },
     )
     .await
@@ -199,7 +207,9 @@ async fn receive(
                     if raw.len() != len || crate::image::digest::chunk_digest(&raw) != digest {
                         return Err(format!("chunk {index} failed verification"));
                     }
-                    crate::image::fileio::write_all_at(&file, &raw, offset)
+                    // The partial file is new: zero blocks left unwritten
+                    // are holes. Progress counts the chunk, holes included.
+                    crate::image::fileio::write_nonzero_at(&file, &raw, offset)
                         .map_err(|e| format!("writing {}: {e}", partial.display()))?;
                     written += len as u64;
                 }
@@ -209,6 +219,7 @@ async fn receive(
                 }
                 report.progress(i, sent, written, size);
             }
+            Msg::Note { text } => report.log(Some(i), format!("{}: {text}", job.nodes[i].name)),
             Msg::SaveEnd => break,
             Msg::Error { message } => return Err(format!("agent: {message}")),
             other => return Err(format!("agent sent {} during the save", other.name())),

@@ -12,8 +12,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::image::repo::{LOCAL, human_bytes};
+use crate::image::repo::LOCAL;
 use crate::image::{manifest, provenance};
+use crate::ui::fmt::human_bytes;
 
 /// The repository directories, in search order.
 #[derive(Debug, Clone)]
@@ -130,8 +131,8 @@ impl Repos {
         dirs
     }
 
-    /// The file `-i arg` loads: a path if `arg` has a '/', else `arg` then
-    /// `arg.img` in each directory in search order; the first entry found
+    /// The file `-i arg` loads: a path if `arg` has a '/', else `arg`, then
+    /// `arg.img`, then `arg.ndz` in each directory in search order; the first entry found
     /// wins, and a broken alias is an error, not a reason to look further.
     pub fn resolve(&self, arg: &str) -> Result<Resolved, String> {
         if arg.is_empty() {
@@ -155,8 +156,9 @@ impl Repos {
             };
         }
         let mut names = vec![arg.to_string()];
-        if !arg.ends_with(".img") {
+        if !arg.ends_with(".img") && !arg.ends_with(".ndz") {
             names.push(format!("{arg}.img"));
+            names.push(format!("{arg}.ndz"));
         }
         let mut tried = Vec::new();
         for (dir, location) in self.dirs() {
@@ -205,10 +207,13 @@ impl Repos {
         } else {
             "the repositories".to_string()
         };
-        let mut msg = format!(
-            "no image {arg:?} in {where_}: tried {}",
-            tried.join(" and ")
-        );
+        let last = tried.pop().unwrap_or_default();
+        let tried = if tried.is_empty() {
+            last
+        } else {
+            format!("{} and {last}", tried.join(", "))
+        };
+        let mut msg = format!("no image {arg:?} in {where_}: tried {tried}");
         let mut close = Vec::new();
         for (dir, _) in self.dirs() {
             close.extend(crate::image::repo::close_names(&dir, arg));
@@ -412,8 +417,9 @@ impl Repos {
         let mut problems = Vec::new();
         for arg in names {
             let mut candidates = vec![arg.clone()];
-            if !arg.ends_with(".img") {
+            if !arg.ends_with(".img") && !arg.ends_with(".ndz") {
                 candidates.push(format!("{arg}.img"));
+                candidates.push(format!("{arg}.ndz"));
             }
             if arg.contains('/') || check_name(arg).is_err() {
                 problems.push(format!(

@@ -9,14 +9,21 @@ use std::path::{Path, PathBuf};
 
 use crate::image::manifest::{self, ManifestState};
 use crate::image::provenance::{self, Provenance};
+use crate::image::reader::Format;
+use crate::ui::fmt::human_bytes;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageInfo {
     pub name: String,
     pub path: PathBuf,
-    /// Bytes in the image.
+    /// `raw`, `qcow2` (loaded as it is) or `ndz v1`..`ndz v4` (decoded).
+    pub format: String,
+    /// Bytes in the image; for an `.ndz`, of the disk it describes once its
+    /// manifest is built (until then, of the compressed file).
     pub size: u64,
-    /// Bytes in non-zero chunks (fresh manifest), else bytes allocated on disk.
+    /// Bytes allocated on disk, and no more than the bytes in non-zero
+    /// chunks (fresh manifest): zeros written out in full do not count, nor
+    /// do holes inside a chunk (free blocks of a saved file system).
     pub data_size: u64,
     /// Local time, `YYYY-MM-DD HH:MM`.
     pub modified: String,
@@ -92,6 +99,7 @@ pub fn list_dirs(
                 ImageInfo {
                     name: e.name,
                     path: e.path,
+                    format: "-".into(),
                     size: 0,
                     data_size: 0,
                     modified: modified(e.own.modified()),
@@ -106,10 +114,17 @@ pub fn list_dirs(
             continue;
         };
         let (state, cached) = manifest::lookup(&e.path, chunk_size);
-        let size = meta.len();
-        let data_size = match cached {
-            Some(m) => m.data_size(),
-            None => meta.blocks().saturating_mul(512).min(size),
+        let format = Format::sniff(&e.path).unwrap_or(Format::Raw);
+        let size = match (&cached, format) {
+            (Some(m), Format::Ndz(_)) => m.size,
+            _ => meta.len(),
+        };
+        let allocated = meta.blocks().saturating_mul(512).min(meta.len());
+        // An .ndz's own blocks are compressed: its data is the decoded disk's.
+        let data_size = match (cached, format) {
+            (Some(m), Format::Ndz(_)) => m.data_size(),
+            (Some(m), _) => m.data_size().min(allocated),
+            (None, _) => allocated,
         };
         let symlinks = if e.link_to.is_none() {
             let mut names: Vec<String> = ids
@@ -135,6 +150,7 @@ pub fn list_dirs(
                 provenance: provenance::read(&e.path),
                 name: e.name,
                 path: e.path,
+                format: format.label(),
                 size,
                 data_size,
                 modified: modified(meta.modified()),
@@ -263,11 +279,13 @@ pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// A table for humans: NAME SIZE DATA DATE MANIFEST WHERE LINKS; with
-/// `long`, each saved image's provenance on an indented line below it.
+/// A table for humans: NAME FORMAT SIZE DATA DATE MANIFEST WHERE LINKS;
+/// with `long`, each saved image's provenance on an indented line below it.
 pub fn format_table(images: &[ImageInfo], long: bool) -> String {
-    let header = ["NAME", "SIZE", "DATA", "DATE", "MANIFEST", "WHERE", "LINKS"];
-    let rows: Vec<[String; 7]> = images
+    let header = [
+        "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "WHERE", "LINKS",
+    ];
+    let rows: Vec<[String; 8]> = images
         .iter()
         .map(|i| {
             let links = match &i.link_to {
@@ -285,6 +303,7 @@ pub fn format_table(images: &[ImageInfo], long: bool) -> String {
             let size = |n| if i.broken { "-".into() } else { human_bytes(n) };
             [
                 i.name.clone(),
+                i.format.clone(),
                 size(i.size),
                 size(i.data_size),
                 i.modified.clone(),
@@ -300,13 +319,13 @@ pub fn format_table(images: &[ImageInfo], long: bool) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 7]| {
+    let line = |cells: [&str; 8]| {
         let mut s = String::new();
         for (k, (cell, w)) in cells.iter().zip(widths).enumerate() {
             match k {
                 0 => s.push_str(&format!("{cell:<w$}")),
-                1 | 2 => s.push_str(&format!("  {cell:>w$}")),
-                6 => s.push_str(&format!("  {cell}")),
+                2 | 3 => s.push_str(&format!("  {cell:>w$}")),
+                7 => s.push_str(&format!("  {cell}")),
                 _ => s.push_str(&format!("  {cell:<w$}")),
             }
         }
@@ -327,41 +346,9 @@ pub fn format_table(images: &[ImageInfo], long: bool) -> String {
     out
 }
 
-/// Bytes in binary units: "0 B", "512 B", "1.5 KiB", "512 MiB", "1.0 GiB".
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    // Decide the precision on the value as it will be shown, so that
-    // 9.96 KiB is "10 KiB" and 1023.7 KiB is "1.0 MiB".
-    if (v * 10.0).round() < 100.0 {
-        format!("{v:.1} {}", UNITS[u])
-    } else if v.round() < 1024.0 || u == UNITS.len() - 1 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("1.0 {}", UNITS[u + 1])
-    }
-}
-
-/// A rate in binary units per second: "118 MiB/s".
-pub fn human_rate(bytes_per_sec: f64) -> String {
-    if !bytes_per_sec.is_finite() || bytes_per_sec <= 0.0 {
-        return "0 B/s".into();
-    }
-    // `as` saturates at u64::MAX.
-    format!("{}/s", human_bytes(bytes_per_sec.round() as u64))
-}
-
 /// Resolve the image a user names: a path if it contains '/', else
-/// `repo/arg`, else `repo/arg.img` (see [`crate::image::manage::Repos::resolve`]
-/// for the shared repositories too).
+/// `repo/arg`, else `repo/arg.img`, else `repo/arg.ndz` (see
+/// [`crate::image::manage::Repos::resolve`] for the shared repositories too).
 pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
     crate::image::manage::Repos::new(repo.to_path_buf(), Vec::new())
         .resolve(arg)
@@ -556,13 +543,62 @@ mod tests {
     }
 
     #[test]
+    fn list_shows_the_format_and_an_ndz_disk_size_once_known() {
+        let dir = repo();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ndz/ext4-v3.ndz");
+        let ndz = dir.path().join("frisbee.ndz");
+        fs::copy(&fixture, &ndz).unwrap();
+        fs::write(dir.path().join("base.qcow2"), b"QFI\xfb\0\0\0\x03").unwrap();
+        let get = |n: &str| {
+            list(dir.path(), None, CS)
+                .unwrap()
+                .into_iter()
+                .find(|i| i.name == n)
+                .unwrap()
+        };
+        assert_eq!(get("fedora.img").format, "raw");
+        assert_eq!(get("base.qcow2").format, "qcow2");
+        let before = get("frisbee.ndz");
+        assert_eq!(before.format, "ndz v3");
+        assert_eq!(before.manifest, ManifestState::Missing);
+        assert_eq!(before.size, fs::metadata(&ndz).unwrap().len());
+        let m = manifest::load_or_build(&ndz, CS).unwrap();
+        let after = get("frisbee.ndz");
+        assert_eq!(after.manifest, ManifestState::Fresh);
+        assert_eq!((after.size, after.data_size), (m.size, m.data_size()));
+        assert!(format_table(&[after], false).contains("ndz v3"));
+    }
+
+    #[test]
+    fn list_counts_holes_inside_chunks_as_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("saved.img");
+        let chunk = 16 * CS;
+        // One chunk with data in its first block, the rest a hole.
+        let f = File::create(&path).unwrap();
+        f.set_len(chunk).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; CS as usize], 0).unwrap();
+        drop(f);
+        manifest::load_or_build(&path, chunk).unwrap();
+        let images = list(dir.path(), None, chunk).unwrap();
+        assert_eq!(images[0].manifest, ManifestState::Fresh);
+        assert!(
+            images[0].data_size <= 2 * CS,
+            "{} bytes of data",
+            images[0].data_size
+        );
+    }
+
+    #[test]
     fn table_has_one_row_per_image_with_human_sizes() {
         let dir = repo();
         let images = list(dir.path(), None, CS).unwrap();
         let table = format_table(&images, false);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 1 + images.len());
-        for col in ["NAME", "SIZE", "DATA", "DATE", "MANIFEST", "WHERE", "LINKS"] {
+        for col in [
+            "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "WHERE", "LINKS",
+        ] {
             assert!(lines[0].contains(col), "{}", lines[0]);
         }
         let sparse = lines.iter().find(|l| l.starts_with("sparse.img")).unwrap();
@@ -580,30 +616,6 @@ mod tests {
     }
 
     #[test]
-    fn human_bytes_uses_binary_units() {
-        for (n, s) in [
-            (0, "0 B"),
-            (1, "1 B"),
-            (1023, "1023 B"),
-            (1024, "1.0 KiB"),
-            (1536, "1.5 KiB"),
-            (10 * 1024, "10 KiB"),
-            (10199, "10 KiB"),
-            (512 << 20, "512 MiB"),
-            ((1 << 20) - 1, "1.0 MiB"),
-            (1 << 30, "1.0 GiB"),
-            (3 << 40, "3.0 TiB"),
-            (u64::MAX, "16 EiB"),
-        ] {
-            assert_eq!(human_bytes(n), s, "{n}");
-        }
-        assert_eq!(human_rate(118.3 * 1048576.0), "118 MiB/s");
-        assert_eq!(human_rate(0.0), "0 B/s");
-        assert_eq!(human_rate(f64::NAN), "0 B/s");
-        assert_eq!(human_rate(500.0), "500 B/s");
-    }
-
-    #[test]
     fn resolve_image_tries_path_name_then_name_img() {
         let dir = repo();
         let p = dir.path();
@@ -613,6 +625,8 @@ mod tests {
         );
         assert_eq!(resolve_image(p, "ubuntu").unwrap(), p.join("ubuntu.img"));
         assert_eq!(resolve_image(p, "default").unwrap(), p.join("default.img"));
+        fs::write(p.join("frisbee.ndz"), b"x").unwrap();
+        assert_eq!(resolve_image(p, "frisbee").unwrap(), p.join("frisbee.ndz"));
         let full = p.join("fedora.img");
         let full = full.to_str().unwrap();
         assert_eq!(resolve_image(p, full).unwrap(), PathBuf::from(full));

@@ -8,7 +8,8 @@
 //!
 //! Load:  C→A Hello, A→C Hello, C→A LoadBegin, A→C Needed,
 //!        C→A Chunk… (A→C Written after each), C→A Finish, A→C Finished.
-//! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd.
+//! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd;
+//!        A→C Note (a line for the run's log) may come anywhere after SaveInfo.
 //! Either side may send Error instead of its next message and then stop.
 //!
 //! Relay (a load's chain, after Needed): C→A RelayListen, A→C RelayPort;
@@ -19,15 +20,18 @@
 //! Finish ends the load as without a relay.
 
 pub mod pipes;
+pub mod relay;
 
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 8] = *b"IMAGING\0";
-pub const VERSION: u16 = 1;
+/// 2: SaveBegin carries `raw`; the agent sends Note during a save;
+/// LoadBegin names the image and SaveInfo says what the target held.
+pub const VERSION: u16 = 2;
 /// Largest frame either side accepts: the largest chunk plus headroom.
-pub const MAX_FRAME: u32 = (64 << 20) + (1 << 20);
+pub const MAX_FRAME: u32 = crate::image::MAX_CHUNK_SIZE + (1 << 20);
 
 /// How a chunk's bytes travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +92,8 @@ pub enum Msg {
         chunk_size: u32,
         /// zstd level for the data; 0 = raw.
         level: i32,
+        /// Read every block: no free-block analysis of the target.
+        raw: bool,
     },
     SaveInfo {
         size: u64,
@@ -103,6 +109,10 @@ pub enum Msg {
         data: Vec<u8>,
     },
     SaveEnd,
+    /// A line for the run's log (what the agent found on the target).
+    Note {
+        text: String,
+    },
     /// Open the relay listener: `bind` is an IP address ("" = 0.0.0.0); the
     /// first free port of `port_min..=port_max` ((0, 0) = any free port).
     RelayListen {
@@ -190,6 +200,7 @@ impl Msg {
             Msg::SaveInfo { .. } => "SaveInfo",
             Msg::SaveChunk { .. } => "SaveChunk",
             Msg::SaveEnd => "SaveEnd",
+            Msg::Note { .. } => "Note",
             Msg::RelayListen { .. } => "RelayListen",
             Msg::RelayPort { .. } => "RelayPort",
             Msg::RelayConnect { .. } => "RelayConnect",
@@ -216,6 +227,7 @@ impl Msg {
             Msg::SaveInfo { .. } => 21,
             Msg::SaveChunk { .. } => 22,
             Msg::SaveEnd => 23,
+            Msg::Note { .. } => 24,
             Msg::RelayListen { .. } => 30,
             Msg::RelayPort { .. } => 31,
             Msg::RelayConnect { .. } => 32,
@@ -293,11 +305,14 @@ impl Msg {
                 target,
                 chunk_size,
                 level,
+                raw,
             } => {
                 put_bytes(&mut b, target.as_bytes());
                 b.extend_from_slice(&chunk_size.to_le_bytes());
                 b.extend_from_slice(&level.to_le_bytes());
+                b.push(*raw as u8);
             }
+            Msg::Note { text } => put_bytes(&mut b, text.as_bytes()),
             Msg::SaveInfo { size, held } => {
                 b.extend_from_slice(&size.to_le_bytes());
                 match held {
@@ -426,6 +441,7 @@ impl Msg {
                 target: r.string("target")?,
                 chunk_size: r.u32("chunk_size")?,
                 level: r.i32("level")?,
+                raw: r.bool("raw")?,
             },
             21 => Msg::SaveInfo {
                 size: r.u64("size")?,
@@ -446,6 +462,9 @@ impl Msg {
                 data: r.bytes("data")?,
             },
             23 => Msg::SaveEnd,
+            24 => Msg::Note {
+                text: r.string("text")?,
+            },
             30 => Msg::RelayListen {
                 secret: r.secret()?,
                 bind: r.string("bind")?,
@@ -830,6 +849,7 @@ mod tests {
                 target: "/tmp/x".into(),
                 chunk_size: 1 << 20,
                 level: 3,
+                raw: true,
             },
             Msg::SaveInfo {
                 size: 12345,
@@ -841,6 +861,9 @@ mod tests {
                     identity: 0xfeed,
                     image: "ubuntu.img".into(),
                 }),
+            },
+            Msg::Note {
+                text: "MBR partition 1: 10 of 20 blocks free, skipped".into(),
             },
             Msg::SaveChunk {
                 index: 1,

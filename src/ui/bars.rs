@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::View;
+use super::{View, fmt};
 use crate::engine::events::{Event, NodeState};
 
 pub const REFRESH: Duration = Duration::from_millis(100);
@@ -18,9 +18,7 @@ pub struct Bars {
 }
 
 fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("█▉▊▋▌▍▎▏ ")
+    fmt::bar_style(template).progress_chars("█▉▊▋▌▍▎▏ ")
 }
 
 impl Bars {
@@ -31,7 +29,7 @@ impl Bars {
         let width = view.nodes.iter().map(|n| n.name.len()).max().unwrap_or(4);
         let node_style = if bytes {
             style(&format!(
-                "{{prefix:{width}}} [{{bar:30}}] {{bytes:>10}}/{{total_bytes:<10}} {{bytes_per_sec:>12}} {{msg}}"
+                "{{prefix:{width}}} [{{bar:30}}] {{written:>10}}/{{total:<10}} {{rate:>12}} {{msg}}"
             ))
         } else {
             style(&format!("{{prefix:{width}}} {{spinner}} {{msg}}"))
@@ -47,7 +45,7 @@ impl Bars {
             })
             .collect();
         let total = multi.add(ProgressBar::new(0).with_style(style(&format!(
-            "{{prefix:{width}}} [{{bar:30}}] {{bytes:>10}}/{{total_bytes:<10}} {{binary_bytes_per_sec:>12}} {{msg}}"
+            "{{prefix:{width}}} [{{bar:30}}] {{written:>10}}/{{total:<10}} {{rate:>12}} {{msg}}"
         ))));
         total.set_prefix("total");
         if !bytes {

@@ -5,9 +5,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use super::RunInfo;
-use super::view::{View, human_duration};
+use super::fmt::human_duration;
+use super::view::View;
 use crate::engine::events::{Event, NodeState};
-use crate::image::repo::{human_bytes, human_rate};
+use crate::ui::fmt::{human_bytes, human_rate};
 
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 

@@ -15,6 +15,7 @@ use crate::engine::report::Board;
 
 pub mod bars;
 pub mod dashboard;
+pub mod fmt;
 pub mod json;
 pub mod lines;
 pub mod logfile;

@@ -216,16 +216,6 @@ impl View {
     }
 }
 
-/// `1m05s`, `3h02m`, `42s`.
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,12 +244,5 @@ mod tests {
         });
         assert!(view.log.back().unwrap().is_error);
         assert!(view.log.back().unwrap().text.contains("disk full"));
-    }
-
-    #[test]
-    fn durations_read_naturally() {
-        assert_eq!(human_duration(Duration::from_secs(42)), "42s");
-        assert_eq!(human_duration(Duration::from_secs(65)), "1m05s");
-        assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 120)), "3h02m");
     }
 }

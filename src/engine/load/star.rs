@@ -1,0 +1,182 @@
+//! Star fan-out: the controller streams its own copy of the chunks to each
+//! node, retrying a dropped link with backoff.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::engine::backoff::Backoff;
+use crate::engine::events::NodeState;
+use crate::engine::report::Reporter;
+use crate::node::agent_link::AgentLink;
+use crate::proto::{self, Msg, ProtocolError};
+
+use super::job::LoadJob;
+use super::session::{AttemptError, Counters, Plan, begin, open_link};
+
+/// Chunks prepared ahead of the one being sent, per node.
+const LOOKAHEAD: usize = 3;
+
+/// Attempts with backoff until one succeeds, fails for good, or retries run out.
+pub(super) async fn transfer(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+) -> Result<NodeState, String> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let mut failures = 0;
+    loop {
+        match attempt(i, job, report, counters, failures > 0).await {
+            Ok(state) => return Ok(state),
+            Err(AttemptError::Fatal(reason)) => return Err(reason),
+            Err(AttemptError::Retry(reason)) => {
+                failures += 1;
+                let written = counters.written.swap(0, Ordering::Relaxed);
+                counters
+                    .written_before
+                    .fetch_add(written, Ordering::Relaxed);
+                if failures > job.retries {
+                    return Err(format!("{reason}; gave up after {} retries", job.retries));
+                }
+                report.log(
+                    Some(i),
+                    format!(
+                        "{}: {reason}; retry {failures}/{} resumes from the verified data",
+                        job.nodes[i].name, job.retries
+                    ),
+                );
+                report.state(
+                    i,
+                    NodeState::WaitingForSsh,
+                    Some(format!("retrying: {reason}")),
+                );
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+async fn attempt(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    retry: bool,
+) -> Result<NodeState, AttemptError> {
+    let mut link = open_link(i, job, report, retry).await?;
+    let result = run_session(i, job, report, counters, &mut link).await;
+    let stderr = link.close().await;
+    result.map_err(|e| match e {
+        // The agent's own words say more than "connection lost".
+        AttemptError::Retry(r) | AttemptError::Fatal(r) if r.starts_with("agent:") => {
+            AttemptError::Fatal(r)
+        }
+        AttemptError::Retry(r) => match stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("imaging agent:"))
+        {
+            Some(last) => {
+                AttemptError::Fatal(last.trim_start_matches("imaging agent:").trim().to_string())
+            }
+            None => AttemptError::Retry(r),
+        },
+        other => other,
+    })
+}
+
+async fn run_session(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    link: &mut AgentLink,
+) -> Result<NodeState, AttemptError> {
+    let (needed, before, total) = match begin(i, job, report, counters, link).await? {
+        Plan::UpToDate => return Ok(NodeState::UpToDate),
+        Plan::Send {
+            needed,
+            base,
+            total,
+        } => (needed, base, total),
+    };
+    report.state(i, NodeState::Transferring, None);
+
+    let AgentLink { tx, rx, .. } = link;
+    let send = async {
+        let mut ahead = VecDeque::new();
+        let mut queue = needed.iter().copied();
+        for _ in 0..LOOKAHEAD {
+            if let Some(c) = queue.next() {
+                let source = job.source.clone();
+                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+            }
+        }
+        while let Some(next) = ahead.pop_front() {
+            if let Some(c) = queue.next() {
+                let source = job.source.clone();
+                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+            }
+            let chunk = next
+                .await
+                .map_err(|e| AttemptError::Fatal(e.to_string()))?
+                .map_err(AttemptError::Fatal)?;
+            if let Some(rate) = &job.rate {
+                rate.take(chunk.data.len() as u64).await;
+            }
+            proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
+            counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
+        }
+        proto::write_msg(tx, &Msg::Finish).await?;
+        tx.flush().await.map_err(ProtocolError::from)?;
+        report.state(i, NodeState::Syncing, None);
+        Ok::<(), AttemptError>(())
+    };
+    let receive = async {
+        loop {
+            match proto::read_msg(rx).await? {
+                Msg::Written { bytes_written, .. } => {
+                    counters.written.store(bytes_written, Ordering::Relaxed);
+                    report.progress(
+                        i,
+                        counters.sent.load(Ordering::Relaxed),
+                        before + bytes_written,
+                        total,
+                    );
+                }
+                Msg::Finished { bytes_written } => {
+                    counters.written.store(bytes_written, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Msg::Error { message } => {
+                    return Err(AttemptError::Fatal(format!("agent: {message}")));
+                }
+                other => {
+                    return Err(AttemptError::Fatal(format!(
+                        "agent sent {} during the transfer",
+                        other.name()
+                    )));
+                }
+            }
+        }
+    };
+    // The receiver may end first with an error; then stop sending.
+    tokio::pin!(send);
+    tokio::pin!(receive);
+    let mut sent = false;
+    loop {
+        tokio::select! {
+            r = &mut send, if !sent => { r?; sent = true; }
+            r = &mut receive => { r?; break; }
+        }
+    }
+    if !sent {
+        return Err(AttemptError::Fatal(
+            "agent finished before all chunks were sent".into(),
+        ));
+    }
+    Ok(NodeState::Done)
+}

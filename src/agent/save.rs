@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::stamp::StampFile;
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
 use crate::agent::used;
 use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
@@ -37,7 +38,13 @@ pub(super) fn save<W: Write>(
         };
     let target = open_save_target(target)?;
     let layout = Layout::new(target.old_len, chunk_size)?;
-    out.reply(&Msg::SaveInfo { size: layout.size })?;
+    let held = (target.kind == TargetKind::File)
+        .then(|| StampFile::new(env, &target).held())
+        .flatten();
+    out.reply(&Msg::SaveInfo {
+        size: layout.size,
+        held,
+    })?;
     // None: read every byte.
     let used = if raw {
         None
@@ -294,7 +301,7 @@ mod tests {
 
     use crate::agent::testkit::*;
     use crate::image::digest::{chunk_digest, is_zero};
-    use crate::proto::{Codec, Msg};
+    use crate::proto::{Codec, HeldImage, Msg};
 
     #[test]
     fn save_reports_holes_zeros_and_data() {
@@ -348,7 +355,8 @@ mod tests {
             assert_eq!(
                 replies[1],
                 Msg::SaveInfo {
-                    size: image.data.len() as u64
+                    size: image.data.len() as u64,
+                    held: None,
                 }
             );
             let chunks = image.layout().chunks;
@@ -385,6 +393,60 @@ mod tests {
                 assert_eq!(*codec, expect, "chunk {i} level {level}");
             }
         }
+    }
+
+    #[test]
+    fn save_reports_what_the_stamp_says_the_target_was_loaded_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("held", 0, 16);
+        run(&env, &image.load(&target, false, &image.data_chunks()))
+            .0
+            .unwrap();
+        // Changed since the load, as a node that is saved usually is.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .write_all_at(b"nginx", 3)
+            .unwrap();
+        let save = Msg::SaveBegin {
+            target: target.to_string_lossy().into_owned(),
+            chunk_size: CS,
+            level: 0,
+            raw: false,
+        };
+        let (result, replies) = run(&env, &[save]);
+        result.unwrap();
+        assert_eq!(
+            replies[1],
+            Msg::SaveInfo {
+                size: image.data.len() as u64,
+                held: Some(HeldImage {
+                    identity: image.identity(),
+                    image: "test.img".into()
+                }),
+            }
+        );
+        // Another file was never loaded: nothing held.
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![1u8; CS as usize]).unwrap();
+        let (result, replies) = run(
+            &env,
+            &[Msg::SaveBegin {
+                target: other.to_string_lossy().into_owned(),
+                chunk_size: CS,
+                level: 0,
+                raw: false,
+            }],
+        );
+        result.unwrap();
+        assert!(
+            matches!(&replies[1], Msg::SaveInfo { held: None, .. }),
+            "{:?}",
+            replies[1]
+        );
     }
 
     #[test]

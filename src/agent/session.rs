@@ -76,8 +76,9 @@ pub(super) fn session<R: Read + Send, W: Write>(
             holder,
             digests,
             zero,
+            image,
         } => {
-            let req = LoadRequest::new(
+            let mut req = LoadRequest::new(
                 target,
                 size,
                 chunk_size,
@@ -89,6 +90,7 @@ pub(super) fn session<R: Read + Send, W: Write>(
                 digests,
                 zero,
             )?;
+            req.image = image;
             load(input, out, env, &req)
         }
         Msg::SaveBegin {
@@ -191,6 +193,7 @@ mod tests {
                 holder: String::new(),
                 digests,
                 zero,
+                image: String::new(),
             };
             assert_malformed(&env, &with_hello(&[begin]), "chunk size");
             let save = Msg::SaveBegin {
@@ -226,6 +229,7 @@ mod tests {
             holder: String::new(),
             digests,
             zero,
+            image: String::new(),
         };
         assert_malformed(
             &env,

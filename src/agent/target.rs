@@ -62,6 +62,8 @@ pub(super) struct LoadRequest {
     pub(super) holder: String,
     pub(super) digests: Vec<ChunkDigest>,
     pub(super) zero: Vec<u8>,
+    /// The image's name, for the stamp ("" if the controller did not say).
+    pub(super) image: String,
 }
 
 impl LoadRequest {
@@ -114,6 +116,7 @@ impl LoadRequest {
             holder,
             digests,
             zero,
+            image: String::new(),
         })
     }
 }

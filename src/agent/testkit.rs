@@ -98,6 +98,7 @@ impl Image {
             holder: String::new(),
             digests: self.digests(),
             zero: self.zero_bitmap(),
+            image: "test.img".into(),
         }
     }
 

@@ -200,6 +200,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         raw: false,
         timeout: None,
         dry_run: false,
+        message: Some("imaging demo".into()),
     };
     let saved_exit = super::run_save(&phase, &save, &loaded).await?;
     if saved_exit == Exit::Interrupted {

@@ -73,6 +73,9 @@ impl Default for SshConfig {
 pub struct RepositoryConfig {
     pub dir: String,
     pub default_image: String,
+    /// Further repositories searched after `dir`, in order (written only
+    /// by `imaging share`, into the first).
+    pub shared: Vec<String>,
 }
 
 impl Default for RepositoryConfig {
@@ -80,6 +83,7 @@ impl Default for RepositoryConfig {
         RepositoryConfig {
             dir: "/var/lib/imaging/images".into(),
             default_image: "default.img".into(),
+            shared: Vec::new(),
         }
     }
 }

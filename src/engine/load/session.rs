@@ -108,6 +108,7 @@ pub(super) async fn begin(
             holder: crate::engine::holder::holder(),
             digests: m.digests.clone(),
             zero: m.zero.clone(),
+            image: job.image_name.clone(),
         },
     )
     .await?;

@@ -30,18 +30,27 @@ The lab is torn down on exit, failure and Ctrl-C.
 import json
 import os
 import random
-import re
-import signal
-import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAB = os.path.join(REPO, "scripts", "lab.sh")
-CTL = "imgctl"
-LAB_DIR = os.environ.get("LAB_DIR") or os.path.join(
-    os.environ.get("TMPDIR") or "/tmp", "imaging-lab"
+from labbench import (
+    LAB_DIR,
+    REPO,
+    Interrupted,
+    catch_signals,
+    cpu_busy_pct,
+    cpu_times,
+    ctl_tx_bytes,
+    fmt,
+    in_ctl,
+    lab,
+    lab_down,
+    log,
+    med,
+    node_name,
+    rate_bytes,
+    run_timed,
 )
 
 RATE = os.environ.get("RATE", "100mbit")
@@ -53,64 +62,6 @@ SEED = int(os.environ.get("SEED", "1"))
 EXTRA_CHUNK = os.environ.get("EXTRA_CHUNK", "1048576").strip()
 OUT = os.environ.get("OUT") or os.path.join(REPO, "bench")
 IMAGE_NAME = "bench.img"
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def rate_bytes(rate):
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(bit|kbit|mbit|gbit)", rate.lower())
-    if not m:
-        sys.exit(f"RATE {rate!r}: expected e.g. 100mbit")
-    mult = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
-    return float(m.group(1)) * mult / 8
-
-
-class Interrupted(Exception):
-    pass
-
-
-def on_signal(signum, _frame):
-    raise Interrupted(f"signal {signum}")
-
-
-def lab(*args, env=None):
-    subprocess.run([LAB, *args], check=True, env=env)
-
-
-def ctl_env():
-    return [
-        "env",
-        f"HOME={LAB_DIR}/ctl/home",
-        f"XDG_CONFIG_HOME={LAB_DIR}/ctl/config",
-        f"XDG_STATE_HOME={LAB_DIR}/ctl/state",
-        f"XDG_CACHE_HOME={LAB_DIR}/ctl/cache",
-        "NO_COLOR=1",
-    ]
-
-
-def in_ctl(argv):
-    return ["ip", "netns", "exec", CTL, *ctl_env(), *argv]
-
-
-def ctl_tx_bytes():
-    out = subprocess.run(
-        ["ip", "netns", "exec", CTL, "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
-        capture_output=True, text=True, check=True,
-    )
-    return int(out.stdout.strip())
-
-
-def cpu_times():
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields), idle
-
-
-def node_name(i):
-    return f"imgn{i:02d}"
 
 
 def clean_targets():
@@ -150,25 +101,6 @@ def verify(method, n, image_bytes):
     return bad
 
 
-def run_timed(argv, timeout):
-    """Run argv in its own process group; (seconds, rc, stdout, stderr)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except BaseException:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.communicate()
-        raise
-    return time.monotonic() - t0, p.returncode, out, err
-
-
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: fanout_bench.py IMAGING_BINARY")
@@ -189,8 +121,7 @@ def main():
     else:
         log("this imaging has no --fanout: `star` runs plain `imaging load`, chain is skipped")
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    catch_signals()
     env = dict(os.environ, LAB_DIR=LAB_DIR, LAB_AGENT=binary,
                LAB_RELAY_KEYS="1" if has_fanout else "0")
     results = {m: {n: [] for n in NS} for m in methods}
@@ -252,7 +183,7 @@ def main():
             secs, rc, out, err = run_timed(in_ctl(command(method, n)), limit)
             c1 = cpu_times()
             tx = ctl_tx_bytes() - tx0
-            busy = 100.0 * (1 - (c1[1] - c0[1]) / max(1, c1[0] - c0[0]))
+            busy = cpu_busy_pct(c0, c1)
             problems = []
             if rc != 0:
                 problems.append(f"exit {rc}")
@@ -303,20 +234,9 @@ def main():
         log(f"interrupted ({str(e) or 'Ctrl-C'}): tearing down")
         raise SystemExit(130)
     finally:
-        try:
-            subprocess.run([LAB, "down"], env=env, check=False)
-        except KeyboardInterrupt:
-            subprocess.run([LAB, "down"], env=env, check=False)
+        lab_down(env)
 
     write_report(methods, results, samples, has_fanout)
-
-
-def med(xs):
-    return statistics.median(xs) if xs else None
-
-
-def fmt(x, nd=1):
-    return "—" if x is None else f"{x:.{nd}f}"
 
 
 def write_report(methods, results, samples, has_fanout):

@@ -39,6 +39,8 @@
 #   LAB_RELAY_KEYS  0: leave the [load] relay_* keys out of imaging.conf (for
 #                   builds of imaging without the relay chain)
 #   LAB_TARGETS_SIZE  size of the targets tmpfs (default 8g)
+#   LAB_SLOW        links that differ from RATE: "I:RATE[,I:RATE…]", e.g.
+#                   "4:20mbit" shapes node 4's link to 20mbit both ways
 set -euo pipefail
 
 SW=imgsw
@@ -48,6 +50,8 @@ NET=10.77.0
 CTL_ADDR=$NET.1
 SSHD=/usr/sbin/sshd
 SFTP_SERVER=/usr/lib/openssh/sftp-server
+# The one sshd configuration of lab nodes, shared with the Rust rig (src/lab).
+SSHD_TEMPLATE=$(cd "$(dirname "$0")/.." && pwd)/assets/sshd_config
 LAB_DIR=${LAB_DIR:-${TMPDIR:-/tmp}/imaging-lab}
 MARKER=.imaging-lab
 
@@ -139,9 +143,34 @@ down() {
 
 # ---------------------------------------------------------------- up
 
-shape() { # NS DEV: tbf at the lab rate on DEV's egress
+shape() { # NS DEV RATE: tbf at RATE on DEV's egress
+    local rate_b burst
+    rate_b=$(rate_bytes "$3")
+    # burst: at least one tick's worth at HZ=250 and 32 KiB; queue: 25 ms.
+    burst=$(( rate_b / 250 > 32768 ? rate_b / 250 : 32768 ))
     ip -n "$1" link set "$2" up
-    tc -n "$1" qdisc replace dev "$2" root tbf rate "$RATE" burst "$BURST" latency "$LATENCY"
+    tc -n "$1" qdisc replace dev "$2" root tbf rate "$3" burst "$burst" latency "$LATENCY"
+}
+
+# LAB_SLOW -> "I RATE" lines, checked against K.
+slow_links() {
+    local spec i rate slow=${LAB_SLOW:-}
+    for spec in ${slow//,/ }; do
+        [[ $spec =~ ^([0-9]+):(.+)$ ]] || die "LAB_SLOW '$spec': expected NODE:RATE, e.g. 4:20mbit"
+        i=$((10#${BASH_REMATCH[1]}))
+        rate=${BASH_REMATCH[2]}
+        [ "$i" -ge 1 ] && [ "$i" -le "$K" ] || die "LAB_SLOW '$spec': no node $i in a lab of $K"
+        rate_bytes "$rate" >/dev/null
+        echo "$i $rate"
+    done
+}
+
+link_rate() { # i: node i's rate (LAB_SLOW, else RATE)
+    local i r
+    while read -r i r; do
+        if [ "$i" = "$1" ]; then echo "$r"; return; fi
+    done <<<"$SLOW_LINKS"
+    echo "$RATE"
 }
 
 keygen() { ssh-keygen -q -t ed25519 -N "" -C "$2" -f "$1" </dev/null; }
@@ -151,23 +180,15 @@ write_sshd_config() { # i
     name=$(node_name "$1")
     addr=$(node_addr "$1")
     dir=$LAB_DIR/nodes/$name
-    cat >"$dir/sshd_config" <<EOF
-Port 22
-ListenAddress $addr
-HostKey $dir/host_key
-AuthorizedKeysFile $LAB_DIR/authorized_keys
-PidFile none
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-Subsystem sftp $SFTP_SERVER -d $LAB_DIR/targets/pscp-$name
-SetEnv XDG_CACHE_HOME=$dir/cache
-LogLevel ERROR
-MaxStartups 100:30:200
-MaxSessions 50
-EOF
+    # Placeholder values must not hold '|', the sed delimiter.
+    grep -v '^#' "$SSHD_TEMPLATE" | sed \
+        -e "s|{port}|22|" \
+        -e "s|{address}|$addr|" \
+        -e "s|{host_key}|$dir/host_key|" \
+        -e "s|{authorized_keys}|$LAB_DIR/authorized_keys|" \
+        -e "s|{sftp_server}|$SFTP_SERVER -d $LAB_DIR/targets/pscp-$name|" \
+        -e "s|{set_env}| XDG_CACHE_HOME=$dir/cache|" \
+        >"$dir/sshd_config"
 }
 
 write_imaging_conf() {
@@ -216,6 +237,7 @@ up() {
     # burst: at least one tick's worth at HZ=250 and 32 KiB; queue: 25 ms.
     BURST=$(( rate_b / 250 > 32768 ? rate_b / 250 : 32768 ))
     LATENCY=25ms
+    SLOW_LINKS=$(slow_links)
 
     down
     # A fresh lab dir, but only ever wipe one the lab made.
@@ -243,20 +265,20 @@ up() {
     ip -n "$SW" link set br0 up
 
     # controller and nodes: one veth each, shaped at both ends
-    local i ns addr sport
+    local i ns addr sport rate
     local all=("$CTL")
     for i in $(seq 1 "$K"); do all+=("$(node_name "$i")"); done
     for ns in "${all[@]}"; do
-        if [ "$ns" = "$CTL" ]; then addr=$CTL_ADDR; sport=s-ctl
-        else i=$((10#${ns#"$NODE_PREFIX"})); addr=$(node_addr "$i"); sport=s-n$(printf %02d "$i"); fi
+        if [ "$ns" = "$CTL" ]; then addr=$CTL_ADDR; sport=s-ctl; rate=$RATE
+        else i=$((10#${ns#"$NODE_PREFIX"})); addr=$(node_addr "$i"); sport=s-n$(printf %02d "$i"); rate=$(link_rate "$i"); fi
         ip netns add "$ns"
         ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 2>/dev/null || true
         ip -n "$ns" link set lo up
         ip -n "$SW" link add "$sport" type veth peer name eth0 netns "$ns"
         ip -n "$SW" link set "$sport" master br0
         ip -n "$ns" addr add "$addr/24" dev eth0
-        shape "$ns" eth0
-        shape "$SW" "$sport"
+        shape "$ns" eth0 "$rate"
+        shape "$SW" "$sport" "$rate"
     done
 
     # one sshd per node
@@ -280,6 +302,7 @@ up() {
     {
         echo "K=$K"
         echo "RATE=$RATE"
+        echo "LAB_SLOW=${LAB_SLOW:-}"
     } >"$LAB_DIR/lab.env"
 
     # Every node must take an SSH login from the controller namespace.
@@ -305,6 +328,10 @@ up() {
     done
 
     echo "lab up: $K nodes, every link shaped to $RATE both ways (tbf burst ${BURST}B latency $LATENCY)"
+    local r
+    while read -r i r; do
+        if [ -n "$i" ]; then echo "  slow link   $(node_name "$i") at $r both ways"; fi
+    done <<<"$SLOW_LINKS"
     echo "  switch      $SW (bridge br0)"
     echo "  controller  $CTL  $CTL_ADDR"
     echo "  nodes       $(node_name 1)..$(node_name "$K")  $(node_addr 1)..$(node_addr "$K")  sshd :22, ssh root@ from $CTL: OK"

@@ -334,7 +334,7 @@ fn list_says_when_nothing_matched_and_shows_broken_links() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("broken link to gone.img"),
+        String::from_utf8_lossy(&out.stderr).contains("old.img is a broken alias to gone.img"),
         "{}",
         text(&out)
     );

@@ -51,6 +51,7 @@ const LIST_HELP: &str = "\
 Examples:
   imaging list               every image
   imaging list 'ubuntu*'     images whose name matches a glob (or contains a word)
+  imaging list -l            with where each saved image came from
   imaging list --json        one JSON object per image
 
 Exit codes:
@@ -92,6 +93,81 @@ Examples:
 Exit codes:
   0    links created
   2    DIR does not exist, or a file is in the way (without -f)";
+
+const IMPORT_HELP: &str = "\
+Examples:
+  imaging import old-cluster.ndz               old-cluster.img (raw, sparse) and its manifest
+  imaging import /tmp/x.ndz -o ubuntu-20.img   under another name
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const ALIAS_HELP: &str = "\
+Examples:
+  imaging alias default ubuntu-24.04.img   load -i default now loads ubuntu-24.04.img
+  imaging alias -f default fedora-41.img   move the alias
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const RESOLVE_HELP: &str = "\
+Examples:
+  imaging resolve default      the file `load -i default` would load
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const SHARE_HELP: &str = "\
+Examples:
+  imaging share golden.img --as lab-golden   into the first shared repository, with an alias
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const RM_HELP: &str = "\
+Examples:
+  imaging rm -n old.img        what would be removed
+  imaging rm old.img stale     the images (or aliases) with their manifests
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const PRUNE_HELP: &str = "\
+Examples:
+  imaging prune --keep 3 -n    the saves that would go, keeping 3 per node and name
+  imaging prune --keep 1 'saving__fit0*'
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
+
+const POWER_HELP: &str = "\
+Examples:
+  imaging on 1-12              through [power] on, for each node
+  imaging power -a             each node's power state
+
+Exit codes:
+  0    every selected node succeeded
+  1    one or more nodes failed or timed out (the others still finished)
+  2    bad usage, config, node spec or image (nothing was touched)
+  130  interrupted by Ctrl-C (after cleanup)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -159,15 +235,45 @@ pub enum Command {
     /// Read nodes' targets back into new images in the repository
     #[command(after_help = SAVE_HELP)]
     Save(SaveArgs),
-    /// Images in the repository: size, data size, date, links, manifest state
+    /// Images in the repositories: format, size, data size, date, manifest state, where, aliases
     #[command(after_help = LIST_HELP)]
     List(ListArgs),
+    /// Convert a Frisbee/imagezip .ndz into a raw sparse image with its manifest in the repository
+    #[command(after_help = IMPORT_HELP)]
+    Import(ImportArgs),
+    /// Name an image: make NAME an alias (a symlink in the repository) to IMAGE
+    #[command(after_help = ALIAS_HELP)]
+    Alias(AliasArgs),
+    /// Print the file `-i NAME` would load, its size and identity
+    #[command(after_help = RESOLVE_HELP)]
+    Resolve(ResolveArgs),
+    /// Move an image (with its manifest and provenance) into the first shared repository
+    #[command(after_help = SHARE_HELP)]
+    Share(ShareArgs),
+    /// Remove images (with their manifest and provenance) or aliases from the repository
+    #[command(after_help = RM_HELP)]
+    Rm(RmArgs),
+    /// Keep the N newest saves of each node and name, remove the others
+    #[command(after_help = PRUNE_HELP)]
+    Prune(PruneArgs),
     /// Return once every node accepts SSH, or report those that never did
     #[command(after_help = WAIT_HELP)]
     Wait(WaitArgs),
     /// Print the selected node names, space separated, in inventory order
     #[command(after_help = NODES_HELP)]
     Nodes(NodeArgs),
+    /// Power nodes on, through the `[power] on` command
+    #[command(after_help = POWER_HELP)]
+    On(PowerArgs),
+    /// Power nodes off, through the `[power] off` command
+    #[command(after_help = POWER_HELP)]
+    Off(PowerArgs),
+    /// Reset nodes, through the `[power] reset` command
+    #[command(after_help = POWER_HELP)]
+    Reset(PowerArgs),
+    /// Print each node's power state (on, off, unknown), through the `[power] status` command
+    #[command(after_help = POWER_HELP)]
+    Power(PowerArgs),
     /// Print the effective configuration, each value with the file it came from
     #[command(after_help = CONFIG_HELP)]
     Config,
@@ -225,6 +331,10 @@ pub struct LoadArgs {
     /// Rewrite every chunk, and write block devices even if mounted
     #[arg(long, help_heading = "Transfer")]
     pub force: bool,
+    /// Compare every chunk's digest even when the node's stamp says the
+    /// target is up to date (finds in-place changes the stamp cannot see)
+    #[arg(long, help_heading = "Transfer")]
+    pub verify: bool,
     /// Cap on the bytes leaving this machine, as sent (compressed), over all nodes, per second (K, M, G: 40M); nodes may write faster
     #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate, help_heading = "Transfer")]
     pub bandwidth: Option<u64>,
@@ -248,12 +358,79 @@ pub struct SaveArgs {
         help_heading = "Transfer"
     )]
     pub output: Option<String>,
+    /// A comment recorded with the image's provenance (shown by list -l)
+    #[arg(short = 'm', long = "message", value_name = "COMMENT")]
+    pub message: Option<String>,
+    /// Read and save every block; by default blocks that ext2/3/4 file
+    /// systems mark free are neither read nor sent and become holes
+    #[arg(long, help_heading = "Transfer")]
+    pub raw: bool,
     /// Give up after SECS seconds; 0: no deadline (default: [save] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Show what would be done, touch nothing
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AliasArgs {
+    /// The alias (`.img` is appended unless present)
+    pub name: String,
+    /// The image it names (an alias is followed to its image)
+    pub image: String,
+    /// Move an existing alias (an image is never replaced)
+    #[arg(short = 'f', long = "force")]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResolveArgs {
+    /// A name as given to `load -i`
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShareArgs {
+    /// An image of [repository] dir
+    pub image: String,
+    /// Also create the alias NAME in the shared repository
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RmArgs {
+    /// Images or aliases of [repository] dir
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+    /// Remove an image even if aliases point to it
+    #[arg(short = 'f', long = "force")]
+    pub force: bool,
+    /// Show what would be removed, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    /// How many saves of each node and name to keep
+    #[arg(long, value_name = "N")]
+    pub keep: usize,
+    /// Only saves whose name matches (a glob with * and ?, or a substring)
+    pub pattern: Option<String>,
+    /// Show what would be removed, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PowerArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Seconds each node's command may run before it is killed (default: [power] timeout)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -276,9 +453,22 @@ pub struct DemoArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The .ndz: a name in the repository, or a path
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// Name of the new image in the repository (default: the .ndz name with .img instead of .ndz)
+    #[arg(short = 'o', long = "output", value_name = "NAME")]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ListArgs {
     /// Only images whose name matches (a glob with * and ?, or a substring)
     pub pattern: Option<String>,
+    /// Also show where each saved image came from (its provenance)
+    #[arg(short = 'l', long = "long")]
+    pub long: bool,
 }
 
 /// `100M` → 104857600 bytes per second.
@@ -327,7 +517,10 @@ pub struct WaitArgs {
 }
 
 /// Subcommands reachable through an `imaging-<name>` link.
-pub const LINKED: &[&str] = &["load", "save", "wait", "list", "nodes", "config"];
+pub const LINKED: &[&str] = &[
+    "load", "save", "wait", "list", "nodes", "config", "import", "on", "off", "reset", "power",
+    "alias", "resolve", "share", "rm", "prune",
+];
 
 /// argv with busybox-style dispatch: `imaging-wait 1-3` → `imaging wait 1-3`.
 pub fn dispatch_argv(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {

@@ -183,6 +183,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         image: Some("demo.img".into()),
         timeout: None,
         force: false,
+        verify: false,
         bandwidth: None,
         fanout: None,
         dry_run: false,
@@ -196,8 +197,10 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     let save = SaveArgs {
         nodes: node_args("1"),
         output: Some("demo-copy".into()),
+        raw: false,
         timeout: None,
         dry_run: false,
+        message: Some("imaging demo".into()),
     };
     let saved_exit = super::run_save(&phase, &save, &loaded).await?;
     if saved_exit == Exit::Interrupted {

@@ -3,7 +3,10 @@
 
 pub mod cli;
 pub mod demo;
+mod guard;
 pub mod plan;
+pub mod power;
+mod repo_cmds;
 pub mod shell;
 
 use std::ffi::OsString;
@@ -15,8 +18,9 @@ use clap::Parser;
 use crate::agent;
 use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
-use crate::engine::{cancel, events, load, report, save, source, wait};
-use crate::image::{manifest, repo};
+use crate::engine::power::PowerAction;
+use crate::engine::{cancel, check, events, load, report, save, source, wait};
+use crate::image::{import, manifest, provenance, reader, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
 use crate::node::{agent_link, hooks, ssh};
@@ -136,44 +140,20 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
+        Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
+        Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,
+        Command::Power(args) => power::run_power(&cli, args, PowerAction::Status, &loaded()?).await,
         Command::Load(args) => run_load(&cli, args, &loaded()?).await,
         Command::Save(args) => run_save(&cli, args, &loaded()?).await,
         Command::Demo(args) => demo::run(&cli, args).await,
-        Command::List(args) => {
-            let loaded = loaded()?;
-            let repo = repository(&loaded)?;
-            let images = repo::list(
-                &repo,
-                args.pattern.as_deref(),
-                loaded.config.load.chunk_size,
-            )
-            .map_err(|e| UsageError::Other(format!("cannot list {}: {e}", repo.display())))?;
-            if cli.global.json {
-                for image in &images {
-                    let mut v = serde_json::to_value(image).unwrap_or_default();
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("event".into(), "image".into());
-                    }
-                    println!("{v}");
-                }
-            } else if images.is_empty() {
-                match &args.pattern {
-                    Some(p)
-                        if repo::list(&repo, None, loaded.config.load.chunk_size)
-                            .is_ok_and(|all| !all.is_empty()) =>
-                    {
-                        println!(
-                            "no image in {} matches `{p}` (`imaging list` shows them all)",
-                            repo.display()
-                        )
-                    }
-                    _ => println!("no images in {}", repo.display()),
-                }
-            } else {
-                print!("{}", repo::format_table(&images));
-            }
-            Ok(Exit::Success)
-        }
+        Command::List(args) => repo_cmds::list(&cli, args, &loaded()?),
+        Command::Import(args) => run_import(&cli, args, &loaded()?).await,
+        Command::Alias(args) => repo_cmds::alias(args, &loaded()?),
+        Command::Resolve(args) => repo_cmds::resolve(&cli, args, &loaded()?),
+        Command::Share(args) => repo_cmds::share(args, &loaded()?),
+        Command::Rm(args) => repo_cmds::rm(args, &loaded()?),
+        Command::Prune(args) => repo_cmds::prune(args, &loaded()?),
         Command::Agent => Ok(Exit::Usage),
         Command::Completions { shell } => {
             shell::completions(*shell, &mut std::io::stdout())
@@ -372,26 +352,57 @@ pub(crate) async fn run_load(
         .image
         .clone()
         .unwrap_or_else(|| config.repository.default_image.clone());
-    // A path needs no repository.
-    let repo_dir = if image_arg.contains('/') {
-        config::expand_home(&config.repository.dir)
-    } else {
-        repository(loaded)?
-    };
-    let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
-    let file = std::fs::File::open(&image)
-        .map_err(|e| UsageError::Other(format!("cannot open image {}: {e}", image.display())))?;
+    // A name needs the repository (a path does not): say how to set it.
+    if !image_arg.contains('/') {
+        repository(loaded)?;
+    }
+    let resolved = repo_cmds::repos(loaded)
+        .resolve(&image_arg)
+        .map_err(UsageError::Other)?;
+    let image = resolved.path.clone();
+    let bytes = std::fs::metadata(&image)
+        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?
+        .len();
+    guard::refuse_empty_image(&image, bytes)?;
     let targets = targets(loaded, &nodes);
+    // Every repository directory: saves go to `dir`, `shared` are searched.
+    let repo_dir = config::expand_home(&config.repository.dir);
+    let is_image = guard::targets_in_repository(&repo_dir, &image, &nodes, &targets)?;
+    for shared in &config.repository.shared {
+        guard::targets_in_repository(&config::expand_home(shared), &image, &nodes, &targets)?;
+    }
+    for (key, template) in [
+        ("[load] before", &config.load.before),
+        ("[load] after", &config.load.after),
+    ] {
+        hooks_have_values(key, template, &nodes)?;
+    }
     let deadline = deadline(args.timeout, config.load.timeout)?;
     let chunk_size = config.load.chunk_size;
     let path = image.clone();
     if !cli.global.json {
         eprintln!("imaging: reading {} (manifest)", image.display());
     }
-    let manifest = tokio::task::spawn_blocking(move || manifest::load_or_build(&path, chunk_size))
-        .await
-        .map_err(|e| UsageError::Other(e.to_string()))?
-        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    // Everything about the image is checked here, before any node is
+    // contacted: a damaged `.ndz` is found while its manifest is built.
+    let (file, manifest) = tokio::task::spawn_blocking(move || {
+        let file = reader::ImageReader::open(&path)?;
+        Ok::<_, std::io::Error>((file, manifest::load_or_build(&path, chunk_size)?))
+    })
+    .await
+    .map_err(|e| UsageError::Other(e.to_string()))?
+    .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    // An image file with data may still hold 0 bytes of disk (an .ndz).
+    guard::refuse_empty_image(&image, manifest.size)?;
+    // Where a saved image came from: one line in the run's log.
+    let origin = provenance::read(&resolved.file).map(|p| {
+        let name = resolved
+            .file
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        format!("image {name}: {}", p.describe())
+    });
     let chain = match args.fanout.unwrap_or(config.load.fanout) {
         config::Fanout::Star => false,
         config::Fanout::Chain => true,
@@ -400,6 +411,9 @@ pub(crate) async fn run_load(
     let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
     let (ssh, agent) = ssh_and_agent(loaded)?;
     if args.dry_run {
+        if let Some(line) = origin.as_ref().filter(|_| !cli.global.json) {
+            println!("{line}");
+        }
         let probed = plan::probe_all(&ssh, &nodes, &targets).await;
         let plan = plan::Plan {
             event: "plan",
@@ -425,7 +439,9 @@ pub(crate) async fn run_load(
         }
         return Ok(Exit::Success);
     }
-    let image_name = image
+    // The image file's own name (an alias followed): what the node's stamp records.
+    let image_name = resolved
+        .file
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -446,6 +462,8 @@ pub(crate) async fn run_load(
         ssh,
         agent,
         force: args.force,
+        verify: args.verify,
+        is_image,
         retries: config.load.retries,
         concurrency: config.load.concurrency,
         rate: source::RateLimit::new(cap),
@@ -454,13 +472,27 @@ pub(crate) async fn run_load(
         after: config.load.after.clone(),
         deadline,
         reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
+        stall_timeout: Duration::from_secs(config.load.stall_timeout),
         chain,
         relay_bind: config.load.relay_bind.clone(),
         relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,
     };
+    if !run_check("[load] check", &config.load.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "load", &job.nodes, true, Some(header));
-    Ok(drive(output_mode(cli), info, move |report, cancel| {
+    let mode = output_mode(cli);
+    if mode == ui::Mode::Bars
+        && let Some(line) = &origin
+    {
+        // Progress bars show no log lines: say it before they start.
+        eprintln!("imaging: {line}");
+    }
+    Ok(drive(mode, info, move |report, cancel| {
+        if let Some(line) = origin {
+            report.log(None, line);
+        }
         load::load_all(job, report, cancel)
     })
     .await)
@@ -474,7 +506,8 @@ pub(crate) async fn run_save(
     let config = &loaded.config;
     let nodes = select(loaded, &args.nodes)?;
     let repo_dir = repository(loaded)?;
-    let now = chrono::Local::now().naive_local();
+    let started = chrono::Local::now();
+    let now = started.naive_local();
     let names = nodes
         .iter()
         .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
@@ -510,9 +543,19 @@ pub(crate) async fn run_save(
         agent,
         chunk_size: config.load.chunk_size,
         level: config.load.compression,
+        raw: args.raw,
         deadline: deadline(args.timeout, config.save.timeout)?,
+        provenance: save::SaveProvenance {
+            saved_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            user: provenance::current_user(),
+            host: provenance::host_name(),
+            comment: args.message.clone(),
+        },
         nodes,
     };
+    if !run_check("[save] check", &config.save.check, &job.nodes).await? {
+        return Ok(Exit::Interrupted);
+    }
     let info = run_info(cli, "save", &job.nodes, true, None);
     Ok(drive(output_mode(cli), info, move |report, cancel| {
         save::save_all(job, report, cancel)
@@ -549,7 +592,7 @@ pub(crate) fn absolute(p: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// The image repository, which must exist: else say how to set it.
-fn repository(loaded: &Loaded) -> Result<std::path::PathBuf, UsageError> {
+pub(crate) fn repository(loaded: &Loaded) -> Result<std::path::PathBuf, UsageError> {
     let dir = config::expand_home(&loaded.config.repository.dir);
     if dir.is_dir() {
         return Ok(dir);
@@ -570,6 +613,95 @@ fn repository(loaded: &Loaded) -> Result<std::path::PathBuf, UsageError> {
         dir.display(),
         config_files_note(loaded)
     )))
+}
+
+/// A hook that uses a placeholder some node has no value for (`{cmc}`,
+/// `{mac}`) is refused before anything runs.
+fn hooks_have_values(key: &str, template: &str, nodes: &[Node]) -> Result<(), UsageError> {
+    for node in nodes {
+        if let Some(p) = hooks::missing_placeholder(template, node) {
+            return Err(UsageError::Other(format!(
+                "`{key}` uses {p}, which node {} has no value for",
+                node.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The run check (`[load] check`): false if Ctrl-C ended it (the run ends
+/// with 130), an error if it failed (exit 2). It runs last before the
+/// engine starts: listening for Ctrl-C replaces the default SIGINT action
+/// for the rest of the process, and only `drive` listens after it.
+async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, UsageError> {
+    if template.trim().is_empty() {
+        return Ok(true);
+    }
+    tokio::select! {
+        r = check::run(key, template, nodes) => r.map(|()| true).map_err(UsageError::Other),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("imaging: `{key}` interrupted");
+            Ok(false)
+        }
+    }
+}
+
+/// `import X.ndz [-o NAME]`: decode into a new raw image in the repository.
+async fn run_import(
+    cli: &Cli,
+    args: &cli::ImportArgs,
+    loaded: &Loaded,
+) -> Result<Exit, UsageError> {
+    let config = &loaded.config;
+    let repo_dir = repository(loaded)?;
+    let source = repo::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
+    let name = import::output_name(&source, args.output.as_deref())
+        .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
+    if !cli.global.json {
+        eprintln!("imaging: decoding {} into {name}", source.display());
+    }
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chunk_size = config.load.chunk_size;
+    let task = {
+        let cancel = cancel.clone();
+        let repo_dir = repo_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            import::import_ndz(&source, &repo_dir, &name, chunk_size, &cancel)
+        })
+    };
+    tokio::pin!(task);
+    // Ctrl-C stops the decoding between chunks; the partial file goes away.
+    let result = tokio::select! {
+        r = &mut task => r,
+        _ = tokio::signal::ctrl_c() => {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            task.await
+        }
+    }
+    .map_err(|e| UsageError::Other(format!("import failed: {e}")))?;
+    let imported = match result {
+        Ok(imported) => imported,
+        Err(import::ImportError::Cancelled) => return Ok(Exit::Interrupted),
+        Err(e) => return Err(UsageError::Other(e.to_string())),
+    };
+    if cli.global.json {
+        let mut v = serde_json::to_value(&imported).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("event".into(), "import".into());
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "{}: {} ({} bytes), {} of data, from {} chunks of {}",
+            imported.name,
+            crate::ui::fmt::human_bytes(imported.size),
+            imported.size,
+            crate::ui::fmt::human_bytes(imported.data_size),
+            imported.chunks,
+            imported.format,
+        );
+    }
+    Ok(Exit::Success)
 }
 
 /// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.
@@ -602,7 +734,9 @@ pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError>
     let repo = config::expand_home(&loaded.config.repository.dir);
     let is_image = |token: &str| {
         !token.contains('/')
-            && (repo.join(token).is_file() || repo.join(format!("{token}.img")).is_file())
+            && (repo.join(token).is_file()
+                || repo.join(format!("{token}.img")).is_file()
+                || repo.join(format!("{token}.ndz")).is_file())
     };
     let mut nodes = nodespec::select_nodes(&inventory, &tokens, &is_image).map_err(|e| {
         // A file-like token is most likely an image given without -i: say

@@ -27,6 +27,7 @@ pub struct Config {
     pub save: SaveConfig,
     pub wait: WaitConfig,
     pub nodes: NodesConfig,
+    pub power: PowerConfig,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub node: Vec<NodeEntry>,
 }
@@ -72,6 +73,9 @@ impl Default for SshConfig {
 pub struct RepositoryConfig {
     pub dir: String,
     pub default_image: String,
+    /// Further repositories searched after `dir`, in order (written only
+    /// by `imaging share`, into the first).
+    pub shared: Vec<String>,
 }
 
 impl Default for RepositoryConfig {
@@ -79,6 +83,7 @@ impl Default for RepositoryConfig {
         RepositoryConfig {
             dir: "/var/lib/imaging/images".into(),
             default_image: "default.img".into(),
+            shared: Vec::new(),
         }
     }
 }
@@ -111,6 +116,9 @@ pub struct LoadConfig {
     pub retries: u32,
     /// Seconds a reconnection waits for the node's SSH to come back.
     pub reconnect_wait: u64,
+    /// Star fan-out: seconds a node's agent may go without acknowledging
+    /// data it was sent before the attempt counts as stalled and is retried.
+    pub stall_timeout: u64,
     /// Path of the agent on the nodes; empty: upload our own executable.
     pub agent_path: String,
     /// Address relay listeners bind on the nodes ("": all); a node's
@@ -123,6 +131,9 @@ pub struct LoadConfig {
     pub before: String,
     /// Local command run after, whenever `before` ran.
     pub after: String,
+    /// Local command run once before the run touches any node (a lease
+    /// check); non-zero ends the run with exit 2. Placeholder: `{nodes}`.
+    pub check: String,
 }
 
 impl Default for LoadConfig {
@@ -137,12 +148,14 @@ impl Default for LoadConfig {
             bandwidth: 0,
             retries: 3,
             reconnect_wait: 60,
+            stall_timeout: 30,
             agent_path: String::new(),
             relay_bind: String::new(),
             relay_port_min: 0,
             relay_port_max: 0,
             before: String::new(),
             after: String::new(),
+            check: String::new(),
         }
     }
 }
@@ -151,11 +164,44 @@ impl Default for LoadConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SaveConfig {
     pub timeout: u64,
+    /// Like `[load] check`, before a save.
+    pub check: String,
 }
 
 impl Default for SaveConfig {
     fn default() -> Self {
-        SaveConfig { timeout: 1800 }
+        SaveConfig {
+            timeout: 1800,
+            check: String::new(),
+        }
+    }
+}
+
+/// `imaging on|off|reset|power`: local command templates per action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PowerConfig {
+    pub on: String,
+    pub off: String,
+    pub reset: String,
+    /// Prints the power state: `on` or `off` somewhere in its last line.
+    pub status: String,
+    /// Seconds each command may run before its process group is killed.
+    pub timeout: u64,
+    /// Commands run at once.
+    pub concurrency: usize,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        PowerConfig {
+            on: String::new(),
+            off: String::new(),
+            reset: String::new(),
+            status: String::new(),
+            timeout: 10,
+            concurrency: 32,
+        }
     }
 }
 
@@ -190,6 +236,8 @@ pub struct NodeEntry {
     pub user: Option<String>,
     pub target: Option<String>,
     pub mac: Option<String>,
+    /// The node's power controller address, for `{cmc}`.
+    pub cmc: Option<String>,
     pub data_address: Option<String>,
     #[serde(default)]
     pub local: bool,
@@ -394,10 +442,11 @@ impl Config {
             message: format!("`{key}`: {message}"),
         };
         let cs = self.load.chunk_size;
-        if !cs.is_power_of_two() || !(64 << 10..=64 << 20).contains(&cs) {
+        if !u32::try_from(cs).is_ok_and(crate::image::chunk_size_ok) {
+            use crate::image::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
             return Err(bad(
                 "load.chunk_size",
-                format!("{cs} is not a power of two between 65536 and 67108864"),
+                format!("{cs} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"),
             ));
         }
         if self.load.relay_port_min > self.load.relay_port_max {
@@ -409,8 +458,20 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=86_400).contains(&self.load.stall_timeout) {
+            return Err(bad(
+                "load.stall_timeout",
+                format!("{} is not 1 to 86400 seconds", self.load.stall_timeout),
+            ));
+        }
         if self.load.concurrency == 0 {
             return Err(bad("load.concurrency", "must be at least 1".into()));
+        }
+        if self.power.concurrency == 0 {
+            return Err(bad("power.concurrency", "must be at least 1".into()));
+        }
+        if self.power.timeout == 0 {
+            return Err(bad("power.timeout", "must be at least 1 second".into()));
         }
         if !(0..=22).contains(&self.load.compression) {
             return Err(bad(
@@ -449,6 +510,7 @@ impl Config {
                 user: e.user.clone(),
                 target: e.target.clone(),
                 mac: e.mac.clone(),
+                cmc: e.cmc.clone(),
                 data_address: e.data_address.clone(),
                 local: e.local,
                 extra: BTreeMap::new(),
@@ -457,6 +519,7 @@ impl Config {
                 Some(existing) => {
                     let extra = std::mem::take(&mut existing.extra);
                     let mac = existing.mac.take();
+                    let cmc = existing.cmc.take();
                     let address = if e.address.is_none() {
                         existing.address.clone()
                     } else {
@@ -465,6 +528,7 @@ impl Config {
                     *existing = Node {
                         address,
                         mac: node.mac.clone().or(mac),
+                        cmc: node.cmc.clone().or(cmc),
                         extra,
                         ..node
                     };
@@ -653,6 +717,7 @@ mod tests {
             "all",
             "data_address",
             "mac",
+            "cmc",
         ] {
             assert!(
                 text.contains(&format!("# {optional} = ")),

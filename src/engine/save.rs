@@ -4,6 +4,11 @@
 //! against the digest the agent computed, synced, re-read and compared,
 //! given its manifest, and only then linked to its final name (never over
 //! an existing file): an interrupted save never looks like a good image.
+//!
+//! Unless the save is raw, the agent does not read the blocks that the
+//! target's ext2/3/4 file systems mark free and sends them as zeros; every
+//! all-zero 4 KiB block becomes a hole in the image, so free blocks cost
+//! no space. What the agent found on the target goes to the run's log.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +22,11 @@ use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::wait;
 use crate::image::manifest::Manifest;
+use crate::image::provenance::{self, Held, Provenance};
 use crate::inventory::Node;
 use crate::node::agent_link::{AgentLink, AgentSource};
 use crate::node::ssh::SshSettings;
-use crate::proto::{self, Codec, Msg};
+use crate::proto::{self, Codec, HeldImage, Msg};
 
 pub struct SaveJob {
     pub nodes: Vec<Node>,
@@ -32,7 +38,20 @@ pub struct SaveJob {
     pub agent: AgentSource,
     pub chunk_size: u64,
     pub level: i32,
+    /// Read every block of the target (no free-block analysis).
+    pub raw: bool,
     pub deadline: Instant,
+    /// Recorded beside each saved image (node, target, identity, size and
+    /// what the node held are filled in per node).
+    pub provenance: SaveProvenance,
+}
+
+/// What is the same for every image of one save run.
+pub struct SaveProvenance {
+    pub saved_at: String,
+    pub user: String,
+    pub host: String,
+    pub comment: Option<String>,
 }
 
 pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
@@ -94,9 +113,32 @@ async fn save_node(
             _ => e,
         }
     });
-    let manifest = result?;
+    let (manifest, held) = result?;
     let final_path = job.repo.join(&job.names[i]);
-    finish_file(partial, &final_path, &manifest)
+    finish_file(partial, &final_path, &manifest)?;
+    let p = &job.provenance;
+    let provenance = Provenance {
+        node: node.name.clone(),
+        target: job.targets[i].clone(),
+        saved_at: p.saved_at.clone(),
+        user: p.user.clone(),
+        host: p.host.clone(),
+        held: held.map(|h| Held {
+            image: (!h.image.is_empty()).then_some(h.image),
+            identity: format!("{:032x}", h.identity),
+        }),
+        comment: p.comment.clone(),
+        identity: manifest.identity_hex(),
+        size: manifest.size,
+    };
+    // The image is good without it: say so, do not fail the save.
+    if let Err(e) = provenance::write(&final_path, &provenance) {
+        report.log(
+            Some(i),
+            format!("cannot record the provenance of {}: {e}", job.names[i]),
+        );
+    }
+    Ok(())
 }
 
 async fn receive(
@@ -105,23 +147,25 @@ async fn receive(
     report: &Reporter,
     partial: &Path,
     link: &mut AgentLink,
-) -> Result<Manifest, String> {
+) -> Result<(Manifest, Option<HeldImage>), String> {
     proto::write_msg(
         &mut link.tx,
         &Msg::SaveBegin {
             target: job.targets[i].clone(),
             chunk_size: job.chunk_size as u32,
             level: job.level,
+            raw: job.raw,
+            holder: crate::engine::holder::holder(),
         },
     )
     .await
     .map_err(|e| e.to_string())?;
     link.tx.flush().await.map_err(|e| e.to_string())?;
-    let size = match proto::read_msg(&mut link.rx)
+    let (size, held) = match proto::read_msg(&mut link.rx)
         .await
         .map_err(|e| e.to_string())?
     {
-        Msg::SaveInfo { size } => size,
+        Msg::SaveInfo { size, held } => (size, held),
         Msg::Error { message } => return Err(format!("agent: {message}")),
         other => return Err(format!("agent answered {} to SaveBegin", other.name())),
     };
@@ -167,7 +211,9 @@ async fn receive(
                     if raw.len() != len || crate::image::digest::chunk_digest(&raw) != digest {
                         return Err(format!("chunk {index} failed verification"));
                     }
-                    crate::image::fileio::write_all_at(&file, &raw, offset)
+                    // The partial file is new: zero blocks left unwritten
+                    // are holes. Progress counts the chunk, holes included.
+                    crate::image::fileio::write_nonzero_at(&file, &raw, offset)
                         .map_err(|e| format!("writing {}: {e}", partial.display()))?;
                     written += len as u64;
                 }
@@ -177,6 +223,7 @@ async fn receive(
                 }
                 report.progress(i, sent, written, size);
             }
+            Msg::Note { text } => report.log(Some(i), format!("{}: {text}", job.nodes[i].name)),
             Msg::SaveEnd => break,
             Msg::Error { message } => return Err(format!("agent: {message}")),
             other => return Err(format!("agent sent {} during the save", other.name())),
@@ -202,7 +249,7 @@ async fn receive(
     if on_disk.identity != received.identity {
         return Err("the saved file does not read back as received".into());
     }
-    Ok(on_disk)
+    Ok((on_disk, held))
 }
 
 /// Write the verified file's manifest, then give the file its final name

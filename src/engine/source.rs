@@ -3,7 +3,6 @@
 //! it (a small cache of recent chunks), and a shared bandwidth cap.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +11,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::image::manifest::Manifest;
+use crate::image::reader::ImageReader;
 use crate::proto::Codec;
 
 /// One chunk as it travels.
@@ -30,7 +30,7 @@ pub const CACHE_BYTES: u64 = 128 << 20;
 type Slot = Arc<OnceCell<Arc<WireChunk>>>;
 
 pub struct ChunkSource {
-    file: Arc<std::fs::File>,
+    file: Arc<ImageReader>,
     manifest: Arc<Manifest>,
     level: i32,
     slots: Mutex<(HashMap<usize, Slot>, VecDeque<usize>)>,
@@ -43,7 +43,7 @@ pub struct ChunkSource {
 }
 
 impl ChunkSource {
-    pub fn new(file: std::fs::File, manifest: Arc<Manifest>, level: i32) -> Arc<Self> {
+    pub fn new(file: ImageReader, manifest: Arc<Manifest>, level: i32) -> Arc<Self> {
         let max_slots = (CACHE_BYTES / manifest.chunk_size.max(1)).max(4) as usize;
         Arc::new(ChunkSource {
             file: Arc::new(file),
@@ -187,7 +187,7 @@ mod tests {
         fastrand::Rng::with_seed(7).fill(&mut data);
         std::fs::write(&path, &data).unwrap();
         let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
-        let source = ChunkSource::new(std::fs::File::open(&path).unwrap(), manifest.clone(), 3);
+        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest.clone(), 3);
         let mut nodes = Vec::new();
         for _ in 0..4 {
             let source = source.clone();
@@ -217,7 +217,7 @@ mod tests {
         std::fs::write(&path, vec![1u8; 1 << 16]).unwrap();
         let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
         std::fs::write(&path, vec![2u8; 1 << 16]).unwrap();
-        let source = ChunkSource::new(std::fs::File::open(&path).unwrap(), manifest, 3);
+        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3);
         let err = source.get(0).await.unwrap_err();
         assert!(err.contains("image changed"), "{err}");
     }

@@ -6,7 +6,9 @@
 //! `manifests/<xxh3-128 of the absolute image path>.manifest`. A cached
 //! manifest is used only while the image's stamp (length, mtime with
 //! nanoseconds, inode, device) is the one it was built from, so rewriting
-//! the image, even in place, makes it stale.
+//! the image, even in place, makes it stale. An `.ndz` is read decoded
+//! (see [`crate::image::reader`]): its manifest describes the disk, and is
+//! stamped with the `.ndz` file like any other.
 //!
 //! Cache file, integers little-endian:
 //! `b"IMGMANI1"`, stamp (`len u64`, `mtime_secs i64`, `mtime_nsec u32`,
@@ -18,7 +20,7 @@
 //! panic or a huge allocation.
 
 use std::fs::{self, File, Metadata};
-use std::io::{self, Write};
+use std::io::{self};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::image::reader::ImageReader;
 use crate::proto::{bit, bitmap_len, set_bit};
 
 /// Largest chunk size `build` accepts (its read buffers are this large).
@@ -50,7 +53,8 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Build by reading the file (zero chunks of holes are not read).
+    /// Build by reading the image through [`ImageReader`] (an `.ndz` is
+    /// decoded); chunks in holes, or outside an `.ndz`'s regions, are not read.
     pub fn build(path: &Path, chunk_size: u64) -> io::Result<Manifest> {
         if chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
             return Err(io::Error::new(
@@ -58,8 +62,8 @@ impl Manifest {
                 format!("chunk size {chunk_size} is not between 1 and {MAX_CHUNK_SIZE}"),
             ));
         }
-        let file = File::open(path).map_err(|e| in_file(path, e))?;
-        let size = file_size(&file).map_err(|e| in_file(path, e))?;
+        let file = ImageReader::open(path).map_err(|e| in_file(path, e))?;
+        let size = file.size().map_err(|e| in_file(path, e))?;
         let count = usize::try_from(size.div_ceil(chunk_size)).map_err(|_| {
             in_file(
                 path,
@@ -67,6 +71,12 @@ impl Manifest {
             )
         })?;
         let has_data = chunks_with_data(&file, size, chunk_size, count);
+        // A decoded image is read one chunk at a time anyway.
+        let threads = if file.is_sequential() {
+            1
+        } else {
+            BUILD_THREADS
+        };
 
         // Chunks of holes get these digests without being read.
         let buf_len = chunk_size.min(size) as usize;
@@ -83,14 +93,14 @@ impl Manifest {
         let mut digests = vec![0u128; count];
         let mut zeros = vec![false; count];
         let per_range = (RANGE_BYTES / chunk_size).max(1) as usize;
-        // Range `r` goes to thread `r % BUILD_THREADS`.
-        let mut work: Vec<Ranges> = (0..BUILD_THREADS).map(|_| Vec::new()).collect();
+        // Range `r` goes to thread `r % threads`.
+        let mut work: Vec<Ranges> = (0..threads).map(|_| Vec::new()).collect();
         for (r, (d, z)) in digests
             .chunks_mut(per_range)
             .zip(zeros.chunks_mut(per_range))
             .enumerate()
         {
-            work[r % BUILD_THREADS].push((r * per_range, d, z));
+            work[r % threads].push((r * per_range, d, z));
         }
 
         let failed = AtomicBool::new(false);
@@ -198,7 +208,7 @@ type Ranges<'a> = Vec<(usize, &'a mut [u128], &'a mut [bool])>;
 
 /// What every build thread shares.
 struct Job<'a> {
-    file: &'a File,
+    file: &'a ImageReader,
     path: &'a Path,
     chunk_size: u64,
     size: u64,
@@ -255,7 +265,7 @@ impl Job<'_> {
 }
 
 /// Size of a regular file or a block device.
-fn file_size(file: &File) -> io::Result<u64> {
+pub(crate) fn file_size(file: &File) -> io::Result<u64> {
     let meta = file.metadata()?;
     if meta.is_file() {
         return Ok(meta.len());
@@ -269,8 +279,8 @@ fn file_size(file: &File) -> io::Result<u64> {
 }
 
 /// For each chunk, whether any of its bytes may be data (not in a hole).
-fn chunks_with_data(file: &File, size: u64, chunk_size: u64, count: usize) -> Vec<bool> {
-    match data_extents(file, size) {
+fn chunks_with_data(file: &ImageReader, size: u64, chunk_size: u64, count: usize) -> Vec<bool> {
+    match file.data_extents(size) {
         Some(extents) => {
             let mut has = vec![false; count];
             for (start, end) in extents {
@@ -293,7 +303,7 @@ fn chunks_with_data(file: &File, size: u64, chunk_size: u64, count: usize) -> Ve
 /// Data extents `[start, end)` from SEEK_DATA/SEEK_HOLE; `None` when the
 /// system cannot tell (then everything is read).
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn data_extents(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
@@ -332,7 +342,7 @@ fn data_extents(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn data_extents(_file: &File, _size: u64) -> Option<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(_file: &File, _size: u64) -> Option<Vec<(u64, u64)>> {
     None
 }
 
@@ -474,12 +484,24 @@ fn lookup_in(
 /// `chunk_size`; `Ok(None)` if it exists but is for another version.
 fn read_fresh(place: &Path, stamp: FileStamp, chunk_size: u64) -> io::Result<Option<Manifest>> {
     let mut file = File::open(place)?;
-    // The length of a fresh cache file is known exactly, so a wrong one
-    // is stale without reading it (and a huge one is never loaded).
     if chunk_size == 0 {
         return Ok(None);
     }
-    let expected = usize::try_from(stamp.len.div_ceil(chunk_size))
+    // The header says which image version and size the cache is for (the
+    // image size is the file's, except for a decoded `.ndz`); the length of
+    // such a cache file is known exactly, so a wrong one is stale without
+    // reading it (and a huge one is never loaded).
+    let mut head = [0u8; HEAD_LEN];
+    if file.read_exact_at(&mut head, 0).is_err() {
+        return Ok(None);
+    }
+    let Ok((stored, head_chunk_size, size)) = decode_head(&head) else {
+        return Ok(None);
+    };
+    if stored != stamp || head_chunk_size != chunk_size {
+        return Ok(None);
+    }
+    let expected = usize::try_from(size.div_ceil(chunk_size))
         .ok()
         .and_then(cache_len);
     let actual = file.metadata()?.len();
@@ -489,11 +511,34 @@ fn read_fresh(place: &Path, stamp: FileStamp, chunk_size: u64) -> io::Result<Opt
     let mut bytes = Vec::with_capacity(actual as usize);
     io::Read::read_to_end(&mut file, &mut bytes)?;
     let (stored, manifest) = decode(&bytes).map_err(|e| in_file(place, e))?;
-    if stored == stamp && manifest.chunk_size == chunk_size && manifest.size == stamp.len {
+    if stored == stamp && manifest.chunk_size == chunk_size && manifest.size == size {
         Ok(Some(manifest))
     } else {
         Ok(None)
     }
+}
+
+/// Magic, stamp, chunk size and image size: what a cache file starts with.
+const HEAD_LEN: usize = 8 + (8 + 8 + 4 + 8 + 8) + 8 + 8;
+
+/// The stamp, chunk size and image size at the start of a cache file
+/// (unverified: `decode` checks the whole file).
+fn decode_head(head: &[u8]) -> io::Result<(FileStamp, u64, u64)> {
+    let mut r = Reader { buf: head };
+    if r.take(8)? != CACHE_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad manifest: not a manifest file",
+        ));
+    }
+    let stamp = FileStamp {
+        len: r.u64()?,
+        mtime_secs: r.u64()? as i64,
+        mtime_nsec: r.u32()?,
+        inode: r.u64()?,
+        dev: r.u64()?,
+    };
+    Ok((stamp, r.u64()?, r.u64()?))
 }
 
 /// The cached manifest if fresh, else built and cached. Failing to write the
@@ -562,31 +607,8 @@ fn write_cache(places: &[PathBuf], stamp: FileStamp, manifest: &Manifest) -> io:
     Err(last)
 }
 
-fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = place
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
-    fs::create_dir_all(dir)?;
-    let name = place.file_name().unwrap_or_default().to_string_lossy();
-    let name = name.strip_prefix('.').unwrap_or(&name);
-    let tmp = dir.join(format!(
-        ".{name}.{}-{:08x}.tmp",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        drop(f);
-        fs::rename(&tmp, place)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+pub(crate) fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
+    crate::image::fileio::replace_atomically(place, bytes, false)
 }
 
 /// Encoded size of a cache file for `count` chunks.
@@ -826,7 +848,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("holes.img");
         sparse_file(&path, 8 * CS as usize, &[(2 * CS as usize + 5, 10)], &[]);
-        let file = File::open(&path).unwrap();
+        let file = ImageReader::open(&path).unwrap();
         let has = chunks_with_data(&file, 8 * CS, CS, 8);
         // Filesystems without hole reporting call everything data.
         if has.iter().any(|h| !h) {

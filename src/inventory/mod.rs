@@ -23,8 +23,11 @@ pub struct Node {
     pub user: Option<String>,
     /// Target override (else `[load] target`); may hold placeholders.
     pub target: Option<String>,
-    /// MAC address, for hooks (`{mac}`).
+    /// MAC address, for hooks (`{mac}`, `{pxe_mac}`).
     pub mac: Option<String>,
+    /// Address of the node's power controller (R2LAB's CMC card, a BMC), for
+    /// `[power]` commands and hooks (`{cmc}`).
+    pub cmc: Option<String>,
     /// Address on a separate data network, for relays between nodes.
     pub data_address: Option<String>,
     /// Loaded in-process on the controller, without SSH.
@@ -119,12 +122,19 @@ pub fn parse_r2lab_json(path: &Path, text: &str) -> Result<Vec<Node>, InventoryE
             }
         }
         let data_address = extra.get("data.ip").cloned();
+        // The CMC by its IP, else by its name (`reboot05`).
+        let cmc = ["cmc.ip", "cmc.hostname"]
+            .iter()
+            .filter_map(|k| extra.get(*k))
+            .find(|v| !v.trim().is_empty())
+            .cloned();
         nodes.push(Node {
             number: number_of(&name),
             address: e.control.ip.unwrap_or_else(|| name.clone()),
             mac: e.control.mac,
             name,
             data_address,
+            cmc,
             extra,
             ..Node::default()
         });
@@ -176,6 +186,20 @@ mod tests {
         assert_eq!(nodes[0].address, "192.168.3.1");
         assert_eq!(nodes[0].mac.as_deref(), Some("00:03:1d:0e:03:19"));
         assert_eq!(nodes[1].extra["cmc.hostname"], "reboot02");
+        assert_eq!(nodes[0].cmc.as_deref(), Some("192.168.1.1"));
+    }
+
+    #[test]
+    fn cmc_is_its_ip_else_its_hostname() {
+        let text = r#"[
+          {"control": {"hostname": "fit01"}, "cmc": {"hostname": "reboot01"}},
+          {"control": {"hostname": "fit02"}, "cmc": {"hostname": "reboot02", "ip": ""}},
+          {"control": {"hostname": "fit03"}}
+        ]"#;
+        let nodes = parse_r2lab_json(Path::new("inv.json"), text).unwrap();
+        assert_eq!(nodes[0].cmc.as_deref(), Some("reboot01"));
+        assert_eq!(nodes[1].cmc.as_deref(), Some("reboot02"));
+        assert_eq!(nodes[2].cmc, None);
     }
 
     #[test]

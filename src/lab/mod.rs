@@ -9,6 +9,39 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SSHD: &str = "/usr/sbin/sshd";
+/// Where Debian and Ubuntu install OpenSSH's SFTP server.
+pub const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
+
+/// The sshd configuration of every lab node, with placeholders.
+pub const SSHD_CONFIG_TEMPLATE: &str = include_str!("../../assets/sshd_config");
+
+/// What makes one node's sshd configuration.
+pub struct SshdConfig<'a> {
+    pub port: u16,
+    pub address: &'a str,
+    pub host_key: &'a Path,
+    pub authorized_keys: &'a Path,
+}
+
+impl SshdConfig<'_> {
+    /// The template with this node's values filled in.
+    pub fn render(&self) -> String {
+        SSHD_CONFIG_TEMPLATE
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace("{port}", &self.port.to_string())
+            .replace("{address}", self.address)
+            .replace("{host_key}", &self.host_key.display().to_string())
+            .replace(
+                "{authorized_keys}",
+                &self.authorized_keys.display().to_string(),
+            )
+            .replace("{sftp_server}", SFTP_SERVER)
+            .replace("{set_env}", "")
+    }
+}
 
 pub struct Lab {
     dir: PathBuf,
@@ -79,18 +112,14 @@ impl Lab {
             keygen(&key)?;
             let port = free_port()?;
             let config = keys.join(format!("sshd{i}.conf"));
-            std::fs::write(
-                &config,
-                format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
-                     PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
-                     KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-                     LogLevel ERROR\nMaxStartups 100:30:200\nSetEnv SHLVL=1\n",
-                    key.display(),
-                    dir.join("authorized_keys").display()
-                ),
-            )
-            .map_err(io)?;
+            let text = SshdConfig {
+                port,
+                address: "127.0.0.1",
+                host_key: &key,
+                authorized_keys: &dir.join("authorized_keys"),
+            }
+            .render();
+            std::fs::write(&config, text).map_err(io)?;
             let child = Command::new(SSHD)
                 .args(["-D", "-e", "-f"])
                 .arg(&config)

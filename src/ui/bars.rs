@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::View;
-use super::fmt::{human_bytes, human_rate};
+use super::{View, fmt};
 use crate::engine::events::{Event, NodeState};
 
 pub const REFRESH: Duration = Duration::from_millis(100);
@@ -62,25 +61,7 @@ pub struct Bars {
 }
 
 fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("█▉▊▋▌▍▎▏ ")
-        // The product's own units (`84 MiB`, not indicatif's `84.00 MiB`).
-        .with_key(
-            "hbytes",
-            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = w.write_str(&human_bytes(s.pos()));
-            },
-        )
-        .with_key(
-            "htotal",
-            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = w.write_str(&human_bytes(s.len().unwrap_or(0)));
-            },
-        )
-        .with_key("hrate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = w.write_str(&human_rate(s.per_sec()));
-        })
+    fmt::bar_style(template).progress_chars("█▉▊▋▌▍▎▏ ")
 }
 
 impl Bars {
@@ -91,7 +72,7 @@ impl Bars {
         let width = view.nodes.iter().map(|n| n.name.len()).max().unwrap_or(4);
         let node_style = if bytes {
             style(&format!(
-                "{{prefix:{width}}} [{{bar:30}}] {{hbytes:>9}}/{{htotal:<9}} {{hrate:>11}} {{msg}}"
+                "{{prefix:{width}}} [{{bar:30}}] {{written:>10}}/{{total:<10}} {{rate:>12}} {{msg}}"
             ))
         } else {
             style(&format!("{{prefix:{width}}} {{spinner}} {{msg}}"))
@@ -107,7 +88,7 @@ impl Bars {
             })
             .collect();
         let total = multi.add(ProgressBar::new(0).with_style(style(&format!(
-            "{{prefix:{width}}} [{{bar:30}}] {{hbytes:>9}}/{{htotal:<9}} {{hrate:>11}} {{msg}}"
+            "{{prefix:{width}}} [{{bar:30}}] {{written:>10}}/{{total:<10}} {{rate:>12}} {{msg}}"
         ))));
         total.set_prefix("total");
         if !bytes {

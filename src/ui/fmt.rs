@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use indicatif::{ProgressState, ProgressStyle};
+
 /// Bytes in binary units: "0 B", "512 B", "1.5 KiB", "512 MiB", "1.0 GiB".
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -79,6 +81,26 @@ pub fn local_date(t: std::time::SystemTime) -> String {
     chrono::DateTime::<chrono::Local>::from(t)
         .format("%Y-%m-%d %H:%M %:z")
         .to_string()
+}
+
+/// A bar style whose `{written}`, `{total}` and `{rate}` keys are
+/// [`human_bytes`] of the position and length and [`human_rate`] of the
+/// speed, where indicatif's own `{bytes}` keys use other units.
+pub fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "written",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&human_bytes(s.pos()));
+            },
+        )
+        .with_key("total", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&human_bytes(s.len().unwrap_or(0)));
+        })
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&human_rate(s.per_sec()));
+        })
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use super::RunInfo;
-use super::View;
 use super::fmt::{clock, human_bytes, human_duration, human_rate};
+use super::view::View;
 use crate::engine::events::{Event, NodeState};
 
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);

@@ -74,6 +74,11 @@ impl LogFile {
         }));
     }
 
+    /// One JSON object of a run that prints its own output (`imaging on`).
+    pub fn record(&mut self, value: serde_json::Value) {
+        self.write(value);
+    }
+
     pub fn event(&mut self, info: &RunInfo, _view: &View, event: &Event) {
         self.write(super::json::to_value(info, event));
     }

@@ -32,7 +32,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 const SSHD: &str = "/usr/sbin/sshd";
-const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 const PRIVSEP_DIR: &str = "/run/sshd";
 /// How long a node may take to accept TCP and send its banner.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,31 +81,16 @@ impl RigNode {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `SetEnv SHLVL=1` keeps bash from sourcing the login user's ~/.bashrc
-    /// for SSH commands (bash does so only at shell level 1): a slow or
-    /// lock-contended rc file (e.g. `pyenv rehash` with many logins at
-    /// once) must not decide how long the tests take.
+    /// The node's sshd_config, from the lab's one template
+    /// (`assets/sshd_config`, which keeps `SetEnv SHLVL=1`).
     fn write_sshd_config(&self, authorized_keys: &Path) {
-        let text = format!(
-            "Port {port}\n\
-             ListenAddress 127.0.0.1\n\
-             HostKey {host_key}\n\
-             AuthorizedKeysFile {ak}\n\
-             PidFile none\n\
-             UsePAM no\n\
-             StrictModes no\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\n\
-             Subsystem sftp {SFTP_SERVER}\n\
-             LogLevel ERROR\n\
-             MaxStartups 100:30:200\n\
-             MaxSessions 50\n\
-             SetEnv SHLVL=1\n",
-            port = self.port,
-            host_key = self.host_key.display(),
-            ak = authorized_keys.display(),
-        );
+        let text = imaging::lab::SshdConfig {
+            port: self.port,
+            address: "127.0.0.1",
+            host_key: &self.host_key,
+            authorized_keys,
+        }
+        .render();
         fs::write(&self.sshd_config, text).expect("write sshd_config");
     }
 

@@ -20,8 +20,10 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::job::LoadJob;
+use super::refusals::Refusals;
+use super::session::{AttemptError, Counters, Plan, begin, open_link};
 use crate::engine::events::NodeState;
-use crate::engine::load::{AttemptError, Counters, LoadJob, Plan, begin, open_link};
 use crate::engine::report::Reporter;
 use crate::node::agent_link::{AgentLink, Tx};
 use crate::proto::{self, Msg};
@@ -31,10 +33,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A head that takes no data for this long is cut out.
 const STALL: Duration = Duration::from_secs(10);
 
-pub(crate) type SharedTx = Arc<Mutex<Tx>>;
+pub(super) type SharedTx = Arc<Mutex<Tx>>;
 
 /// What node tasks tell the coordinator.
-pub(crate) enum ToCoord {
+pub(super) enum ToCoord {
     /// Ready, needs `needed`; `cut` ends the member when it is cut out.
     Joined {
         node: usize,
@@ -78,7 +80,7 @@ struct Member {
     counters: Arc<Counters>,
 }
 
-pub(crate) struct Coordinator {
+pub(super) struct Coordinator {
     job: Arc<LoadJob>,
     report: Reporter,
     rx: mpsc::UnboundedReceiver<ToCoord>,
@@ -92,30 +94,26 @@ pub(crate) struct Coordinator {
     linked: std::collections::HashSet<usize>,
 }
 
-fn fresh_secret() -> Vec<u8> {
-    // The secret only has to be unguessable by other hosts of the lab for
-    // the length of a run: 256 bits from the OS's randomness.
+/// The run's relay secret: it only has to be unguessable by other hosts
+/// of the lab for the length of a run, so 256 bits from the OS.
+pub(super) fn fresh_secret() -> Result<Vec<u8>, getrandom::Error> {
     let mut secret = vec![0u8; 32];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
-        .is_err()
-    {
-        fastrand::fill(&mut secret);
-    }
-    secret
+    getrandom::fill(&mut secret)?;
+    Ok(secret)
 }
 
 impl Coordinator {
-    pub(crate) fn new(
+    pub(super) fn new(
         job: Arc<LoadJob>,
         report: Reporter,
         rx: mpsc::UnboundedReceiver<ToCoord>,
+        secret: Vec<u8>,
     ) -> Self {
         Coordinator {
             job,
             report,
             rx,
-            secret: fresh_secret(),
+            secret,
             chain: Vec::new(),
             successor_of: HashMap::new(),
             stream_ended: false,
@@ -248,7 +246,7 @@ impl Coordinator {
         true
     }
 
-    pub(crate) async fn run(mut self) {
+    pub(super) async fn run(mut self) {
         // 1. Everyone joins or drops out: the stream starts when the chain is known.
         let mut settled = std::collections::HashSet::new();
         let total = self.job.nodes.len();
@@ -427,7 +425,7 @@ impl Coordinator {
 
 /// One node's part of a chain load: check the target, join the chain, and
 /// report progress until the node is done (or cut out, or gone).
-pub(crate) async fn member(
+pub(super) async fn member(
     i: usize,
     job: &LoadJob,
     report: &Reporter,
@@ -520,6 +518,7 @@ async fn member_inner(
         }
     }
     let mut cut_open = true;
+    let mut refusals = Refusals::default();
     let result = loop {
         tokio::select! {
             why = &mut cut_rx, if cut_open => match why {
@@ -541,7 +540,9 @@ async fn member_inner(
                     let _ = coord.send(ToCoord::Lost { node: i, peer, reason });
                 }
                 Ok(Msg::RelayRefused { peer, reason }) => {
-                    report.log(Some(i), format!("{}: refused a relay connection from {peer}: {reason}", job.nodes[i].name));
+                    if let Some(line) = refusals.note(&peer, reason, tokio::time::Instant::now()) {
+                        report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
+                    }
                 }
                 Ok(Msg::Missing { bitmap }) => {
                     if finish_sent {
@@ -571,6 +572,9 @@ async fn member_inner(
             },
         }
     };
+    for line in refusals.rest() {
+        report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
+    }
     drop(tx);
     drop(rx);
     (result, Some(end))

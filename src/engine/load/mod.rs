@@ -6,99 +6,28 @@
 //! A dropped connection is retried with backoff and resumes from what the
 //! agent verified; the `after` hook runs whenever `before` ran.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::engine::backoff::Backoff;
 use crate::engine::cancel::Cancel;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
-use crate::engine::source::{ChunkSource, RateLimit};
-use crate::engine::wait;
-use crate::inventory::Node;
-use crate::node::agent_link::{AgentLink, AgentSource};
 use crate::node::hooks;
-use crate::node::ssh::SshSettings;
-use crate::proto::{self, Msg, ProtocolError};
 
-pub mod chain;
+mod chain;
+mod job;
+mod refusals;
+mod session;
+mod star;
+
+pub use job::LoadJob;
+use session::Counters;
 
 /// `fanout = "auto"` relays through a chain from this many nodes on.
 pub const CHAIN_FROM: usize = 4;
-
-/// Chunks prepared ahead of the one being sent, per node.
-const LOOKAHEAD: usize = 3;
-
-pub struct LoadJob {
-    /// The image's name, for hooks (`{image}`).
-    pub image_name: String,
-    pub source: Arc<ChunkSource>,
-    pub nodes: Vec<Node>,
-    /// Each node's target, placeholders filled.
-    pub targets: Vec<String>,
-    pub ssh: SshSettings,
-    pub agent: AgentSource,
-    pub force: bool,
-    pub retries: u32,
-    pub concurrency: usize,
-    pub rate: Option<Arc<RateLimit>>,
-    /// Bytes put on the controller's links (the run's board counts them).
-    pub wire: Arc<AtomicU64>,
-    pub before: String,
-    pub after: String,
-    pub deadline: Instant,
-    /// How long a retry waits for the node's SSH to come back.
-    pub reconnect_wait: Duration,
-    /// Star (a stream per node) or a relay chain.
-    pub chain: bool,
-    /// Where relay listeners bind on the nodes ("" = all addresses) and their port range.
-    pub relay_bind: String,
-    pub relay_ports: (u16, u16),
-}
-
-/// Why an attempt ended without success.
-pub(crate) enum AttemptError {
-    /// Worth another attempt: the connection dropped, SSH is not up yet.
-    Retry(String),
-    /// The node said no (target refused, verification failed, …).
-    Fatal(String),
-}
-
-impl From<ProtocolError> for AttemptError {
-    fn from(e: ProtocolError) -> Self {
-        match e {
-            ProtocolError::Closed | ProtocolError::Io(_) => {
-                AttemptError::Retry(format!("connection lost ({e})"))
-            }
-            other => AttemptError::Fatal(other.to_string()),
-        }
-    }
-}
-
-/// Byte counters of one node, over all its attempts.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub sent: AtomicU64,
-    pub written_before: AtomicU64,
-    pub written: AtomicU64,
-}
-
-impl LoadJob {
-    /// `bytes` (compressed, as sent) are about to leave the controller: the
-    /// bandwidth cap paces them, the wire counter counts them.
-    pub(crate) async fn on_wire(&self, bytes: u64) {
-        if let Some(rate) = &self.rate {
-            rate.take(bytes).await;
-        }
-        self.wire.fetch_add(bytes, Ordering::Relaxed);
-    }
-}
 
 pub async fn load_all(mut job: LoadJob, report: Reporter, cancel: Cancel) {
     job.wire = report.board().wire.clone();
@@ -112,9 +41,20 @@ pub async fn load_all(mut job: LoadJob, report: Reporter, cancel: Cancel) {
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
     let mut tasks = JoinSet::new();
-    let coordinator = job.chain.then(|| {
+    let secret = match job.chain.then(chain::fresh_secret).transpose() {
+        Ok(secret) => secret,
+        Err(e) => {
+            // No secret, no chain: nothing may be sent unauthenticated.
+            for i in 0..job.nodes.len() {
+                let reason = format!("no randomness from the OS for the relay secret: {e}");
+                report.state(i, NodeState::Failed, Some(reason));
+            }
+            return;
+        }
+    };
+    let coordinator = secret.map(|secret| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let c = chain::Coordinator::new(job.clone(), report.clone(), rx);
+        let c = chain::Coordinator::new(job.clone(), report.clone(), rx, secret);
         (tx, tokio::spawn(c.run()))
     });
     for i in 0..job.nodes.len() {
@@ -178,9 +118,23 @@ async fn load_node(
     }
     if outcome.is_ok() {
         let work = async {
+            if job.is_image[i] {
+                // The target is the image file itself (see app::guard).
+                if let Some(coord) = &coord {
+                    let _ = coord.send(chain::ToCoord::Out { node: i });
+                }
+                report.log(
+                    Some(i),
+                    format!(
+                        "{}: the target is the image itself, nothing to write",
+                        node.name
+                    ),
+                );
+                return Ok(NodeState::UpToDate);
+            }
             match coord {
                 Some(coord) => chain::member(i, job, report, &counters, coord).await,
-                None => transfer(i, job, report, &counters).await,
+                None => star::transfer(i, job, report, &counters).await,
             }
         };
         outcome = tokio::select! {
@@ -212,269 +166,4 @@ async fn load_node(
         Ok(state) => report.state(i, state, None),
         Err((state, reason)) => report.state(i, state, Some(reason)),
     }
-}
-
-/// Attempts with backoff until one succeeds, fails for good, or retries run out.
-async fn transfer(
-    i: usize,
-    job: &LoadJob,
-    report: &Reporter,
-    counters: &Counters,
-) -> Result<NodeState, String> {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
-    let mut failures = 0;
-    loop {
-        match attempt(i, job, report, counters, failures > 0).await {
-            Ok(state) => return Ok(state),
-            Err(AttemptError::Fatal(reason)) => return Err(reason),
-            Err(AttemptError::Retry(reason)) => {
-                failures += 1;
-                let written = counters.written.swap(0, Ordering::Relaxed);
-                counters
-                    .written_before
-                    .fetch_add(written, Ordering::Relaxed);
-                if failures > job.retries {
-                    return Err(format!("{reason}; gave up after {} retries", job.retries));
-                }
-                report.log(
-                    Some(i),
-                    format!(
-                        "{}: {reason}; retry {failures}/{} resumes from the verified data",
-                        job.nodes[i].name, job.retries
-                    ),
-                );
-                report.state(
-                    i,
-                    NodeState::WaitingForSsh,
-                    Some(format!("retrying: {reason}")),
-                );
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-        }
-    }
-}
-
-pub(crate) async fn open_link(
-    i: usize,
-    job: &LoadJob,
-    report: &Reporter,
-    retry: bool,
-) -> Result<AgentLink, AttemptError> {
-    let node = &job.nodes[i];
-    if node.local {
-        report.state(i, NodeState::Connecting, Some("local agent".into()));
-        return AgentLink::local_ready().await.map_err(AttemptError::Fatal);
-    }
-    report.state(i, NodeState::WaitingForSsh, None);
-    // The first connection may wait for a node booting into its imaging
-    // environment; a reconnection waits only so long.
-    let until = if retry {
-        job.deadline.min(Instant::now() + job.reconnect_wait)
-    } else {
-        job.deadline
-    };
-    let session = wait::connect_when_up(node, &job.ssh, until, None, &|_| {})
-        .await
-        .map_err(|e| {
-            if retry {
-                AttemptError::Fatal(format!("did not come back: {e}"))
-            } else {
-                AttemptError::Fatal(e)
-            }
-        })?;
-    report.state(i, NodeState::Connecting, None);
-    job.agent.start(session).await.map_err(AttemptError::Retry)
-}
-
-async fn attempt(
-    i: usize,
-    job: &LoadJob,
-    report: &Reporter,
-    counters: &Counters,
-    retry: bool,
-) -> Result<NodeState, AttemptError> {
-    let mut link = open_link(i, job, report, retry).await?;
-    let result = run_session(i, job, report, counters, &mut link).await;
-    let stderr = link.close().await;
-    result.map_err(|e| match e {
-        // The agent's own words say more than "connection lost".
-        AttemptError::Retry(r) | AttemptError::Fatal(r) if r.starts_with("agent:") => {
-            AttemptError::Fatal(r)
-        }
-        AttemptError::Retry(r) => match stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("imaging agent:"))
-        {
-            Some(last) => {
-                AttemptError::Fatal(last.trim_start_matches("imaging agent:").trim().to_string())
-            }
-            None => AttemptError::Retry(r),
-        },
-        other => other,
-    })
-}
-
-/// What a node needs, once its agent has checked the target.
-pub(crate) enum Plan {
-    UpToDate,
-    Send {
-        needed: Vec<usize>,
-        /// Bytes written before this attempt plus those zeroed while checking.
-        base: u64,
-        /// What the node will have written when done.
-        total: u64,
-    },
-}
-
-/// LoadBegin, Needed (the Hellos were exchanged when the link opened).
-pub(crate) async fn begin(
-    i: usize,
-    job: &LoadJob,
-    report: &Reporter,
-    counters: &Counters,
-    link: &mut AgentLink,
-) -> Result<Plan, AttemptError> {
-    let m = job.source.manifest();
-    report.state(i, NodeState::Checking, None);
-    proto::write_msg(
-        &mut link.tx,
-        &Msg::LoadBegin {
-            target: job.targets[i].clone(),
-            size: m.size,
-            chunk_size: m.chunk_size as u32,
-            identity: m.identity,
-            force: job.force,
-            force_mounted: job.force,
-            digests: m.digests.clone(),
-            zero: m.zero.clone(),
-        },
-    )
-    .await?;
-    link.tx.flush().await.map_err(ProtocolError::from)?;
-    let (bitmap, zeroed) = match proto::read_msg(&mut link.rx).await? {
-        Msg::Needed {
-            up_to_date: true, ..
-        } => return Ok(Plan::UpToDate),
-        Msg::Needed {
-            bitmap,
-            bytes_written,
-            ..
-        } => (bitmap, bytes_written),
-        Msg::Error { message } => return Err(AttemptError::Fatal(format!("agent: {message}"))),
-        other => {
-            return Err(AttemptError::Fatal(format!(
-                "agent answered {} to LoadBegin",
-                other.name()
-            )));
-        }
-    };
-    let needed: Vec<usize> = (0..m.chunk_count())
-        .filter(|&c| proto::bit(&bitmap, c))
-        .collect();
-    let before = counters.written_before.load(Ordering::Relaxed);
-    let total = before + zeroed + needed.iter().map(|&c| m.chunk_len(c)).sum::<u64>();
-    counters.written.store(zeroed, Ordering::Relaxed);
-    report.progress(
-        i,
-        counters.sent.load(Ordering::Relaxed),
-        before + zeroed,
-        total,
-    );
-    Ok(Plan::Send {
-        needed,
-        base: before,
-        total,
-    })
-}
-
-async fn run_session(
-    i: usize,
-    job: &LoadJob,
-    report: &Reporter,
-    counters: &Counters,
-    link: &mut AgentLink,
-) -> Result<NodeState, AttemptError> {
-    let (needed, before, total) = match begin(i, job, report, counters, link).await? {
-        Plan::UpToDate => return Ok(NodeState::UpToDate),
-        Plan::Send {
-            needed,
-            base,
-            total,
-        } => (needed, base, total),
-    };
-    report.state(i, NodeState::Transferring, None);
-
-    let AgentLink { tx, rx, .. } = link;
-    let send = async {
-        let mut ahead = VecDeque::new();
-        let mut queue = needed.iter().copied();
-        for _ in 0..LOOKAHEAD {
-            if let Some(c) = queue.next() {
-                let source = job.source.clone();
-                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
-            }
-        }
-        while let Some(next) = ahead.pop_front() {
-            if let Some(c) = queue.next() {
-                let source = job.source.clone();
-                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
-            }
-            let chunk = next
-                .await
-                .map_err(|e| AttemptError::Fatal(e.to_string()))?
-                .map_err(AttemptError::Fatal)?;
-            job.on_wire(chunk.data.len() as u64).await;
-            proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
-            counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
-        }
-        proto::write_msg(tx, &Msg::Finish).await?;
-        tx.flush().await.map_err(ProtocolError::from)?;
-        report.state(i, NodeState::Syncing, None);
-        Ok::<(), AttemptError>(())
-    };
-    let receive = async {
-        loop {
-            match proto::read_msg(rx).await? {
-                Msg::Written { bytes_written, .. } => {
-                    counters.written.store(bytes_written, Ordering::Relaxed);
-                    report.progress(
-                        i,
-                        counters.sent.load(Ordering::Relaxed),
-                        before + bytes_written,
-                        total,
-                    );
-                }
-                Msg::Finished { bytes_written } => {
-                    counters.written.store(bytes_written, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Msg::Error { message } => {
-                    return Err(AttemptError::Fatal(format!("agent: {message}")));
-                }
-                other => {
-                    return Err(AttemptError::Fatal(format!(
-                        "agent sent {} during the transfer",
-                        other.name()
-                    )));
-                }
-            }
-        }
-    };
-    // The receiver may end first with an error; then stop sending.
-    tokio::pin!(send);
-    tokio::pin!(receive);
-    let mut sent = false;
-    loop {
-        tokio::select! {
-            r = &mut send, if !sent => { r?; sent = true; }
-            r = &mut receive => { r?; break; }
-        }
-    }
-    if !sent {
-        return Err(AttemptError::Fatal(
-            "agent finished before all chunks were sent".into(),
-        ));
-    }
-    Ok(NodeState::Done)
 }

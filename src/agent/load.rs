@@ -1,0 +1,847 @@
+//! A load on the node: plan what the target lacks, receive, verify and
+//! write chunks (relaying them when part of a chain), sync and stamp.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use std::os::unix::fs::FileTypeExt;
+
+use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::relay::{Event, Relay};
+use crate::agent::stamp::StampFile;
+use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
+use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, closed_as, malformed};
+use crate::image::digest::{chunk_digest, is_zero};
+use crate::proto::{
+    Codec, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit, write_msg_sync,
+    write_stream_chunk_sync,
+};
+
+pub(super) fn load<R: Read + Send, W: Write>(
+    input: &mut R,
+    out: &mut Replies<W>,
+    env: &AgentEnv,
+    req: &LoadRequest,
+) -> Result<(), AgentError> {
+    let (_lock, target) = lock_and_open(env, req)?;
+    let stamp = (target.kind == TargetKind::File).then(|| StampFile::new(env, &target));
+
+    if let Some(stamp) = &stamp
+        && !req.force
+        && !req.verify
+        && stamp.matches(&target, req)
+    {
+        out.reply(&Msg::Needed {
+            up_to_date: true,
+            bitmap: vec![],
+            bytes_written: 0,
+        })?;
+        return match read_msg_sync(input) {
+            Err(ProtocolError::Closed) => Ok(()),
+            Ok(Msg::Finish) => out.reply(&Msg::Finished { bytes_written: 0 }),
+            Ok(Msg::Error { message }) => Err(AgentError::Peer(message)),
+            Ok(other) => Err(malformed(format!(
+                "expected Finish after an up-to-date reply, got {}",
+                other.name()
+            ))),
+            Err(e) => Err(e.into()),
+        };
+    }
+
+    // From here on the target changes: a partial load must never look stamped.
+    if let Some(stamp) = &stamp {
+        stamp.remove()?;
+    }
+    if target.kind == TargetKind::File && target.old_len < req.layout.size {
+        target.file.set_len(req.layout.size).map_err(|e| {
+            AgentError::Target(format!(
+                "cannot extend {} to {} bytes: {e}",
+                target.name, req.layout.size
+            ))
+        })?;
+    }
+    let (needed, zeroed) = plan(&target, req)?;
+    out.reply(&Msg::Needed {
+        up_to_date: false,
+        bitmap: needed.clone(),
+        bytes_written: zeroed,
+    })?;
+
+    let (tx, rx) = sync_channel(RECEIVE_QUEUE);
+    std::thread::scope(|s| {
+        let control = tx.clone();
+        s.spawn(move || forward_frames(input, control));
+        let mut relay = Relay::new(s, tx);
+        let result = receive(rx, out, &mut relay, &target, req, needed, zeroed);
+        // Close the listener and the relay links: their threads end before
+        // the scope waits for them.
+        drop(relay);
+        match result {
+            Ok(bytes_written) => {
+                if let Some(stamp) = &stamp {
+                    stamp.write(&target, req);
+                }
+                out.reply(&Msg::Finished { bytes_written })
+            }
+            Err(e) => {
+                // Before the scope waits for the receiving thread: that thread
+                // may be blocked until the controller, told, closes.
+                out.report(&e);
+                Err(e)
+            }
+        }
+    })
+}
+
+/// Take the target's lock, then open it: one load at a time may write a
+/// target, and only a load that wrote all of it stamps it. An existing
+/// target is locked before it is opened (a block device's exclusive open
+/// would otherwise answer "busy" for a run that holds it); a missing file
+/// is created first.
+fn lock_and_open(env: &AgentEnv, req: &LoadRequest) -> Result<(TargetLock, Target), AgentError> {
+    let path = std::path::Path::new(&req.target);
+    let lock = |env| TargetLock::take(env, path, Mode::Exclusive, &req.holder);
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => {
+            let lock = lock(env)?;
+            Ok((lock, open_load_target(req)?))
+        }
+        _ => {
+            let target = open_load_target(req)?;
+            Ok((lock(env)?, target))
+        }
+    }
+}
+
+/// Decide which chunks the target lacks, zeroing on the way the regions
+/// that must read as zero and do not. Returns the needed bitmap and the
+/// bytes written while zeroing.
+pub(super) fn plan(target: &Target, req: &LoadRequest) -> Result<(Vec<u8>, u64), AgentError> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let outcomes: Vec<Result<(Vec<usize>, u64), AgentError>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| s.spawn(|| plan_worker(target, req, &next, &failed)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(AgentError::Target("a checking thread failed".into())))
+            })
+            .collect()
+    });
+    let mut bitmap = vec![0u8; bitmap_len(req.layout.chunks)];
+    let mut zeroed = 0;
+    for outcome in outcomes {
+        let (needed, bytes) = outcome?;
+        for i in needed {
+            set_bit(&mut bitmap, i);
+        }
+        zeroed += bytes;
+    }
+    Ok((bitmap, zeroed))
+}
+
+pub(super) fn plan_worker(
+    target: &Target,
+    req: &LoadRequest,
+    next: &AtomicUsize,
+    failed: &AtomicBool,
+) -> Result<(Vec<usize>, u64), AgentError> {
+    let mut buf = Vec::new();
+    let mut needed = Vec::new();
+    let mut zeroed = 0u64;
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= req.layout.chunks || failed.load(Ordering::Relaxed) {
+            return Ok((needed, zeroed));
+        }
+        match check_chunk(target, req, i, &mut buf) {
+            Ok(Check::Present) => {}
+            Ok(Check::Needed) => needed.push(i),
+            Ok(Check::Zeroed(bytes)) => zeroed += bytes,
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    }
+}
+
+pub(super) enum Check {
+    /// The target already holds the chunk.
+    Present,
+    Needed,
+    /// A zero chunk whose region held data and was zeroed now.
+    Zeroed(u64),
+}
+
+pub(super) fn check_chunk(
+    target: &Target,
+    req: &LoadRequest,
+    i: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Check, AgentError> {
+    let offset = req.layout.offset(i);
+    let len = req.layout.chunk_len(i);
+    if bit(&req.zero, i) {
+        if target.is_hole(offset, len) {
+            return Ok(Check::Present);
+        }
+        buf.resize(len, 0);
+        target.read_at(&mut buf[..len], offset)?;
+        if is_zero(&buf[..len]) {
+            return Ok(Check::Present);
+        }
+        buf.fill(0);
+        target.zero_region(offset, &buf[..len])?;
+        return Ok(Check::Zeroed(len as u64));
+    }
+    let needed = req.force
+        || offset + len as u64 > target.old_len
+        // The image chunk has data: a hole cannot match it.
+        || target.is_hole(offset, len)
+        || {
+            buf.resize(len, 0);
+            target.read_at(&mut buf[..len], offset)?;
+            chunk_digest(&buf[..len]) != req.digests[i]
+        };
+    Ok(if needed {
+        Check::Needed
+    } else {
+        Check::Present
+    })
+}
+
+/// The receiving thread: the controller's frames into the queue until the
+/// load's last one.
+pub(super) fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
+    loop {
+        let msg = read_msg_sync(input);
+        // After anything else the load ends: reading on would only wait for
+        // a controller that waits for us.
+        let more = matches!(
+            msg,
+            Ok(Msg::Chunk { .. }
+                | Msg::StreamChunk { .. }
+                | Msg::StreamEnd
+                | Msg::RelayListen { .. }
+                | Msg::RelayConnect { .. })
+        );
+        if tx.send(Event::Control(msg)).is_err() || !more {
+            return;
+        }
+    }
+}
+
+/// Where a StreamChunk from the controller came from, in RelayRefused.
+pub(super) const FROM_CONTROLLER: &str = "controller";
+
+/// Verify and write chunks, relay the stream, until Finish; sync. Returns
+/// bytes written.
+pub(super) fn receive<W: Write>(
+    rx: Receiver<Event>,
+    out: &mut Replies<W>,
+    relay: &mut Relay<'_, '_>,
+    target: &Target,
+    req: &LoadRequest,
+    outstanding: Vec<u8>,
+    bytes_written: u64,
+) -> Result<u64, AgentError> {
+    let mut unpacker = Unpacker::new()?;
+    let mut load = Loading {
+        target,
+        req,
+        outstanding,
+        bytes_written,
+    };
+    loop {
+        let event = rx
+            .recv()
+            .map_err(|_| AgentError::Closed("before the load finished"))?;
+        let msg = match event {
+            Event::Control(msg) => msg.map_err(|e| closed_as(e, "before the load finished"))?,
+            Event::Relayed { peer, msg } => {
+                load.relayed(out, relay, &mut unpacker, &peer, msg)?;
+                continue;
+            }
+            Event::Refused { peer, reason } => {
+                out.reply(&Msg::RelayRefused { peer, reason })?;
+                continue;
+            }
+            Event::Linked {
+                attempt,
+                addr,
+                port,
+                result,
+            } => {
+                if let Some(reply) = relay.linked(attempt, addr, port, result) {
+                    out.reply(&reply)?;
+                }
+                continue;
+            }
+            Event::SuccessorGone { attempt, reason } => {
+                if let Some(lost) = relay.successor_gone(attempt, reason) {
+                    out.reply(&lost)?;
+                }
+                continue;
+            }
+        };
+        match msg {
+            Msg::Chunk { index, codec, data } => {
+                let i = load.chunk_index(index).map_err(malformed)?;
+                let bytes = unpacker.unpack(req, i, codec, &data)?;
+                load.write(out, i, bytes)?;
+            }
+            Msg::StreamChunk { index, codec, data } => {
+                let i = load.chunk_index(index).map_err(malformed)?;
+                load.stream_chunk(out, relay, &mut unpacker, FROM_CONTROLLER, i, codec, &data)?;
+            }
+            Msg::StreamEnd => load.stream_end(out, relay)?,
+            Msg::RelayListen {
+                secret,
+                bind,
+                port_min,
+                port_max,
+            } => {
+                let port = relay.listen(&secret, &bind, port_min, port_max)?;
+                out.reply(&Msg::RelayPort { port })?;
+            }
+            Msg::RelayConnect { secret, addr, port } => relay.connect(&secret, addr, port)?,
+            Msg::Finish => {
+                let layout = req.layout;
+                let outstanding = &load.outstanding;
+                if let Some(missing) = (0..layout.chunks).find(|&i| bit(outstanding, i)) {
+                    let count = (0..layout.chunks).filter(|&i| bit(outstanding, i)).count();
+                    return Err(malformed(format!(
+                        "Finish before chunk {missing} was written ({count} needed chunks missing)"
+                    )));
+                }
+                finish(target, req)?;
+                return Ok(load.bytes_written);
+            }
+            Msg::Error { message } => return Err(AgentError::Peer(message)),
+            other => {
+                return Err(malformed(format!(
+                    "unexpected {} during a load",
+                    other.name()
+                )));
+            }
+        }
+    }
+}
+
+/// A load between Needed and Finish.
+pub(super) struct Loading<'a> {
+    pub(super) target: &'a Target,
+    pub(super) req: &'a LoadRequest,
+    /// Bit i set: chunk i is needed and not yet written.
+    pub(super) outstanding: Vec<u8>,
+    pub(super) bytes_written: u64,
+}
+
+impl Loading<'_> {
+    pub(super) fn chunk_index(&self, index: u32) -> Result<usize, String> {
+        let i = index as usize;
+        if i < self.req.layout.chunks {
+            Ok(i)
+        } else {
+            Err(format!(
+                "chunk index {index} out of range: the image has {} chunks",
+                self.req.layout.chunks
+            ))
+        }
+    }
+
+    /// Write chunk `i`'s verified data and acknowledge it.
+    pub(super) fn write<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        i: usize,
+        bytes: &[u8],
+    ) -> Result<(), AgentError> {
+        self.target.write_at(bytes, self.req.layout.offset(i))?;
+        self.bytes_written += bytes.len() as u64;
+        if let Some(b) = self.outstanding.get_mut(i / 8) {
+            *b &= !(1 << (i % 8));
+        }
+        out.reply(&Msg::Written {
+            // i came from a u32.
+            index: i as u32,
+            bytes_written: self.bytes_written,
+        })
+    }
+
+    /// A frame from a predecessor: only the stream travels there.
+    pub(super) fn relayed<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+        unpacker: &mut Unpacker,
+        peer: &str,
+        msg: Msg,
+    ) -> Result<(), AgentError> {
+        let refuse = |reason: String| Msg::RelayRefused {
+            peer: peer.to_string(),
+            reason,
+        };
+        match msg {
+            Msg::StreamChunk { index, codec, data } => match self.chunk_index(index) {
+                Ok(i) => self.stream_chunk(out, relay, unpacker, peer, i, codec, &data),
+                Err(reason) => out.reply(&refuse(reason)),
+            },
+            Msg::StreamEnd => self.stream_end(out, relay),
+            // The connection's reader lets nothing else through.
+            other => out.reply(&refuse(format!(
+                "unexpected {} on a relay connection",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Verify and write the chunk if this node needs it, forward it in any
+    /// case. Data that fails verification is neither written nor forwarded:
+    /// the controller hears of it and sends the chunk directly later.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn stream_chunk<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+        unpacker: &mut Unpacker,
+        source: &str,
+        i: usize,
+        codec: Codec,
+        data: &[u8],
+    ) -> Result<(), AgentError> {
+        let bytes = if bit(&self.outstanding, i) {
+            match unpacker.unpack(self.req, i, codec, data) {
+                Ok(bytes) => Some(bytes),
+                Err(AgentError::Verify(reason)) => {
+                    return out.reply(&Msg::RelayRefused {
+                        peer: source.to_string(),
+                        reason,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        // Forward first: the successor's work overlaps with this write.
+        // i came from a u32.
+        let index = i as u32;
+        if let Some(lost) = relay.forward(|s| write_stream_chunk_sync(s, index, codec, data)) {
+            out.reply(&lost)?;
+        }
+        match bytes {
+            Some(bytes) => self.write(out, i, bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Pass the end of the stream on, then tell the controller what is missing.
+    pub(super) fn stream_end<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+    ) -> Result<(), AgentError> {
+        if let Some(lost) = relay.forward(|s| write_msg_sync(s, &Msg::StreamEnd)) {
+            out.reply(&lost)?;
+        }
+        out.reply(&Msg::Missing {
+            bitmap: self.outstanding.clone(),
+        })
+    }
+}
+
+/// Turns a chunk as it travels into its data, checked against the manifest.
+pub(super) struct Unpacker {
+    pub(super) decompressor: zstd::bulk::Decompressor<'static>,
+    pub(super) buf: Vec<u8>,
+}
+
+impl Unpacker {
+    pub(super) fn new() -> Result<Unpacker, AgentError> {
+        Ok(Unpacker {
+            decompressor: zstd::bulk::Decompressor::new()
+                .map_err(|e| AgentError::Target(format!("cannot start zstd: {e}")))?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Chunk `i`'s data; any mismatch is `AgentError::Verify`.
+    pub(super) fn unpack<'a>(
+        &'a mut self,
+        req: &LoadRequest,
+        i: usize,
+        codec: Codec,
+        data: &'a [u8],
+    ) -> Result<&'a [u8], AgentError> {
+        let len = req.layout.chunk_len(i);
+        let bytes: &[u8] = match codec {
+            Codec::Raw => data,
+            Codec::Zstd => {
+                self.buf.clear();
+                // The capacity bounds the output: at most a chunk (earlier
+                // chunks were no larger), checked below.
+                self.buf.reserve_exact(len);
+                self.decompressor
+                    .decompress_to_buffer(data, &mut self.buf)
+                    .map_err(|e| {
+                        AgentError::Verify(format!(
+                            "chunk {i} failed verification: cannot decompress: {e}"
+                        ))
+                    })?;
+                &self.buf
+            }
+        };
+        if bytes.len() != len {
+            return Err(AgentError::Verify(format!(
+                "chunk {i} failed verification: {} bytes, expected {len}",
+                bytes.len()
+            )));
+        }
+        if chunk_digest(bytes) != req.digests[i] {
+            return Err(AgentError::Verify(format!("chunk {i} failed verification")));
+        }
+        Ok(bytes)
+    }
+}
+
+pub(super) fn finish(target: &Target, req: &LoadRequest) -> Result<(), AgentError> {
+    if target.kind == TargetKind::File {
+        let len = target
+            .file
+            .metadata()
+            .map_err(|e| AgentError::Target(format!("cannot stat {}: {e}", target.name)))?
+            .len();
+        if len != req.layout.size {
+            target.file.set_len(req.layout.size).map_err(|e| {
+                AgentError::Target(format!(
+                    "cannot truncate {} to {} bytes: {e}",
+                    target.name, req.layout.size
+                ))
+            })?;
+        }
+    }
+    target
+        .file
+        .sync_all()
+        .map_err(|e| AgentError::Target(format!("cannot sync {}: {e}", target.name)))
+}
+
+#[cfg(test)]
+mod tests {
+
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::os::unix::net::UnixStream;
+
+    use crate::agent::AgentError;
+    use crate::agent::session::serve;
+
+    use crate::agent::testkit::*;
+    use crate::proto::{Codec, Msg, read_msg_sync, write_msg_sync};
+
+    #[test]
+    fn load_onto_missing_file_writes_image_with_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rzzzzztzzzzzrzzzzzzzzzzzzzzzzz", 1000, 1);
+        let data = image.data_chunks();
+        assert_eq!(data, vec![0, 6, 12, 30]);
+
+        let (result, replies) = run(&env, &image.load(&target, false, &data));
+        result.unwrap();
+
+        let (up_to_date, bitmap, zeroed) = needed(&replies);
+        assert!(!up_to_date);
+        assert_eq!(bits(&bitmap, image.layout().chunks), data);
+        assert_eq!(zeroed, 0);
+        let mut total = 0;
+        for (reply, &i) in replies[2..].iter().zip(&data) {
+            total += image.layout().chunk_len(i) as u64;
+            assert_eq!(
+                *reply,
+                Msg::Written {
+                    index: i as u32,
+                    bytes_written: total
+                }
+            );
+        }
+        assert_eq!(replies.len(), 2 + data.len() + 1);
+        assert_eq!(
+            replies.last(),
+            Some(&Msg::Finished {
+                bytes_written: image.bytes_of(&data)
+            })
+        );
+
+        let written = std::fs::read(&target).unwrap();
+        assert_eq!(written.len(), image.data.len());
+        assert!(written == image.data, "target bytes differ from the image");
+        let meta = std::fs::metadata(&target).unwrap();
+        assert!(
+            meta.blocks() * 512 < meta.len() / 2,
+            "zero chunks should be holes: {} blocks for {} bytes",
+            meta.blocks(),
+            meta.len()
+        );
+        assert_eq!(stamps(&env), 1);
+    }
+
+    #[test]
+    fn second_load_of_same_image_is_up_to_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rtzr", 333, 2);
+        run(&env, &image.load(&target, false, &image.data_chunks()))
+            .0
+            .unwrap();
+
+        // The controller may simply hang up…
+        let (result, replies) = run(&env, &[image.begin(&target, false)]);
+        result.unwrap();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(needed(&replies), (true, vec![], 0));
+
+        // …or finish.
+        let (result, replies) = run(&env, &[image.begin(&target, false), Msg::Finish]);
+        result.unwrap();
+        assert_eq!(
+            replies[1..],
+            [
+                Msg::Needed {
+                    up_to_date: true,
+                    bitmap: vec![],
+                    bytes_written: 0
+                },
+                Msg::Finished { bytes_written: 0 }
+            ]
+        );
+
+        // Another image onto the same file is not up to date.
+        let other = Image::new("rtzr", 333, 3);
+        let (result, replies) = run(&env, &other.load(&target, false, &other.data_chunks()));
+        result.unwrap();
+        assert!(!needed(&replies).0);
+        assert!(std::fs::read(&target).unwrap() == other.data);
+    }
+
+    #[test]
+    fn changed_chunks_are_the_only_ones_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rtrtrtrtrt", 4321, 4);
+        run(&env, &image.load(&target, false, &image.data_chunks()))
+            .0
+            .unwrap();
+
+        let file = OpenOptions::new().write(true).open(&target).unwrap();
+        for i in [2, 5, 10] {
+            file.write_all_at(b"changed", image.layout().offset(i) + 100)
+                .unwrap();
+        }
+        drop(file);
+
+        let (result, replies) = run(&env, &image.load(&target, false, &[2, 5, 10]));
+        result.unwrap();
+        let (up_to_date, bitmap, zeroed) = needed(&replies);
+        assert!(!up_to_date);
+        assert_eq!(bits(&bitmap, image.layout().chunks), vec![2, 5, 10]);
+        assert_eq!(zeroed, 0);
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    #[test]
+    fn larger_old_file_is_truncated_and_stray_data_zeroed() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rzrz", 100, 5);
+        std::fs::write(&target, vec![0xaa; image.data.len() + 3 * CSU]).unwrap();
+
+        let data = image.data_chunks();
+        let (result, replies) = run(&env, &image.load(&target, false, &data));
+        result.unwrap();
+        let (_, bitmap, zeroed) = needed(&replies);
+        assert_eq!(bits(&bitmap, image.layout().chunks), data);
+        assert_eq!(zeroed, 2 * CS as u64, "chunks 1 and 3 held 0xaa");
+        assert_eq!(
+            replies.last(),
+            Some(&Msg::Finished {
+                bytes_written: zeroed + image.bytes_of(&data)
+            })
+        );
+        let written = std::fs::read(&target).unwrap();
+        assert_eq!(written.len(), image.data.len());
+        assert!(written == image.data);
+    }
+
+    #[test]
+    fn corrupt_chunk_fails_verification_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rrt", 0, 6);
+        let old = vec![0x55; image.data.len()];
+        std::fs::write(&target, &old).unwrap();
+
+        let mut bad = image.chunk_data(1).to_vec();
+        bad[17] ^= 1;
+        let msgs = [
+            image.begin(&target, false),
+            Msg::Chunk {
+                index: 1,
+                codec: Codec::Raw,
+                data: bad,
+            },
+            Msg::Finish,
+        ];
+        let (result, _) = run(&env, &msgs);
+        let e = err_of(result);
+        assert!(matches!(e, AgentError::Verify(_)), "{e:?}");
+        assert_eq!(e.to_string(), "chunk 1 failed verification");
+        assert_eq!(e.exit_code(), 3);
+        assert!(std::fs::read(&target).unwrap() == old, "nothing written");
+        assert_eq!(stamps(&env), 0);
+
+        // Compressed data that expands to the wrong length.
+        let short = zstd::bulk::compress(&image.chunk_data(2)[..1000], 3).unwrap();
+        let msgs = [
+            image.begin(&target, false),
+            Msg::Chunk {
+                index: 2,
+                codec: Codec::Zstd,
+                data: short,
+            },
+        ];
+        let e = err_of(run(&env, &msgs).0);
+        assert!(
+            e.to_string().starts_with("chunk 2 failed verification"),
+            "{e}"
+        );
+        // Compressed data that expands beyond a chunk.
+        let long = zstd::bulk::compress(&vec![7u8; 3 * CSU], 3).unwrap();
+        let msgs = [
+            image.begin(&target, false),
+            Msg::Chunk {
+                index: 0,
+                codec: Codec::Zstd,
+                data: long,
+            },
+        ];
+        let e = err_of(run(&env, &msgs).0);
+        assert!(matches!(e, AgentError::Verify(_)), "{e:?}");
+        assert!(std::fs::read(&target).unwrap() == old, "nothing written");
+    }
+
+    #[test]
+    fn connection_lost_mid_load_leaves_no_stamp_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rtrtzrtrt", 999, 7);
+        let data = image.data_chunks();
+
+        let mut msgs = vec![image.begin(&target, false)];
+        msgs.extend([0, 1, 2].map(|i| image.chunk(i)));
+        let (result, replies) = run(&env, &msgs);
+        let e = err_of(result);
+        assert_eq!(e.to_string(), "connection closed before the load finished");
+        assert_eq!(e.exit_code(), 3);
+        assert_eq!(replies.len(), 2 + 3 + 1, "three Written, then Error");
+        assert_eq!(stamps(&env), 0);
+
+        let rest: Vec<usize> = data.iter().copied().filter(|&i| i > 2).collect();
+        let (result, replies) = run(&env, &image.load(&target, false, &rest));
+        result.unwrap();
+        assert_eq!(bits(&needed(&replies).1, image.layout().chunks), rest);
+        assert!(std::fs::read(&target).unwrap() == image.data);
+        assert_eq!(stamps(&env), 1);
+    }
+
+    #[test]
+    fn finish_before_needed_chunks_arrive_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rtr", 0, 8);
+        let e = err_of(run(&env, &image.load(&target, false, &[0, 2])).0);
+        assert!(e.to_string().contains("before chunk 1"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(stamps(&env), 0);
+    }
+
+    #[test]
+    fn force_needs_every_data_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rztzr", 10, 9);
+        let data = image.data_chunks();
+        run(&env, &image.load(&target, false, &data)).0.unwrap();
+
+        let (result, replies) = run(&env, &image.load(&target, true, &data));
+        result.unwrap();
+        let (up_to_date, bitmap, _) = needed(&replies);
+        assert!(!up_to_date);
+        assert_eq!(bits(&bitmap, image.layout().chunks), data);
+        assert_eq!(stamps(&env), 1);
+    }
+
+    #[test]
+    fn empty_image_is_refused_and_the_target_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        std::fs::write(&target, b"old contents").unwrap();
+        let image = Image::new("", 0, 10);
+        let e = err_of(run(&env, &image.load(&target, false, &[])).0);
+        assert!(e.to_string().contains("0 bytes"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(std::fs::read(&target).unwrap(), b"old contents");
+    }
+
+    #[test]
+    fn verify_error_reaches_a_controller_that_stays_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("rr", 0, 11);
+        let (mut controller, agent) = UnixStream::pair().unwrap();
+        let agent_in = agent.try_clone().unwrap();
+        std::thread::scope(|s| {
+            let session = s.spawn(|| serve(agent_in, agent, &env));
+            write_msg_sync(&mut controller, &Msg::hello()).unwrap();
+            write_msg_sync(&mut controller, &image.begin(&target, false)).unwrap();
+            assert_eq!(read_msg_sync(&mut controller).unwrap(), Msg::hello());
+            assert!(matches!(
+                read_msg_sync(&mut controller).unwrap(),
+                Msg::Needed { .. }
+            ));
+            let bad = Msg::Chunk {
+                index: 0,
+                codec: Codec::Raw,
+                data: image.chunk_data(1).to_vec(),
+            };
+            write_msg_sync(&mut controller, &bad).unwrap();
+            // The agent answers before the controller closes anything.
+            let reply = read_msg_sync(&mut controller).unwrap();
+            assert_eq!(
+                reply,
+                Msg::Error {
+                    message: "chunk 0 failed verification".into()
+                }
+            );
+            drop(controller);
+            let e = err_of(session.join().unwrap());
+            assert!(matches!(e, AgentError::Verify(_)));
+        });
+    }
+}

@@ -1,0 +1,150 @@
+//! The steps of one node's load session that the star and the chain share:
+//! open the agent link, begin the load, and the attempt's outcome.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::engine::events::NodeState;
+use crate::engine::report::Reporter;
+use crate::engine::wait;
+use crate::node::agent_link::AgentLink;
+use crate::proto::{self, Msg, ProtocolError};
+
+use super::job::LoadJob;
+
+/// Why an attempt ended without success.
+pub(super) enum AttemptError {
+    /// Worth another attempt: the connection dropped, SSH is not up yet.
+    Retry(String),
+    /// The node said no (target refused, verification failed, …).
+    Fatal(String),
+}
+
+impl From<ProtocolError> for AttemptError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Closed | ProtocolError::Io(_) => {
+                AttemptError::Retry(format!("connection lost ({e})"))
+            }
+            other => AttemptError::Fatal(other.to_string()),
+        }
+    }
+}
+
+/// Byte counters of one node, over all its attempts.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub sent: AtomicU64,
+    pub written_before: AtomicU64,
+    pub written: AtomicU64,
+}
+
+pub(super) async fn open_link(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    retry: bool,
+) -> Result<AgentLink, AttemptError> {
+    let node = &job.nodes[i];
+    if node.local {
+        report.state(i, NodeState::Connecting, Some("local agent".into()));
+        return AgentLink::local_ready().await.map_err(AttemptError::Fatal);
+    }
+    report.state(i, NodeState::WaitingForSsh, None);
+    // The first connection may wait for a node booting into its imaging
+    // environment; a reconnection waits only so long.
+    let until = if retry {
+        job.deadline.min(Instant::now() + job.reconnect_wait)
+    } else {
+        job.deadline
+    };
+    let session = wait::connect_when_up(node, &job.ssh, until, None, &|_| {})
+        .await
+        .map_err(|e| {
+            if retry {
+                AttemptError::Fatal(format!("did not come back: {e}"))
+            } else {
+                AttemptError::Fatal(e)
+            }
+        })?;
+    report.state(i, NodeState::Connecting, None);
+    job.agent.start(session).await.map_err(AttemptError::Retry)
+}
+
+/// What a node needs, once its agent has checked the target.
+pub(super) enum Plan {
+    UpToDate,
+    Send {
+        needed: Vec<usize>,
+        /// Bytes written before this attempt plus those zeroed while checking.
+        base: u64,
+        /// What the node will have written when done.
+        total: u64,
+    },
+}
+
+/// LoadBegin, Needed (the Hellos were exchanged when the link opened).
+pub(super) async fn begin(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    link: &mut AgentLink,
+) -> Result<Plan, AttemptError> {
+    let m = job.source.manifest();
+    report.state(i, NodeState::Checking, None);
+    proto::write_msg(
+        &mut link.tx,
+        &Msg::LoadBegin {
+            target: job.targets[i].clone(),
+            size: m.size,
+            chunk_size: m.chunk_size as u32,
+            identity: m.identity,
+            force: job.force,
+            force_mounted: job.force,
+            verify: job.verify,
+            holder: crate::engine::holder::holder(),
+            digests: m.digests.clone(),
+            zero: m.zero.clone(),
+            image: job.image_name.clone(),
+        },
+    )
+    .await?;
+    link.tx.flush().await.map_err(ProtocolError::from)?;
+    let (bitmap, zeroed) = match proto::read_msg(&mut link.rx).await? {
+        Msg::Needed {
+            up_to_date: true, ..
+        } => return Ok(Plan::UpToDate),
+        Msg::Needed {
+            bitmap,
+            bytes_written,
+            ..
+        } => (bitmap, bytes_written),
+        Msg::Error { message } => return Err(AttemptError::Fatal(format!("agent: {message}"))),
+        other => {
+            return Err(AttemptError::Fatal(format!(
+                "agent answered {} to LoadBegin",
+                other.name()
+            )));
+        }
+    };
+    let needed: Vec<usize> = (0..m.chunk_count())
+        .filter(|&c| proto::bit(&bitmap, c))
+        .collect();
+    let before = counters.written_before.load(Ordering::Relaxed);
+    let total = before + zeroed + needed.iter().map(|&c| m.chunk_len(c)).sum::<u64>();
+    counters.written.store(zeroed, Ordering::Relaxed);
+    report.progress(
+        i,
+        counters.sent.load(Ordering::Relaxed),
+        before + zeroed,
+        total,
+    );
+    Ok(Plan::Send {
+        needed,
+        base: before,
+        total,
+    })
+}

@@ -259,7 +259,7 @@ pub enum Command {
     /// Return once every node accepts SSH, or report those that never did
     #[command(after_help = WAIT_HELP)]
     Wait(WaitArgs),
-    /// Print the selected node names, space separated, in inventory order
+    /// Print the selected node names, space separated, in number order
     #[command(after_help = NODES_HELP)]
     Nodes(NodeArgs),
     /// Power nodes on, through the `[power] on` command

@@ -98,6 +98,9 @@ pub struct NodeSummary {
     pub bytes_sent: u64,
     pub bytes_written: u64,
     pub error: Option<String>,
+    /// Seconds from the run's start to this node's final state: tells a
+    /// slow node from its neighbours.
+    pub elapsed_s: f64,
 }
 
 impl Summary {

@@ -93,7 +93,7 @@ pub(super) fn session<R: Read + Send, W: Write>(
             level,
             raw,
         } => save(out, &target, chunk_size, level, raw),
-        Msg::Error { message } => Err(AgentError::Peer(message)),
+        Msg::Error { message, .. } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
             other.name()

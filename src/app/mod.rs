@@ -136,8 +136,7 @@ pub(crate) async fn run_wait(
     let timeout = args.timeout.unwrap_or(loaded.config.wait.timeout as f64);
     let timeout = Duration::try_from_secs_f64(timeout)
         .map_err(|_| UsageError::Other(format!("--timeout {timeout}: not a number of seconds")))?;
-    let ssh = ssh::SshSettings::from_config(&loaded.config)
-        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    let ssh = ssh_settings(loaded)?;
     let mode = match output_mode(cli) {
         _ if args.silent && !cli.global.json => ui::Mode::Silent,
         // `fit01 ssh OK` lines are what wait shows on a terminal too.
@@ -250,11 +249,25 @@ fn targets(loaded: &Loaded, nodes: &[Node]) -> Vec<String> {
         .collect()
 }
 
+/// The `[ssh]` settings; a configured identity file must exist.
+fn ssh_settings(loaded: &Loaded) -> Result<ssh::SshSettings, UsageError> {
+    let ssh = ssh::SshSettings::from_config(&loaded.config)
+        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    if let Some(key) = &ssh.identity_file
+        && !key.is_file()
+    {
+        return Err(UsageError::Other(format!(
+            "[ssh] identity_file {}: no such file",
+            key.display()
+        )));
+    }
+    Ok(ssh)
+}
+
 fn ssh_and_agent(
     loaded: &Loaded,
 ) -> Result<(ssh::SshSettings, agent_link::AgentSource), UsageError> {
-    let ssh = ssh::SshSettings::from_config(&loaded.config)
-        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    let ssh = ssh_settings(loaded)?;
     let agent = agent_link::AgentSource::new(&loaded.config.load.agent_path).map_err(|e| {
         UsageError::Other(format!("cannot read this executable for the agent: {e}"))
     })?;

@@ -163,7 +163,7 @@ async fn receive(
         .map_err(|e| e.to_string())?
     {
         Msg::SaveInfo { size, held } => (size, held),
-        Msg::Error { message } => return Err(format!("agent: {message}")),
+        Msg::Error { message, .. } => return Err(format!("agent: {message}")),
         other => return Err(format!("agent answered {} to SaveBegin", other.name())),
     };
     // create_new: never overwrite, not even a stale partial of another run.
@@ -222,7 +222,7 @@ async fn receive(
             }
             Msg::Note { text } => report.log(Some(i), format!("{}: {text}", job.nodes[i].name)),
             Msg::SaveEnd => break,
-            Msg::Error { message } => return Err(format!("agent: {message}")),
+            Msg::Error { message, .. } => return Err(format!("agent: {message}")),
             other => return Err(format!("agent sent {} during the save", other.name())),
         }
     }

@@ -30,7 +30,39 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 2: SaveBegin carries `raw`; the agent sends Note during a save;
 /// LoadBegin names the image and SaveInfo says what the target held.
 /// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
-pub const VERSION: u16 = 3;
+/// 4: Error carries its kind.
+pub const VERSION: u16 = 4;
+
+/// What an `Error` frame is about, so the other side acts on it without
+/// reading its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Anything not below (and kinds from a newer peer).
+    Other = 0,
+    /// Malformed or unexpected protocol input.
+    Protocol = 1,
+    /// The target cannot be used (refused, busy, missing, no space, I/O).
+    Target = 2,
+    /// Data that does not match the manifest.
+    Verify = 3,
+    /// The connection went away mid-request.
+    Closed = 4,
+    /// The relay listener or link failed.
+    Relay = 5,
+}
+
+impl ErrorKind {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ErrorKind::Protocol,
+            2 => ErrorKind::Target,
+            3 => ErrorKind::Verify,
+            4 => ErrorKind::Closed,
+            5 => ErrorKind::Relay,
+            _ => ErrorKind::Other,
+        }
+    }
+}
 /// Largest frame either side accepts: the largest chunk plus headroom.
 pub const MAX_FRAME: u32 = crate::image::MAX_CHUNK_SIZE + (1 << 20);
 
@@ -50,6 +82,7 @@ pub enum Msg {
         build: String,
     },
     Error {
+        kind: ErrorKind,
         message: String,
     },
     LoadBegin {
@@ -261,7 +294,10 @@ impl Msg {
                 b.extend_from_slice(&version.to_le_bytes());
                 put_bytes(&mut b, build.as_bytes());
             }
-            Msg::Error { message } => put_bytes(&mut b, message.as_bytes()),
+            Msg::Error { kind, message } => {
+                b.push(*kind as u8);
+                put_bytes(&mut b, message.as_bytes());
+            }
             Msg::LoadBegin {
                 target,
                 size,
@@ -398,6 +434,7 @@ impl Msg {
                 }
             }
             2 => Msg::Error {
+                kind: ErrorKind::from_u8(r.u8("kind")?),
                 message: r.string("message")?,
             },
             10 => {
@@ -804,7 +841,9 @@ pub fn check_hello(msg: &Msg) -> Result<(), ProtocolError> {
             }
         }
         Msg::Hello { .. } => Err(ProtocolError::Malformed("bad magic in Hello".into())),
-        Msg::Error { message } => Err(ProtocolError::Malformed(format!("peer error: {message}"))),
+        Msg::Error { message, .. } => {
+            Err(ProtocolError::Malformed(format!("peer error: {message}")))
+        }
         other => Err(ProtocolError::Malformed(format!(
             "expected Hello, got {}",
             other.name()
@@ -835,6 +874,7 @@ mod tests {
         vec![
             Msg::hello(),
             Msg::Error {
+                kind: ErrorKind::Target,
                 message: "disk full".into(),
             },
             Msg::LoadBegin {

@@ -457,9 +457,7 @@ pub(super) async fn member(
 }
 
 fn attempt_text(e: AttemptError) -> String {
-    match e {
-        AttemptError::Retry(r) | AttemptError::Fatal(r) => r,
-    }
+    e.to_string()
 }
 
 async fn member_inner(
@@ -568,7 +566,7 @@ async fn member_inner(
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     break Ok(NodeState::Done);
                 }
-                Ok(Msg::Error { message }) => break Err(format!("agent: {message}")),
+                Ok(Msg::Error { message, .. }) => break Err(format!("agent: {message}")),
                 Ok(other) => break Err(format!("agent sent {} during the relay", other.name())),
                 Err(e) => break Err(format!("agent connection lost ({e})")),
             },

@@ -150,8 +150,7 @@ pub(crate) async fn run_wait(
 ) -> Result<Exit, UsageError> {
     let nodes = select(loaded, &args.nodes)?;
     let timeout = args.timeout.unwrap_or(loaded.config.wait.timeout as f64);
-    let timeout = Duration::try_from_secs_f64(timeout)
-        .map_err(|_| UsageError::Other(format!("--timeout {timeout}: not a number of seconds")))?;
+    let timeout = timeout_secs(timeout)?;
     let ssh = ssh::SshSettings::from_config(&loaded.config)
         .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
     let mode = match output_mode(cli) {
@@ -161,7 +160,11 @@ pub(crate) async fn run_wait(
         mode => mode,
     };
     let info = run_info(cli, "wait", &nodes, args.verbose, None);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now()
+        .checked_add(timeout)
+        .ok_or_else(|| {
+            UsageError::Other(format!("--timeout {timeout:?}: too far in the future"))
+        })?;
     let verbose = args.verbose;
     Ok(drive(mode, info, move |report, cancel| async move {
         tokio::select! {
@@ -250,9 +253,22 @@ fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Inst
     } else {
         secs
     };
-    let d = Duration::try_from_secs_f64(secs)
-        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))?;
-    Ok(tokio::time::Instant::now() + d)
+    let d = timeout_secs(secs)?;
+    tokio::time::Instant::now()
+        .checked_add(d)
+        .ok_or_else(|| UsageError::Other(format!("--timeout {secs}: too far in the future")))
+}
+
+/// A `--timeout` in seconds: a number from 0 to [`config::MAX_SECONDS`].
+pub(crate) fn timeout_secs(secs: f64) -> Result<Duration, UsageError> {
+    let max = crate::config::MAX_SECONDS;
+    if !(0.0..=max as f64).contains(&secs) {
+        return Err(UsageError::Other(format!(
+            "--timeout {secs}: not a number of seconds from 0 to {max} (10 years)"
+        )));
+    }
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))
 }
 
 /// Each node's target: its own, else `[load] target`, placeholders filled.

@@ -74,6 +74,7 @@ pub fn main_with_args(argv: Vec<OsString>) -> ExitCode {
     // SSH sessions; then no ssh process of ours may outlive us.
     drop(runtime);
     ssh::end_orphans();
+    ssh::remove_own_control_dir();
     exit.into()
 }
 

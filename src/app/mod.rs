@@ -409,15 +409,8 @@ pub(crate) async fn run_save(
         .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
-    for name in &names {
-        if repo_dir.join(name).exists() {
-            return Err(UsageError::Other(format!(
-                "{} already exists in {}",
-                name,
-                repo_dir.display()
-            )));
-        }
-    }
+    // A name that exists already (a save in the same minute) is numbered
+    // when the image is complete: `…__golden-2.img`.
     let targets = targets(loaded, &nodes);
     if args.dry_run {
         for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
@@ -429,6 +422,10 @@ pub(crate) async fn run_save(
             );
         }
         return Ok(Exit::Success);
+    }
+    // What killed saves left behind: partial files nobody holds locked.
+    for name in repo::remove_stale_partials(&repo_dir) {
+        eprintln!("imaging: removed {name}, left by an interrupted save");
     }
     let (ssh, agent) = ssh_and_agent(loaded)?;
     let job = save::SaveJob {

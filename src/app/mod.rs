@@ -93,14 +93,14 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
     match &cli.command {
         Command::Config => {
             let loaded = loaded()?;
-            print!("{}", config::describe(&loaded));
+            crate::ui::stdout::write(&config::describe(&loaded));
             Ok(Exit::Success)
         }
         Command::Nodes(args) => {
             let loaded = loaded()?;
             let nodes = select(&loaded, args)?;
             let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-            println!("{}", names.join(" "));
+            crate::outln!("{}", names.join(" "));
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
@@ -126,12 +126,12 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("event".into(), "image".into());
                     }
-                    println!("{v}");
+                    crate::outln!("{v}");
                 }
             } else if images.is_empty() {
-                println!("no images in {}", repo.display());
+                crate::outln!("no images in {}", repo.display());
             } else {
-                print!("{}", repo::format_table(&images));
+                crate::ui::stdout::write(&repo::format_table(&images));
             }
             Ok(Exit::Success)
         }
@@ -330,7 +330,7 @@ pub(crate) async fn run_load(
     .map_err(|e| UsageError::Other(e.to_string()))?
     .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
     if args.dry_run {
-        println!(
+        crate::outln!(
             "would load {} ({} bytes, {} of data, {} chunks) onto:",
             image.display(),
             manifest.size,
@@ -338,7 +338,7 @@ pub(crate) async fn run_load(
             manifest.chunk_count()
         );
         for (n, t) in nodes.iter().zip(&targets) {
-            println!("  {} {}", n.name, t);
+            crate::outln!("  {} {}", n.name, t);
         }
         return Ok(Exit::Success);
     }
@@ -414,7 +414,7 @@ pub(crate) async fn run_save(
     let targets = targets(loaded, &nodes);
     if args.dry_run {
         for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
-            println!(
+            crate::outln!(
                 "would save {}:{} as {}",
                 n.name,
                 t,
@@ -530,9 +530,9 @@ async fn run_import(
         if let Some(obj) = v.as_object_mut() {
             obj.insert("event".into(), "import".into());
         }
-        println!("{v}");
+        crate::outln!("{v}");
     } else {
-        println!(
+        crate::outln!(
             "{}: {} ({} bytes), {} of data, from {} chunks of {}",
             imported.name,
             crate::ui::fmt::human_bytes(imported.size),
@@ -590,7 +590,7 @@ fn install_links(dir: &std::path::Path) -> Result<(), UsageError> {
         }
         std::os::unix::fs::symlink(&exe, &link)
             .map_err(|e| UsageError::Other(format!("cannot create {}: {e}", link.display())))?;
-        println!("{} -> {}", link.display(), exe.display());
+        crate::outln!("{} -> {}", link.display(), exe.display());
     }
     Ok(())
 }

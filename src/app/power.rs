@@ -67,11 +67,11 @@ pub(crate) async fn run_power(
     }
     if cli.global.json {
         for e in &events {
-            println!("{e}");
+            crate::outln!("{e}");
         }
     } else {
         for r in &results {
-            println!("{} {}", r.name, message(action, r));
+            crate::outln!("{} {}", r.name, message(action, r));
         }
         let failed: Vec<&str> = results
             .iter()

@@ -357,9 +357,11 @@ fn second_load_onto_a_held_target_fails_at_once_naming_the_holder() {
     let a = write_image(&rig.dir().join("images/A.img"), 24, 1);
     write_image(&rig.dir().join("images/B.img"), 24, 2);
     let cfg = layer(&rig, "c.conf", "fanout = \"star\"", "");
-    // 18 MiB of data at 3 MiB/s: about 6 s.
+    // 18 MiB of data at 1 MiB/s: about 18 s, so the second run (which
+    // first builds B's manifest and digests its own executable) surely
+    // reaches the node while the first still writes, also on a busy machine.
     let first = spawn(imaging(&rig, &cfg).args([
-        "load", "--json", "-t", "120", "-b", "3M", "-i", "A.img", "1",
+        "load", "--json", "-t", "120", "-b", "1M", "-i", "A.img", "1",
     ]));
     wait_for_data(&rig.nodes()[0].target);
     // The holder may be named by the controller's pid or by its agent's
@@ -403,10 +405,11 @@ fn overlapping_loads_never_report_done_over_mixed_data() {
     let rig = Rig::new(1);
     let a = write_image(&rig.dir().join("images/A.img"), 24, 3);
     write_image(&rig.dir().join("images/B.img"), 24, 4);
-    // A is capped (18 MiB of data at 3 MiB/s), B is not: B ends first.
+    // A is capped (18 MiB of data at 1 MiB/s, long enough that B surely
+    // overlaps it on a busy machine), B is not: B ends first.
     let cfg = layer(&rig, "c.conf", "fanout = \"star\"", "");
     let first = spawn(imaging(&rig, &cfg).args([
-        "load", "--json", "-t", "120", "-b", "3M", "-i", "A.img", "1",
+        "load", "--json", "-t", "120", "-b", "1M", "-i", "A.img", "1",
     ]));
     wait_for_data(&rig.nodes()[0].target);
     thread::sleep(Duration::from_millis(1500));

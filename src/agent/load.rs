@@ -5,6 +5,9 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use std::os::unix::fs::FileTypeExt;
+
+use crate::agent::lock::{Mode, TargetLock};
 use crate::agent::relay::{Event, Relay};
 use crate::agent::stamp::StampFile;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
@@ -21,11 +24,12 @@ pub(super) fn load<R: Read + Send, W: Write>(
     env: &AgentEnv,
     req: &LoadRequest,
 ) -> Result<(), AgentError> {
-    let target = open_load_target(req)?;
+    let (_lock, target) = lock_and_open(env, req)?;
     let stamp = (target.kind == TargetKind::File).then(|| StampFile::new(env, &target));
 
     if let Some(stamp) = &stamp
         && !req.force
+        && !req.verify
         && stamp.matches(&target, req)
     {
         out.reply(&Msg::Needed {
@@ -88,6 +92,26 @@ pub(super) fn load<R: Read + Send, W: Write>(
             }
         }
     })
+}
+
+/// Take the target's lock, then open it: one load at a time may write a
+/// target, and only a load that wrote all of it stamps it. An existing
+/// target is locked before it is opened (a block device's exclusive open
+/// would otherwise answer "busy" for a run that holds it); a missing file
+/// is created first.
+fn lock_and_open(env: &AgentEnv, req: &LoadRequest) -> Result<(TargetLock, Target), AgentError> {
+    let path = std::path::Path::new(&req.target);
+    let lock = |env| TargetLock::take(env, path, Mode::Exclusive, &req.holder);
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => {
+            let lock = lock(env)?;
+            Ok((lock, open_load_target(req)?))
+        }
+        _ => {
+            let target = open_load_target(req)?;
+            Ok((lock(env)?, target))
+        }
+    }
 }
 
 /// Decide which chunks the target lacks, zeroing on the way the regions
@@ -772,16 +796,16 @@ mod tests {
     }
 
     #[test]
-    fn empty_image_makes_an_empty_file() {
+    fn empty_image_is_refused_and_the_target_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let env = env(&dir);
         let target = dir.path().join("disk.img");
         std::fs::write(&target, b"old contents").unwrap();
         let image = Image::new("", 0, 10);
-        let (result, replies) = run(&env, &image.load(&target, false, &[]));
-        result.unwrap();
-        assert_eq!(replies.last(), Some(&Msg::Finished { bytes_written: 0 }));
-        assert_eq!(std::fs::metadata(&target).unwrap().len(), 0);
+        let e = err_of(run(&env, &image.load(&target, false, &[])).0);
+        assert!(e.to_string().contains("0 bytes"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(std::fs::read(&target).unwrap(), b"old contents");
     }
 
     #[test]

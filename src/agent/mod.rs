@@ -20,6 +20,7 @@
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
 mod load;
+mod lock;
 mod mounts;
 mod relay;
 mod save;
@@ -85,6 +86,9 @@ pub enum AgentError {
     /// The relay listener cannot be opened.
     #[error("{0}")]
     Relay(String),
+    /// Another run holds the target: not worth a retry while it runs.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl AgentError {
@@ -98,7 +102,8 @@ impl AgentError {
             | AgentError::Verify(_)
             | AgentError::Closed(_)
             | AgentError::Peer(_)
-            | AgentError::Relay(_) => 3,
+            | AgentError::Relay(_)
+            | AgentError::Busy(_) => 3,
         }
     }
 }

@@ -15,7 +15,7 @@ use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use crate::agent::{AgentError, malformed};
-use crate::proto::relay::{accept_handshake, connect_handshake, time_left};
+use crate::proto::relay::{accept_handshake_within, connect_handshake, time_left};
 use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync};
 
 //
@@ -24,8 +24,10 @@ use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync};
 // successor, and the wait travels up the chain):
 // - the controller's reader (as without a relay);
 // - the listener, once RelayListen came: accepts, polling for the end of
-//   the load, one thread per connection (at most MAX_RELAY_CONNECTIONS);
-// - per connection: the handshake (5 s in all), then its frames;
+//   the load, one thread per connection (at most MAX_PENDING_HANDSHAKES
+//   unauthenticated and MAX_RELAY_CONNECTIONS authenticated);
+// - per connection: the handshake (2 s in all; connections in their
+//   handshake have their own, larger, limit), then its frames;
 // - per RelayConnect: connect and handshake, 5 s each, so the load goes on
 //   meanwhile; the main loop installs the link it makes;
 // - per successor: a watcher that reports the link's end at once, even
@@ -58,9 +60,14 @@ pub(super) enum Event {
 /// How long a relay connect may take, a relay handshake as a whole, and one
 /// write to the successor without progress.
 pub(super) const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Incoming relay connections open at once (handshaking or relaying); more
-/// are refused.
+/// Authenticated incoming relay connections open at once; more are refused.
 pub(super) const MAX_RELAY_CONNECTIONS: usize = 16;
+/// Incoming connections still in their handshake, counted apart from the
+/// authenticated ones so that strangers holding connections open cannot
+/// take a predecessor's place; more are refused.
+pub(super) const MAX_PENDING_HANDSHAKES: usize = 256;
+/// How long an incoming connection has to prove it holds the secret.
+pub(super) const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the listening thread looks whether the load is over.
 pub(super) const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// Read buffer of a predecessor connection.
@@ -271,7 +278,8 @@ pub(super) struct Connections {
 pub(super) struct ConnectionTable {
     pub(super) closed: bool,
     pub(super) last_id: u64,
-    pub(super) open: HashMap<u64, TcpStream>,
+    /// Each socket and whether it has authenticated.
+    pub(super) open: HashMap<u64, (TcpStream, bool)>,
 }
 
 impl Connections {
@@ -279,7 +287,8 @@ impl Connections {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Track a socket; refused once the load is over or `limit` are open.
+    /// Track a socket not yet authenticated; refused once the load is over
+    /// or `limit` such sockets are open.
     pub(super) fn add(&self, stream: &TcpStream, limit: usize) -> Result<u64, String> {
         let clone = stream
             .try_clone()
@@ -288,13 +297,32 @@ impl Connections {
         if table.closed {
             return Err("the load is over".into());
         }
-        if table.open.len() >= limit {
-            return Err(format!("too many relay connections (at most {limit})"));
+        let pending = table.open.values().filter(|(_, auth)| !auth).count();
+        if pending >= limit {
+            return Err(format!(
+                "too many relay connections in their handshake (at most {limit})"
+            ));
         }
         table.last_id += 1;
         let id = table.last_id;
-        table.open.insert(id, clone);
+        table.open.insert(id, (clone, false));
         Ok(id)
+    }
+
+    /// Count socket `id` as authenticated; refused if `limit` are already.
+    pub(super) fn authenticated(&self, id: u64, limit: usize) -> Result<(), String> {
+        let mut table = self.table();
+        let count = table.open.values().filter(|(_, auth)| *auth).count();
+        if count >= limit {
+            return Err(format!("too many relay connections (at most {limit})"));
+        }
+        match table.open.get_mut(&id) {
+            Some(entry) => {
+                entry.1 = true;
+                Ok(())
+            }
+            None => Err("the load is over".into()),
+        }
     }
 
     pub(super) fn remove(&self, id: u64) {
@@ -308,7 +336,7 @@ impl Connections {
     pub(super) fn close_all(&self) {
         let mut table = self.table();
         table.closed = true;
-        for stream in table.open.values() {
+        for (stream, _) in table.open.values() {
             let _ = stream.shutdown(Shutdown::Both);
         }
         table.open.clear();
@@ -399,13 +427,15 @@ pub(super) fn accept_relays<'scope>(
         let tracked = stream
             .set_nonblocking(false)
             .map_err(|e| format!("cannot set up the connection: {e}"))
-            .and_then(|()| connections.add(&stream, MAX_RELAY_CONNECTIONS));
+            .and_then(|()| connections.add(&stream, MAX_PENDING_HANDSHAKES));
         match tracked {
             Ok(id) => {
                 let connections = Arc::clone(&connections);
                 let events = events.clone();
                 scope.spawn(move || {
-                    relay_predecessor(&stream, &peer, &secret, &events);
+                    relay_predecessor(&stream, &peer, &secret, &events, || {
+                        connections.authenticated(id, MAX_RELAY_CONNECTIONS)
+                    });
                     connections.remove(id);
                 });
             }
@@ -438,6 +468,7 @@ pub(super) fn relay_predecessor(
     peer: &str,
     secret: &Secret,
     events: &SyncSender<Event>,
+    authenticated: impl FnOnce() -> Result<(), String>,
 ) {
     let refuse = |reason: String| {
         let _ = stream.shutdown(Shutdown::Both);
@@ -446,7 +477,10 @@ pub(super) fn relay_predecessor(
             reason,
         });
     };
-    if let Err(reason) = accept_handshake(stream, secret) {
+    if let Err(reason) = accept_handshake_within(stream, secret, ACCEPT_HANDSHAKE_TIMEOUT) {
+        return refuse(reason);
+    }
+    if let Err(reason) = authenticated() {
         return refuse(reason);
     }
     // A predecessor may be quiet for long (the Missing phase, a slow

@@ -6,25 +6,45 @@ use std::os::unix::fs::FileTypeExt;
 
 use std::fs::File;
 use std::io::{SeekFrom, Write};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::stamp::StampFile;
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
 use crate::agent::used;
-use crate::agent::{AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
+use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
 use crate::proto::{Codec, Msg};
 
 pub(super) fn save<W: Write>(
     out: &mut Replies<W>,
+    env: &AgentEnv,
     target: &str,
     chunk_size: u32,
     level: i32,
+    holder: &str,
     raw: bool,
 ) -> Result<(), AgentError> {
     check_chunk_size(chunk_size)?;
+    // A save must not read a target a load is writing.
+    let _lock =
+        match std::fs::metadata(target) {
+            Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => Some(
+                TargetLock::take(env, Path::new(target), Mode::Shared, holder)?,
+            ),
+            // open_save_target says what is wrong.
+            _ => None,
+        };
     let target = open_save_target(target)?;
     let layout = Layout::new(target.old_len, chunk_size)?;
-    out.reply(&Msg::SaveInfo { size: layout.size })?;
+    let held = (target.kind == TargetKind::File)
+        .then(|| StampFile::new(env, &target).held())
+        .flatten();
+    out.reply(&Msg::SaveInfo {
+        size: layout.size,
+        held,
+    })?;
     // None: read every byte.
     let used = if raw {
         None
@@ -281,7 +301,7 @@ mod tests {
 
     use crate::agent::testkit::*;
     use crate::image::digest::{chunk_digest, is_zero};
-    use crate::proto::{Codec, Msg};
+    use crate::proto::{Codec, HeldImage, Msg};
 
     #[test]
     fn save_reports_holes_zeros_and_data() {
@@ -307,6 +327,7 @@ mod tests {
                     chunk_size: CS,
                     level,
                     raw,
+                    holder: String::new(),
                 }],
             );
             result.unwrap();
@@ -334,7 +355,8 @@ mod tests {
             assert_eq!(
                 replies[1],
                 Msg::SaveInfo {
-                    size: image.data.len() as u64
+                    size: image.data.len() as u64,
+                    held: None,
                 }
             );
             let chunks = image.layout().chunks;
@@ -374,6 +396,60 @@ mod tests {
     }
 
     #[test]
+    fn save_reports_what_the_stamp_says_the_target_was_loaded_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        let image = Image::new("held", 0, 16);
+        run(&env, &image.load(&target, false, &image.data_chunks()))
+            .0
+            .unwrap();
+        // Changed since the load, as a node that is saved usually is.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .write_all_at(b"nginx", 3)
+            .unwrap();
+        let save = Msg::SaveBegin {
+            target: target.to_string_lossy().into_owned(),
+            chunk_size: CS,
+            level: 0,
+            raw: false,
+        };
+        let (result, replies) = run(&env, &[save]);
+        result.unwrap();
+        assert_eq!(
+            replies[1],
+            Msg::SaveInfo {
+                size: image.data.len() as u64,
+                held: Some(HeldImage {
+                    identity: image.identity(),
+                    image: "test.img".into()
+                }),
+            }
+        );
+        // Another file was never loaded: nothing held.
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![1u8; CS as usize]).unwrap();
+        let (result, replies) = run(
+            &env,
+            &[Msg::SaveBegin {
+                target: other.to_string_lossy().into_owned(),
+                chunk_size: CS,
+                level: 0,
+                raw: false,
+            }],
+        );
+        result.unwrap();
+        assert!(
+            matches!(&replies[1], Msg::SaveInfo { held: None, .. }),
+            "{:?}",
+            replies[1]
+        );
+    }
+
+    #[test]
     fn used_within_clips_ranges_to_the_chunk() {
         let used = [(0, 10), (100, 50), (200, 1000), (5000, 1)];
         assert_eq!(used_within(&used, 0, 100), [(0, 10)]);
@@ -398,6 +474,7 @@ mod tests {
                         chunk_size: CS,
                         level: 1,
                         raw: false,
+                        holder: String::new(),
                     }],
                 )
                 .0,

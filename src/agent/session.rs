@@ -72,19 +72,25 @@ pub(super) fn session<R: Read + Send, W: Write>(
             identity,
             force,
             force_mounted,
+            verify,
+            holder,
             digests,
             zero,
+            image,
         } => {
-            let req = LoadRequest::new(
+            let mut req = LoadRequest::new(
                 target,
                 size,
                 chunk_size,
                 identity,
                 force,
                 force_mounted,
+                verify,
+                holder,
                 digests,
                 zero,
             )?;
+            req.image = image;
             load(input, out, env, &req)
         }
         Msg::SaveBegin {
@@ -92,7 +98,8 @@ pub(super) fn session<R: Read + Send, W: Write>(
             chunk_size,
             level,
             raw,
-        } => save(out, &target, chunk_size, level, raw),
+            holder,
+        } => save(out, env, &target, chunk_size, level, &holder, raw),
         Msg::Error { message } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
@@ -182,8 +189,11 @@ mod tests {
                 identity,
                 force: false,
                 force_mounted: false,
+                verify: false,
+                holder: String::new(),
                 digests,
                 zero,
+                image: String::new(),
             };
             assert_malformed(&env, &with_hello(&[begin]), "chunk size");
             let save = Msg::SaveBegin {
@@ -191,6 +201,7 @@ mod tests {
                 chunk_size,
                 level: 3,
                 raw: false,
+                holder: String::new(),
             };
             assert_malformed(&env, &with_hello(&[save]), "chunk size");
         }
@@ -214,8 +225,11 @@ mod tests {
             identity,
             force: false,
             force_mounted: false,
+            verify: false,
+            holder: String::new(),
             digests,
             zero,
+            image: String::new(),
         };
         assert_malformed(
             &env,

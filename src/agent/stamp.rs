@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::agent::target::{LoadRequest, Target};
 use crate::agent::{AgentEnv, AgentError};
+use crate::proto::HeldImage;
 
 /// What a complete load leaves behind, so the next load of the same image
 /// onto an unchanged file can answer "up to date" without reading it.
@@ -22,10 +23,13 @@ pub(super) struct Stamp {
     pub(super) inode: u64,
     pub(super) dev: u64,
     pub(super) target: String,
+    /// The loaded image's name; "" if unknown. Not part of what makes a
+    /// stamp match: the same identity under another name is the same data.
+    pub(super) image: String,
 }
 
 impl Stamp {
-    pub(super) fn of(meta: &Metadata, identity: u128, target: &str) -> Stamp {
+    pub(super) fn of(meta: &Metadata, identity: u128, target: &str, image: &str) -> Stamp {
         Stamp {
             identity,
             size: meta.len(),
@@ -33,12 +37,23 @@ impl Stamp {
             inode: meta.ino(),
             dev: meta.dev(),
             target: target.to_string(),
+            // One line per field: a name that cannot be one line is not kept.
+            image: if image.contains(['\n', '\r']) {
+                String::new()
+            } else {
+                image.to_string()
+            },
         }
     }
 
     pub(super) fn encode(&self) -> String {
+        let image = if self.image.is_empty() {
+            String::new()
+        } else {
+            format!("image {}\n", self.image)
+        };
         format!(
-            "imaging-stamp 1\nidentity {:032x}\nsize {}\nmtime_ns {}\ninode {}\ndev {}\ntarget {}\nend\n",
+            "imaging-stamp 1\nidentity {:032x}\nsize {}\nmtime_ns {}\ninode {}\ndev {}\ntarget {}\n{image}end\n",
             self.identity, self.size, self.mtime_ns, self.inode, self.dev, self.target
         )
     }
@@ -55,15 +70,22 @@ impl Stamp {
                 .and_then(|l| l.strip_prefix(name))
                 .and_then(|l| l.strip_prefix(' '))
         };
-        let stamp = Stamp {
+        let mut stamp = Stamp {
             identity: u128::from_str_radix(field("identity")?, 16).ok()?,
             size: field("size")?.parse().ok()?,
             mtime_ns: field("mtime_ns")?.parse().ok()?,
             inode: field("inode")?.parse().ok()?,
             dev: field("dev")?.parse().ok()?,
             target: field("target")?.to_string(),
+            image: String::new(),
         };
-        (lines.next()? == "end" && lines.next().is_none()).then_some(stamp)
+        let mut last = lines.next()?;
+        // Optional (stamps written before it existed lack it).
+        if let Some(image) = last.strip_prefix("image ") {
+            stamp.image = image.to_string();
+            last = lines.next()?;
+        }
+        (last == "end" && lines.next().is_none()).then_some(stamp)
     }
 }
 
@@ -97,7 +119,18 @@ impl StampFile {
         let Ok(meta) = target.file.metadata() else {
             return false;
         };
-        stamp.size == req.layout.size && stamp == Stamp::of(&meta, req.identity, &self.key)
+        stamp.size == req.layout.size
+            && stamp == Stamp::of(&meta, req.identity, &self.key, &stamp.image)
+    }
+
+    /// What the stamp says was last loaded, whether or not the target
+    /// changed since (a save records it as the image the node held).
+    pub(super) fn held(&self) -> Option<HeldImage> {
+        let stamp = Stamp::decode(&std::fs::read_to_string(&self.path).ok()?)?;
+        Some(HeldImage {
+            identity: stamp.identity,
+            image: stamp.image,
+        })
     }
 
     pub(super) fn remove(&self) -> Result<(), AgentError> {
@@ -125,7 +158,7 @@ impl StampFile {
         // Read after every write and the sync, so the stamp sees the final mtime.
         let meta = target.file.metadata()?;
         settle_past(&meta);
-        let stamp = Stamp::of(&meta, req.identity, &self.key);
+        let stamp = Stamp::of(&meta, req.identity, &self.key, &req.image);
         crate::image::fileio::replace_atomically(&self.path, stamp.encode().as_bytes(), true)
     }
 }
@@ -160,6 +193,7 @@ mod tests {
             inode: 42,
             dev: 2049,
             target: "/var/lib/images/a b.img".into(),
+            image: "ubuntu 24.04.img".into(),
         };
         assert_eq!(Stamp::decode(&stamp.encode()), Some(stamp.clone()));
         let text = stamp.encode();
@@ -168,6 +202,13 @@ mod tests {
         }
         assert_eq!(Stamp::decode(&format!("{text}extra\n")), None);
         assert_eq!(Stamp::decode(&text.replace("size", "SIZE")), None);
+        // A stamp written before the image line existed still counts.
+        let older = text.replace("image ubuntu 24.04.img\n", "");
+        let decoded = Stamp::decode(&older).unwrap();
+        assert_eq!(
+            (decoded.identity, decoded.image.as_str()),
+            (stamp.identity, "")
+        );
     }
 
     #[test]

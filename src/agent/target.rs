@@ -56,8 +56,14 @@ pub(super) struct LoadRequest {
     pub(super) identity: u128,
     pub(super) force: bool,
     pub(super) force_mounted: bool,
+    /// Ignore the stamp: check every chunk.
+    pub(super) verify: bool,
+    /// Who asks, for the lock record.
+    pub(super) holder: String,
     pub(super) digests: Vec<ChunkDigest>,
     pub(super) zero: Vec<u8>,
+    /// The image's name, for the stamp ("" if the controller did not say).
+    pub(super) image: String,
 }
 
 impl LoadRequest {
@@ -69,10 +75,18 @@ impl LoadRequest {
         identity: u128,
         force: bool,
         force_mounted: bool,
+        verify: bool,
+        holder: String,
         digests: Vec<ChunkDigest>,
         zero: Vec<u8>,
     ) -> Result<LoadRequest, AgentError> {
         check_chunk_size(chunk_size)?;
+        if size == 0 {
+            // An empty image is a bad image, not a reason to truncate a disk.
+            return Err(malformed(
+                "LoadBegin has an image of 0 bytes: refusing to load an empty image".into(),
+            ));
+        }
         let chunks = size.div_ceil(u64::from(chunk_size));
         if digests.len() as u64 != chunks {
             return Err(malformed(format!(
@@ -98,8 +112,11 @@ impl LoadRequest {
             identity,
             force,
             force_mounted,
+            verify,
+            holder,
             digests,
             zero,
+            image: String::new(),
         })
     }
 }

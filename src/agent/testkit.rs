@@ -94,8 +94,11 @@ impl Image {
             identity: self.identity(),
             force,
             force_mounted: false,
+            verify: false,
+            holder: String::new(),
             digests: self.digests(),
             zero: self.zero_bitmap(),
+            image: "test.img".into(),
         }
     }
 

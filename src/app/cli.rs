@@ -62,11 +62,26 @@ pub enum Command {
     /// Read nodes' targets back into new images in the repository
     #[command(after_help = EXIT_CODES)]
     Save(SaveArgs),
-    /// Images in the repository: format, size, data size, date, links, manifest state
+    /// Images in the repositories: format, size, data size, date, manifest state, where, aliases
     List(ListArgs),
     /// Convert a Frisbee/imagezip .ndz into a raw sparse image with its manifest in the repository
     #[command(after_help = EXIT_CODES)]
     Import(ImportArgs),
+    /// Name an image: make NAME an alias (a symlink in the repository) to IMAGE
+    #[command(after_help = EXIT_CODES)]
+    Alias(AliasArgs),
+    /// Print the file `-i NAME` would load, its size and identity
+    #[command(after_help = EXIT_CODES)]
+    Resolve(ResolveArgs),
+    /// Move an image (with its manifest and provenance) into the first shared repository
+    #[command(after_help = EXIT_CODES)]
+    Share(ShareArgs),
+    /// Remove images (with their manifest and provenance) or aliases from the repository
+    #[command(after_help = EXIT_CODES)]
+    Rm(RmArgs),
+    /// Keep the N newest saves of each node and name, remove the others
+    #[command(after_help = EXIT_CODES)]
+    Prune(PruneArgs),
     /// Return once every node accepts SSH, or report those that never did
     #[command(after_help = EXIT_CODES)]
     Wait(WaitArgs),
@@ -111,6 +126,10 @@ pub struct LoadArgs {
     /// Rewrite every chunk, and write block devices even if mounted
     #[arg(long)]
     pub force: bool,
+    /// Compare every chunk's digest even when the node's stamp says the
+    /// target is up to date (finds in-place changes the stamp cannot see)
+    #[arg(long)]
+    pub verify: bool,
     /// Total bandwidth cap, bytes per second (suffixes K, M, G: 100M)
     #[arg(short = 'b', long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
@@ -129,6 +148,9 @@ pub struct SaveArgs {
     /// A name for the image(s): saving__<node>__<date>__<NAME>.img
     #[arg(short = 'o', long = "output", value_name = "NAME")]
     pub output: Option<String>,
+    /// A comment recorded with the image's provenance (shown by list -l)
+    #[arg(short = 'm', long = "message", value_name = "COMMENT")]
+    pub message: Option<String>,
     /// Read and save every block; by default blocks that ext2/3/4 file
     /// systems mark free are neither read nor sent and become holes
     #[arg(long)]
@@ -137,6 +159,57 @@ pub struct SaveArgs {
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
     /// Show what would be done, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AliasArgs {
+    /// The alias (`.img` is appended unless present)
+    pub name: String,
+    /// The image it names (an alias is followed to its image)
+    pub image: String,
+    /// Move an existing alias (an image is never replaced)
+    #[arg(short = 'f', long = "force")]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResolveArgs {
+    /// A name as given to `load -i`
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShareArgs {
+    /// An image of [repository] dir
+    pub image: String,
+    /// Also create the alias NAME in the shared repository
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RmArgs {
+    /// Images or aliases of [repository] dir
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+    /// Remove an image even if aliases point to it
+    #[arg(short = 'f', long = "force")]
+    pub force: bool,
+    /// Show what would be removed, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    /// How many saves of each node and name to keep
+    #[arg(long, value_name = "N")]
+    pub keep: usize,
+    /// Only saves whose name matches (a glob with * and ?, or a substring)
+    pub pattern: Option<String>,
+    /// Show what would be removed, touch nothing
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
 }
@@ -183,6 +256,9 @@ pub struct ImportArgs {
 pub struct ListArgs {
     /// Only images whose name matches (a glob with * and ?, or a substring)
     pub pattern: Option<String>,
+    /// Also show where each saved image came from (its provenance)
+    #[arg(short = 'l', long = "long")]
+    pub long: bool,
 }
 
 /// `100M` → 104857600 bytes per second.
@@ -228,6 +304,7 @@ pub struct WaitArgs {
 /// Subcommands reachable through an `imaging-<name>` link.
 pub const LINKED: &[&str] = &[
     "load", "save", "wait", "list", "nodes", "config", "import", "on", "off", "reset", "power",
+    "alias", "resolve", "share", "rm", "prune",
 ];
 
 /// argv with busybox-style dispatch: `imaging-wait 1-3` → `imaging wait 1-3`.

@@ -192,6 +192,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         image: Some("demo.img".into()),
         timeout: None,
         force: false,
+        verify: false,
         bandwidth: None,
         fanout: None,
         dry_run: false,
@@ -208,6 +209,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         raw: false,
         timeout: None,
         dry_run: false,
+        message: Some("imaging demo".into()),
     };
     let saved_exit = super::run_save(&phase, &save, &loaded).await?;
     if saved_exit == Exit::Interrupted {

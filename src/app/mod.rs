@@ -3,7 +3,9 @@
 
 pub mod cli;
 pub mod demo;
+mod guard;
 pub mod power;
+mod repo_cmds;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -16,7 +18,7 @@ use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
 use crate::engine::power::PowerAction;
 use crate::engine::{cancel, check, events, load, report, save, source, wait};
-use crate::image::{import, manifest, reader, repo};
+use crate::image::{import, manifest, provenance, reader, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
 use crate::node::{agent_link, hooks, ssh};
@@ -111,31 +113,13 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
         Command::Load(args) => run_load(&cli, args, &loaded()?).await,
         Command::Save(args) => run_save(&cli, args, &loaded()?).await,
         Command::Demo(args) => demo::run(&cli, args).await,
-        Command::List(args) => {
-            let loaded = loaded()?;
-            let repo = config::expand_home(&loaded.config.repository.dir);
-            let images = repo::list(
-                &repo,
-                args.pattern.as_deref(),
-                loaded.config.load.chunk_size,
-            )
-            .map_err(|e| UsageError::Other(format!("cannot list {}: {e}", repo.display())))?;
-            if cli.global.json {
-                for image in &images {
-                    let mut v = serde_json::to_value(image).unwrap_or_default();
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("event".into(), "image".into());
-                    }
-                    crate::outln!("{v}");
-                }
-            } else if images.is_empty() {
-                crate::outln!("no images in {}", repo.display());
-            } else {
-                crate::ui::stdout::write(&repo::format_table(&images));
-            }
-            Ok(Exit::Success)
-        }
+        Command::List(args) => repo_cmds::list(&cli, args, &loaded()?),
         Command::Import(args) => run_import(&cli, args, &loaded()?).await,
+        Command::Alias(args) => repo_cmds::alias(args, &loaded()?),
+        Command::Resolve(args) => repo_cmds::resolve(&cli, args, &loaded()?),
+        Command::Share(args) => repo_cmds::share(args, &loaded()?),
+        Command::Rm(args) => repo_cmds::rm(args, &loaded()?),
+        Command::Prune(args) => repo_cmds::prune(args, &loaded()?),
         Command::Agent => Ok(Exit::Usage),
         Command::InstallLinks { dir } => {
             install_links(dir)?;
@@ -301,13 +285,25 @@ pub(crate) async fn run_load(
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
     let nodes = select(loaded, &args.nodes)?;
-    let repo_dir = config::expand_home(&config.repository.dir);
     let image_arg = args
         .image
         .clone()
         .unwrap_or_else(|| config.repository.default_image.clone());
-    let image = repo::resolve_image(&repo_dir, &image_arg).map_err(UsageError::Other)?;
+    let resolved = repo_cmds::repos(loaded)
+        .resolve(&image_arg)
+        .map_err(UsageError::Other)?;
+    let image = resolved.path.clone();
+    let bytes = std::fs::metadata(&image)
+        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?
+        .len();
+    guard::refuse_empty_image(&image, bytes)?;
     let targets = targets(loaded, &nodes);
+    // Every repository directory: saves go to `dir`, `shared` are searched.
+    let repo_dir = config::expand_home(&config.repository.dir);
+    let is_image = guard::targets_in_repository(&repo_dir, &image, &nodes, &targets)?;
+    for shared in &config.repository.shared {
+        guard::targets_in_repository(&config::expand_home(shared), &image, &nodes, &targets)?;
+    }
     for (key, template) in [
         ("[load] before", &config.load.before),
         ("[load] after", &config.load.after),
@@ -329,7 +325,21 @@ pub(crate) async fn run_load(
     .await
     .map_err(|e| UsageError::Other(e.to_string()))?
     .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
+    // An image file with data may still hold 0 bytes of disk (an .ndz).
+    guard::refuse_empty_image(&image, manifest.size)?;
+    // Where a saved image came from: one line in the run's log.
+    let origin = provenance::read(&resolved.file).map(|p| {
+        let name = resolved
+            .file
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        format!("image {name}: {}", p.describe())
+    });
     if args.dry_run {
+        if let Some(line) = &origin {
+            crate::outln!("{line}");
+        }
         crate::outln!(
             "would load {} ({} bytes, {} of data, {} chunks) onto:",
             image.display(),
@@ -343,7 +353,9 @@ pub(crate) async fn run_load(
         return Ok(Exit::Success);
     }
     let (ssh, agent) = ssh_and_agent(loaded)?;
-    let image_name = image
+    // The image file's own name (an alias followed): what the node's stamp records.
+    let image_name = resolved
+        .file
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -363,6 +375,8 @@ pub(crate) async fn run_load(
         ssh,
         agent,
         force: args.force,
+        verify: args.verify,
+        is_image,
         retries: config.load.retries,
         concurrency: config.load.concurrency,
         rate: source::RateLimit::new(args.bandwidth.unwrap_or(config.load.bandwidth)),
@@ -370,6 +384,7 @@ pub(crate) async fn run_load(
         after: config.load.after.clone(),
         deadline,
         reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
+        stall_timeout: Duration::from_secs(config.load.stall_timeout),
         chain: match args.fanout.unwrap_or(config.load.fanout) {
             config::Fanout::Star => false,
             config::Fanout::Chain => true,
@@ -383,7 +398,17 @@ pub(crate) async fn run_load(
         return Ok(Exit::Interrupted);
     }
     let info = run_info(cli, "load", &job.nodes, true, Some(header));
-    Ok(drive(output_mode(cli), info, move |report, cancel| {
+    let mode = output_mode(cli);
+    if mode == ui::Mode::Bars
+        && let Some(line) = &origin
+    {
+        // Progress bars show no log lines: say it before they start.
+        eprintln!("imaging: {line}");
+    }
+    Ok(drive(mode, info, move |report, cancel| {
+        if let Some(line) = origin {
+            report.log(None, line);
+        }
         load::load_all(job, report, cancel)
     })
     .await)
@@ -403,7 +428,8 @@ pub(crate) async fn run_save(
             repo_dir.display()
         )));
     }
-    let now = chrono::Local::now().naive_local();
+    let started = chrono::Local::now();
+    let now = started.naive_local();
     let names = nodes
         .iter()
         .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
@@ -438,6 +464,12 @@ pub(crate) async fn run_save(
         level: config.load.compression,
         raw: args.raw,
         deadline: deadline(args.timeout, config.save.timeout)?,
+        provenance: save::SaveProvenance {
+            saved_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            user: provenance::current_user(),
+            host: provenance::host_name(),
+            comment: args.message.clone(),
+        },
         nodes,
     };
     if !run_check("[save] check", &config.save.check, &job.nodes).await? {

@@ -80,6 +80,9 @@ impl Default for SshConfig {
 pub struct RepositoryConfig {
     pub dir: String,
     pub default_image: String,
+    /// Further repositories searched after `dir`, in order (written only
+    /// by `imaging share`, into the first).
+    pub shared: Vec<String>,
 }
 
 impl Default for RepositoryConfig {
@@ -87,6 +90,7 @@ impl Default for RepositoryConfig {
         RepositoryConfig {
             dir: "/var/lib/imaging/images".into(),
             default_image: "default.img".into(),
+            shared: Vec::new(),
         }
     }
 }
@@ -119,6 +123,9 @@ pub struct LoadConfig {
     pub retries: u32,
     /// Seconds a reconnection waits for the node's SSH to come back.
     pub reconnect_wait: u64,
+    /// Star fan-out: seconds a node's agent may go without acknowledging
+    /// data it was sent before the attempt counts as stalled and is retried.
+    pub stall_timeout: u64,
     /// Path of the agent on the nodes; empty: upload our own executable.
     pub agent_path: String,
     /// Address relay listeners bind on the nodes ("": all); a node's
@@ -148,6 +155,7 @@ impl Default for LoadConfig {
             bandwidth: 0,
             retries: 3,
             reconnect_wait: 60,
+            stall_timeout: 30,
             agent_path: String::new(),
             relay_bind: String::new(),
             relay_port_min: 0,
@@ -482,6 +490,12 @@ impl Config {
                     format!("{n} is above the maximum {MAX_CONCURRENCY}"),
                 ));
             }
+        }
+        if !(1..=86_400).contains(&self.load.stall_timeout) {
+            return Err(bad(
+                "load.stall_timeout",
+                format!("{} is not 1 to 86400 seconds", self.load.stall_timeout),
+            ));
         }
         if self.load.concurrency == 0 {
             return Err(bad("load.concurrency", "must be at least 1".into()));

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod cancel;
 pub mod check;
 pub mod events;
+pub mod holder;
 pub mod load;
 pub mod power;
 pub mod report;

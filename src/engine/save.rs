@@ -22,10 +22,11 @@ use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::wait;
 use crate::image::manifest::Manifest;
+use crate::image::provenance::{self, Held, Provenance};
 use crate::inventory::Node;
 use crate::node::agent_link::{AgentLink, AgentSource};
 use crate::node::ssh::SshSettings;
-use crate::proto::{self, Codec, Msg};
+use crate::proto::{self, Codec, HeldImage, Msg};
 
 pub struct SaveJob {
     pub nodes: Vec<Node>,
@@ -40,6 +41,17 @@ pub struct SaveJob {
     /// Read every block of the target (no free-block analysis).
     pub raw: bool,
     pub deadline: Instant,
+    /// Recorded beside each saved image (node, target, identity, size and
+    /// what the node held are filled in per node).
+    pub provenance: SaveProvenance,
+}
+
+/// What is the same for every image of one save run.
+pub struct SaveProvenance {
+    pub saved_at: String,
+    pub user: String,
+    pub host: String,
+    pub comment: Option<String>,
 }
 
 pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
@@ -103,8 +115,33 @@ async fn save_node(
         }
     });
     // The lock on the partial is held until it has its final name.
-    let (manifest, _locked) = result?;
-    finish_file(partial, &job.repo, &job.names[i], &manifest)
+    let (manifest, held, locked) = result?;
+    let name = finish_file(partial, &job.repo, &job.names[i], &manifest)?;
+    drop(locked);
+    let final_path = job.repo.join(&name);
+    let p = &job.provenance;
+    let provenance = Provenance {
+        node: node.name.clone(),
+        target: job.targets[i].clone(),
+        saved_at: p.saved_at.clone(),
+        user: p.user.clone(),
+        host: p.host.clone(),
+        held: held.map(|h| Held {
+            image: (!h.image.is_empty()).then_some(h.image),
+            identity: format!("{:032x}", h.identity),
+        }),
+        comment: p.comment.clone(),
+        identity: manifest.identity_hex(),
+        size: manifest.size,
+    };
+    // The image is good without it: say so, do not fail the save.
+    if let Err(e) = provenance::write(&final_path, &provenance) {
+        report.log(
+            Some(i),
+            format!("cannot record the provenance of {name}: {e}"),
+        );
+    }
+    Ok(name)
 }
 
 async fn receive(
@@ -113,7 +150,7 @@ async fn receive(
     report: &Reporter,
     partial: &Path,
     link: &mut AgentLink,
-) -> Result<(Manifest, std::fs::File), String> {
+) -> Result<(Manifest, Option<HeldImage>, std::fs::File), String> {
     proto::write_msg(
         &mut link.tx,
         &Msg::SaveBegin {
@@ -121,16 +158,17 @@ async fn receive(
             chunk_size: job.chunk_size as u32,
             level: job.level,
             raw: job.raw,
+            holder: crate::engine::holder::holder(),
         },
     )
     .await
     .map_err(|e| e.to_string())?;
     link.tx.flush().await.map_err(|e| e.to_string())?;
-    let size = match proto::read_msg(&mut link.rx)
+    let (size, held) = match proto::read_msg(&mut link.rx)
         .await
         .map_err(|e| e.to_string())?
     {
-        Msg::SaveInfo { size } => size,
+        Msg::SaveInfo { size, held } => (size, held),
         Msg::Error { message } => return Err(format!("agent: {message}")),
         other => return Err(format!("agent answered {} to SaveBegin", other.name())),
     };
@@ -211,7 +249,7 @@ async fn receive(
     if on_disk.identity != received.identity {
         return Err("the saved file does not read back as received".into());
     }
-    Ok((on_disk, file))
+    Ok((on_disk, held, file))
 }
 
 /// Write the verified file's manifest, then give the file its final name

@@ -607,7 +607,7 @@ fn write_cache(places: &[PathBuf], stamp: FileStamp, manifest: &Manifest) -> io:
     Err(last)
 }
 
-fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(place: &Path, bytes: &[u8]) -> io::Result<()> {
     crate::image::fileio::replace_atomically(place, bytes, false)
 }
 

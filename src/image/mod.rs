@@ -3,8 +3,10 @@
 pub mod digest;
 pub mod fileio;
 pub mod import;
+pub mod manage;
 pub mod manifest;
 pub mod ndz;
+pub mod provenance;
 pub mod reader;
 pub mod repo;
 

@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::image::manifest::{self, ManifestState};
+use crate::image::provenance::{self, Provenance};
 use crate::image::reader::Format;
 use crate::ui::fmt::human_bytes;
 
@@ -26,58 +27,94 @@ pub struct ImageInfo {
     pub data_size: u64,
     /// Local time, `YYYY-MM-DD HH:MM`.
     pub modified: String,
-    /// For a file: the repository symlinks that point at it.
+    /// For a file: the repository symlinks (aliases) that point at it; one
+    /// in another repository directory has its location after it
+    /// (`default.img (local)`).
     pub symlinks: Vec<String>,
     pub manifest: ManifestState,
     /// For a symlink: what it points at.
     pub link_to: Option<String>,
+    /// Which repository holds it: `local` (`[repository] dir`) or
+    /// `shared:N` (the Nth of `[repository] shared`, from 1).
+    pub location: String,
+    /// A symlink whose image is gone.
+    pub broken: bool,
+    /// Where a saved image came from (its `.NAME.info`).
+    pub provenance: Option<Provenance>,
 }
 
 /// Images in `repo`, sorted by name, optionally filtered by `pattern` (a
 /// glob with `*` and `?` if it has one of them, else a substring). Never
 /// builds manifests.
 pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<Vec<ImageInfo>> {
-    let in_repo = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", repo.display()));
-    let mut images = Vec::new();
-    // (dev, inode) of each file, to tie symlinks to their targets.
-    let mut ids: HashMap<(u64, u64), Vec<String>> = HashMap::new();
-    for entry in fs::read_dir(repo).map_err(in_repo)? {
-        let entry = entry.map_err(in_repo)?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue; // not a name a user could type
-        };
-        if name.starts_with('.') {
-            continue; // manifests, in-progress saves
-        }
-        let path = entry.path();
-        let Ok(own) = fs::symlink_metadata(&path) else {
-            continue; // vanished
-        };
-        let Ok(meta) = fs::metadata(&path) else {
-            continue; // broken symlink
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        let link_to = if own.file_type().is_symlink() {
-            let target = fs::read_link(&path).map_err(in_repo)?;
-            ids.entry((meta.dev(), meta.ino()))
-                .or_default()
-                .push(name.clone());
-            Some(link_name(repo, &target))
-        } else {
-            None
-        };
-        images.push((name, path, meta, link_to));
+    let (images, mut problems) =
+        list_dirs(&[(repo.to_path_buf(), LOCAL.into())], pattern, chunk_size);
+    match problems.pop() {
+        Some((_, e)) => Err(e),
+        None => Ok(images),
     }
+}
 
+/// The label of `[repository] dir` in listings.
+pub const LOCAL: &str = "local";
+
+/// Images in every directory of `dirs` (each with its location label),
+/// sorted by name then by search order. Directories that cannot be read are
+/// returned as errors (with their index in `dirs`) beside what the others hold.
+pub fn list_dirs(
+    dirs: &[(PathBuf, String)],
+    pattern: Option<&str>,
+    chunk_size: u64,
+) -> (Vec<ImageInfo>, Vec<(usize, io::Error)>) {
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    // (dev, inode) of each file, to tie symlinks to their targets across
+    // directories.
+    let mut ids: HashMap<(u64, u64), Vec<(String, String)>> = HashMap::new();
+    for (order, (repo, location)) in dirs.iter().enumerate() {
+        match read_entries(repo, location, &mut ids) {
+            Ok(found) => entries.extend(found.into_iter().map(|e| (order, e))),
+            Err(e) => problems.push((
+                order,
+                io::Error::new(e.kind(), format!("{}: {e}", repo.display())),
+            )),
+        }
+    }
     let mut out = Vec::new();
-    for (name, path, meta, link_to) in images {
-        if !pattern.is_none_or(|p| name_matches(p, &name)) {
+    for (order, e) in entries {
+        if !pattern.is_none_or(|p| name_matches(p, &e.name)) {
             continue;
         }
-        let (state, cached) = manifest::lookup(&path, chunk_size);
-        let format = Format::sniff(&path).unwrap_or(Format::Raw);
+        let modified = |t: io::Result<std::time::SystemTime>| {
+            t.map(|t| {
+                chrono::DateTime::<chrono::Local>::from(t)
+                    .format("%Y-%m-%d %H:%M")
+                    .to_string()
+            })
+            .unwrap_or_default()
+        };
+        let Some(meta) = e.meta else {
+            out.push((
+                order,
+                ImageInfo {
+                    name: e.name,
+                    path: e.path,
+                    format: "-".into(),
+                    size: 0,
+                    data_size: 0,
+                    modified: modified(e.own.modified()),
+                    symlinks: Vec::new(),
+                    manifest: ManifestState::Missing,
+                    link_to: e.link_to,
+                    location: e.location,
+                    broken: true,
+                    provenance: None,
+                },
+            ));
+            continue;
+        };
+        let (state, cached) = manifest::lookup(&e.path, chunk_size);
+        let format = Format::sniff(&e.path).unwrap_or(Format::Raw);
         let size = match (&cached, format) {
             (Some(m), Format::Ndz(_)) => m.size,
             _ => meta.len(),
@@ -89,37 +126,103 @@ pub fn list(repo: &Path, pattern: Option<&str>, chunk_size: u64) -> io::Result<V
             (Some(m), _) => m.data_size().min(allocated),
             (None, _) => allocated,
         };
-        let symlinks = if link_to.is_none() {
-            let mut names = ids
+        let symlinks = if e.link_to.is_none() {
+            let mut names: Vec<String> = ids
                 .get(&(meta.dev(), meta.ino()))
-                .cloned()
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .map(|(name, location)| {
+                    if *location == e.location {
+                        name.clone()
+                    } else {
+                        format!("{name} ({location})")
+                    }
+                })
+                .collect();
             names.sort();
             names
         } else {
             Vec::new()
         };
-        out.push(ImageInfo {
+        out.push((
+            order,
+            ImageInfo {
+                provenance: provenance::read(&e.path),
+                name: e.name,
+                path: e.path,
+                format: format.label(),
+                size,
+                data_size,
+                modified: modified(meta.modified()),
+                symlinks,
+                manifest: state,
+                link_to: e.link_to,
+                location: e.location,
+                broken: false,
+            },
+        ));
+    }
+    out.sort_by(|a, b| a.1.name.cmp(&b.1.name).then(a.0.cmp(&b.0)));
+    (out.into_iter().map(|(_, i)| i).collect(), problems)
+}
+
+struct Entry {
+    name: String,
+    path: PathBuf,
+    own: fs::Metadata,
+    /// None: a broken symlink.
+    meta: Option<fs::Metadata>,
+    link_to: Option<String>,
+    location: String,
+}
+
+/// The image files and symlinks of one directory.
+fn read_entries(
+    repo: &Path,
+    location: &str,
+    ids: &mut HashMap<(u64, u64), Vec<(String, String)>>,
+) -> io::Result<Vec<Entry>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(repo)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue; // not a name a user could type
+        };
+        if name.starts_with('.') {
+            continue; // manifests, provenance, in-progress saves
+        }
+        let path = entry.path();
+        let Ok(own) = fs::symlink_metadata(&path) else {
+            continue; // vanished
+        };
+        let link_to = if own.file_type().is_symlink() {
+            let target = fs::read_link(&path)?;
+            Some(link_name(repo, &target))
+        } else {
+            None
+        };
+        let meta = fs::metadata(&path).ok();
+        match &meta {
+            None if link_to.is_some() => {} // a broken alias: listed as such
+            Some(m) if m.is_file() => {
+                if link_to.is_some() {
+                    ids.entry((m.dev(), m.ino()))
+                        .or_default()
+                        .push((name.clone(), location.to_string()));
+                }
+            }
+            _ => continue,
+        }
+        found.push(Entry {
             name,
             path,
-            format: format.label(),
-            size,
-            data_size,
-            modified: meta
-                .modified()
-                .map(|t| {
-                    chrono::DateTime::<chrono::Local>::from(t)
-                        .format("%Y-%m-%d %H:%M")
-                        .to_string()
-                })
-                .unwrap_or_default(),
-            symlinks,
-            manifest: state,
+            own,
+            meta,
             link_to,
+            location: location.to_string(),
         });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    Ok(found)
 }
 
 /// A symlink target as a user thinks of it: its name when it lies in the
@@ -144,7 +247,7 @@ fn link_name(repo: &Path, target: &Path) -> String {
 }
 
 /// `pattern` as a glob (`*`, `?`) matching the whole name, or as a substring.
-fn name_matches(pattern: &str, name: &str) -> bool {
+pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
     if !pattern.contains(['*', '?']) {
         return name.contains(pattern);
     }
@@ -176,31 +279,36 @@ fn name_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// A table for humans: NAME FORMAT SIZE DATA DATE MANIFEST LINKS.
-pub fn format_table(images: &[ImageInfo]) -> String {
+/// A table for humans: NAME FORMAT SIZE DATA DATE MANIFEST WHERE LINKS;
+/// with `long`, each saved image's provenance on an indented line below it.
+pub fn format_table(images: &[ImageInfo], long: bool) -> String {
     let header = [
-        "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS",
+        "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "WHERE", "LINKS",
     ];
-    let rows: Vec<[String; 7]> = images
+    let rows: Vec<[String; 8]> = images
         .iter()
         .map(|i| {
             let links = match &i.link_to {
+                Some(target) if i.broken => format!("-> {target} (broken)"),
                 Some(target) => format!("-> {target}"),
                 None if i.symlinks.is_empty() => String::new(),
                 None => format!("<- {}", i.symlinks.join(", ")),
             };
             let state = match i.manifest {
+                _ if i.broken => "-",
                 ManifestState::Fresh => "fresh",
                 ManifestState::Stale => "stale",
                 ManifestState::Missing => "missing",
             };
+            let size = |n| if i.broken { "-".into() } else { human_bytes(n) };
             [
                 i.name.clone(),
                 i.format.clone(),
-                human_bytes(i.size),
-                human_bytes(i.data_size),
+                size(i.size),
+                size(i.data_size),
                 i.modified.clone(),
                 state.to_string(),
+                i.location.clone(),
                 links,
             ]
         })
@@ -211,13 +319,13 @@ pub fn format_table(images: &[ImageInfo]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 7]| {
+    let line = |cells: [&str; 8]| {
         let mut s = String::new();
         for (k, (cell, w)) in cells.iter().zip(widths).enumerate() {
             match k {
                 0 => s.push_str(&format!("{cell:<w$}")),
                 2 | 3 => s.push_str(&format!("  {cell:>w$}")),
-                6 => s.push_str(&format!("  {cell}")),
+                7 => s.push_str(&format!("  {cell}")),
                 _ => s.push_str(&format!("  {cell:<w$}")),
             }
         }
@@ -226,51 +334,29 @@ pub fn format_table(images: &[ImageInfo]) -> String {
         s
     };
     let mut out = line(header);
-    for row in &rows {
+    for (row, image) in rows.iter().zip(images) {
         out.push_str(&line(row.each_ref().map(String::as_str)));
+        if long
+            && image.link_to.is_none()
+            && let Some(p) = &image.provenance
+        {
+            out.push_str(&format!("    {}\n", p.describe()));
+        }
     }
     out
 }
 
 /// Resolve the image a user names: a path if it contains '/', else
-/// `repo/arg`, else `repo/arg.img`, else `repo/arg.ndz`.
+/// `repo/arg`, else `repo/arg.img`, else `repo/arg.ndz` (see
+/// [`crate::image::manage::Repos::resolve`] for the shared repositories too).
 pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
-    if arg.is_empty() {
-        return Err("empty image name".into());
-    }
-    if arg.contains('/') {
-        let path = PathBuf::from(arg);
-        return match fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(path),
-            Ok(_) => Err(format!("{arg}: not an image file")),
-            Err(e) => Err(format!("{arg}: {e}")),
-        };
-    }
-    let mut tried = vec![repo.join(arg)];
-    if !arg.ends_with(".img") && !arg.ends_with(".ndz") {
-        tried.push(repo.join(format!("{arg}.img")));
-        tried.push(repo.join(format!("{arg}.ndz")));
-    }
-    if let Some(hit) = tried.iter().find(|p| p.is_file()) {
-        return Ok(hit.clone());
-    }
-    let mut tried_text: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-    let last = tried_text.pop().unwrap_or_default();
-    let tried_text = if tried_text.is_empty() {
-        last
-    } else {
-        format!("{} and {last}", tried_text.join(", "))
-    };
-    let mut msg = format!("no image {arg:?} in {}: tried {tried_text}", repo.display(),);
-    let close = close_names(repo, arg);
-    if !close.is_empty() {
-        msg.push_str(&format!("; did you mean {}?", close.join(", ")));
-    }
-    Err(msg)
+    crate::image::manage::Repos::new(repo.to_path_buf(), Vec::new())
+        .resolve(arg)
+        .map(|r| r.path)
 }
 
 /// Up to 3 repository images whose names look like `arg`.
-fn close_names(repo: &Path, arg: &str) -> Vec<String> {
+pub(crate) fn close_names(repo: &Path, arg: &str) -> Vec<String> {
     let Ok(entries) = fs::read_dir(repo) else {
         return Vec::new();
     };
@@ -324,22 +410,11 @@ pub fn save_name(
     let Some(name) = name else {
         return Ok(format!("saving__{node}__{stamp}.img"));
     };
-    let why = if name.is_empty() {
-        Some("it is empty")
-    } else if name.contains(['/', '\0']) {
-        Some("it contains '/' or a NUL byte")
-    } else if name.contains("..") {
-        Some("it contains \"..\"")
-    } else if name.starts_with('.') {
-        Some("it starts with '.' (hidden names are for manifests and saves in progress)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        return Err(format!("image name {name:?} is not usable: {why}"));
-    }
-    let ext = if name.ends_with(".img") { "" } else { ".img" };
-    Ok(format!("saving__{node}__{stamp}__{name}{ext}"))
+    crate::image::manage::check_name(name)?;
+    Ok(format!(
+        "saving__{node}__{stamp}__{}",
+        crate::image::manage::with_img(name)
+    ))
 }
 
 /// The hidden name a save writes to before its final rename. It carries
@@ -477,6 +552,7 @@ mod tests {
         assert_eq!(
             names(&images),
             [
+                "broken.img",
                 "default.img",
                 "fedora.img",
                 "latest.img",
@@ -484,13 +560,21 @@ mod tests {
                 "ubuntu.img"
             ]
         );
-        let fedora = &images[1];
+        // A broken alias is listed, as broken; the others are not.
+        assert!(images[0].broken && images[0].link_to.as_deref() == Some("gone.img"));
+        assert!(
+            images
+                .iter()
+                .skip(1)
+                .all(|i| !i.broken && i.location == LOCAL)
+        );
+        let fedora = &images[2];
         assert_eq!(fedora.size, 100);
         assert_eq!(fedora.path, dir.path().join("fedora.img"));
         assert_eq!(fedora.modified.len(), "2024-01-01 12:00".len());
         assert!(fedora.symlinks.is_empty() && fedora.link_to.is_none());
         // A hole costs nothing; allocated size never exceeds the size.
-        let sparse = &images[3];
+        let sparse = &images[4];
         assert_eq!((sparse.size, sparse.data_size), (1 << 30, 0));
         assert!(fedora.data_size <= 100);
     }
@@ -577,7 +661,7 @@ mod tests {
         let after = get("frisbee.ndz");
         assert_eq!(after.manifest, ManifestState::Fresh);
         assert_eq!((after.size, after.data_size), (m.size, m.data_size()));
-        assert!(format_table(&[after]).contains("ndz v3"));
+        assert!(format_table(&[after], false).contains("ndz v3"));
     }
 
     #[test]
@@ -604,11 +688,11 @@ mod tests {
     fn table_has_one_row_per_image_with_human_sizes() {
         let dir = repo();
         let images = list(dir.path(), None, CS).unwrap();
-        let table = format_table(&images);
+        let table = format_table(&images, false);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 1 + images.len());
         for col in [
-            "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS",
+            "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "WHERE", "LINKS",
         ] {
             assert!(lines[0].contains(col), "{}", lines[0]);
         }
@@ -620,8 +704,10 @@ mod tests {
         let ubuntu = lines.iter().find(|l| l.starts_with("ubuntu.img")).unwrap();
         assert!(ubuntu.contains("<- default.img, latest.img"), "{ubuntu}");
         let default = lines.iter().find(|l| l.starts_with("default.img")).unwrap();
-        assert!(default.ends_with("-> ubuntu.img"), "{default}");
-        assert_eq!(format_table(&[]).lines().count(), 1);
+        assert!(default.ends_with("local  -> ubuntu.img"), "{default}");
+        let broken = lines.iter().find(|l| l.starts_with("broken.img")).unwrap();
+        assert!(broken.ends_with("-> gone.img (broken)"), "{broken}");
+        assert_eq!(format_table(&[], false).lines().count(), 1);
     }
 
     #[test]

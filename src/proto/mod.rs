@@ -27,8 +27,10 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 8] = *b"IMAGING\0";
-/// 2: SaveBegin carries `raw`; the agent sends Note during a save.
-pub const VERSION: u16 = 2;
+/// 2: SaveBegin carries `raw`; the agent sends Note during a save;
+/// LoadBegin names the image and SaveInfo says what the target held.
+/// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
+pub const VERSION: u16 = 3;
 /// Largest frame either side accepts: the largest chunk plus headroom.
 pub const MAX_FRAME: u32 = crate::image::MAX_CHUNK_SIZE + (1 << 20);
 
@@ -59,9 +61,17 @@ pub enum Msg {
         force: bool,
         /// Write to a block device even if it is mounted.
         force_mounted: bool,
+        /// Ignore the stamp: check every chunk's digest (zero chunks too).
+        verify: bool,
+        /// Who asks, for the target's lock record: controller host, pid and
+        /// command line.
+        holder: String,
         digests: Vec<u128>,
         /// Bit i set: chunk i of the image is all zeros (never sent).
         zero: Vec<u8>,
+        /// The image's file name, recorded in the target's stamp (provenance
+        /// of later saves). Optional on the wire: absent decodes as "".
+        image: String,
     },
     Needed {
         up_to_date: bool,
@@ -90,9 +100,14 @@ pub enum Msg {
         level: i32,
         /// Read every block: no free-block analysis of the target.
         raw: bool,
+        /// As in LoadBegin.
+        holder: String,
     },
     SaveInfo {
         size: u64,
+        /// What the target's stamp says was last loaded onto it. Optional
+        /// on the wire: absent decodes as None.
+        held: Option<HeldImage>,
     },
     SaveChunk {
         index: u32,
@@ -157,6 +172,14 @@ pub enum Msg {
     Missing {
         bitmap: Vec<u8>,
     },
+}
+
+/// The image a target was last loaded with, from its stamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldImage {
+    pub identity: u128,
+    /// "" when the load that stamped it did not say.
+    pub image: String,
 }
 
 /// Length of the per-run relay secret (a blake3 key).
@@ -246,8 +269,11 @@ impl Msg {
                 identity,
                 force,
                 force_mounted,
+                verify,
+                holder,
                 digests,
                 zero,
+                image,
             } => {
                 put_bytes(&mut b, target.as_bytes());
                 b.extend_from_slice(&size.to_le_bytes());
@@ -255,11 +281,14 @@ impl Msg {
                 b.extend_from_slice(&identity.to_le_bytes());
                 b.push(*force as u8);
                 b.push(*force_mounted as u8);
+                b.push(*verify as u8);
+                put_bytes(&mut b, holder.as_bytes());
                 b.extend_from_slice(&(digests.len() as u32).to_le_bytes());
                 for d in digests {
                     b.extend_from_slice(&d.to_le_bytes());
                 }
                 put_bytes(&mut b, zero);
+                put_bytes(&mut b, image.as_bytes());
             }
             Msg::Needed {
                 up_to_date,
@@ -289,14 +318,26 @@ impl Msg {
                 chunk_size,
                 level,
                 raw,
+                holder,
             } => {
                 put_bytes(&mut b, target.as_bytes());
                 b.extend_from_slice(&chunk_size.to_le_bytes());
                 b.extend_from_slice(&level.to_le_bytes());
                 b.push(*raw as u8);
+                put_bytes(&mut b, holder.as_bytes());
             }
             Msg::Note { text } => put_bytes(&mut b, text.as_bytes()),
-            Msg::SaveInfo { size } => b.extend_from_slice(&size.to_le_bytes()),
+            Msg::SaveInfo { size, held } => {
+                b.extend_from_slice(&size.to_le_bytes());
+                match held {
+                    None => b.push(0),
+                    Some(h) => {
+                        b.push(1);
+                        b.extend_from_slice(&h.identity.to_le_bytes());
+                        put_bytes(&mut b, h.image.as_bytes());
+                    }
+                }
+            }
             Msg::SaveChunk {
                 index,
                 digest,
@@ -366,6 +407,8 @@ impl Msg {
                 let identity = r.u128("identity")?;
                 let force = r.bool("force")?;
                 let force_mounted = r.bool("force_mounted")?;
+                let verify = r.bool("verify")?;
+                let holder = r.string("holder")?;
                 let n = r.u32("digest count")? as usize;
                 if n > r.remaining() / 16 {
                     return Err(ProtocolError::Malformed(format!(
@@ -383,8 +426,15 @@ impl Msg {
                     identity,
                     force,
                     force_mounted,
+                    verify,
+                    holder,
                     digests,
                     zero: r.bytes("zero bitmap")?,
+                    image: if r.remaining() == 0 {
+                        String::new()
+                    } else {
+                        r.string("image")?
+                    },
                 }
             }
             11 => Msg::Needed {
@@ -410,9 +460,18 @@ impl Msg {
                 chunk_size: r.u32("chunk_size")?,
                 level: r.i32("level")?,
                 raw: r.bool("raw")?,
+                holder: r.string("holder")?,
             },
             21 => Msg::SaveInfo {
                 size: r.u64("size")?,
+                held: if r.remaining() == 0 || !r.bool("held")? {
+                    None
+                } else {
+                    Some(HeldImage {
+                        identity: r.u128("held identity")?,
+                        image: r.string("held image")?,
+                    })
+                },
             },
             22 => Msg::SaveChunk {
                 index: r.u32("index")?,
@@ -785,8 +844,11 @@ mod tests {
                 identity: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
                 force: true,
                 force_mounted: false,
+                verify: true,
+                holder: "lab 42 imaging load".into(),
                 digests: vec![1, 2, u128::MAX],
                 zero: vec![0b101],
+                image: "ubuntu.img".into(),
             },
             Msg::Needed {
                 up_to_date: false,
@@ -809,8 +871,19 @@ mod tests {
                 chunk_size: 1 << 20,
                 level: 3,
                 raw: true,
+                holder: "lab 42 imaging save".into(),
             },
-            Msg::SaveInfo { size: 12345 },
+            Msg::SaveInfo {
+                size: 12345,
+                held: None,
+            },
+            Msg::SaveInfo {
+                size: 12345,
+                held: Some(HeldImage {
+                    identity: 0xfeed,
+                    image: "ubuntu.img".into(),
+                }),
+            },
             Msg::Note {
                 text: "MBR partition 1: 10 of 20 blocks free, skipped".into(),
             },
@@ -865,18 +938,82 @@ mod tests {
         }
     }
 
+    /// `m` as a peer that predates its optional trailing fields sends it.
+    fn without_optional_fields(m: &Msg) -> Option<Msg> {
+        match m.clone() {
+            Msg::LoadBegin { image, .. } if image.is_empty() => None,
+            Msg::LoadBegin {
+                target,
+                size,
+                chunk_size,
+                identity,
+                force,
+                force_mounted,
+                digests,
+                zero,
+                ..
+            } => Some(Msg::LoadBegin {
+                target,
+                size,
+                chunk_size,
+                identity,
+                force,
+                force_mounted,
+                digests,
+                zero,
+                image: String::new(),
+            }),
+            Msg::SaveInfo { size, .. } => Some(Msg::SaveInfo { size, held: None }),
+            _ => None,
+        }
+    }
+
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         for m in samples() {
             let body = m.encode();
             for cut in 0..body.len() {
-                assert!(
-                    Msg::decode(&body[..cut]).is_err(),
-                    "{} cut at {cut}",
-                    m.name()
-                );
+                match Msg::decode(&body[..cut]) {
+                    Err(_) => {}
+                    // Cut exactly before the optional fields: an older peer's message.
+                    Ok(older) => assert_eq!(
+                        Some(older),
+                        without_optional_fields(&m),
+                        "{} cut at {cut}",
+                        m.name()
+                    ),
+                }
             }
         }
+    }
+
+    #[test]
+    fn messages_of_older_peers_still_decode() {
+        // LoadBegin without an image name, SaveInfo without what the target held.
+        let mut begin = vec![10u8];
+        put_bytes(&mut begin, b"/t");
+        begin.extend_from_slice(&0u64.to_le_bytes());
+        begin.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        begin.extend_from_slice(&7u128.to_le_bytes());
+        begin.extend_from_slice(&[0, 0]);
+        begin.extend_from_slice(&0u32.to_le_bytes());
+        put_bytes(&mut begin, &[]);
+        let Msg::LoadBegin {
+            image, identity, ..
+        } = Msg::decode(&begin).unwrap()
+        else {
+            panic!("not a LoadBegin");
+        };
+        assert_eq!((image.as_str(), identity), ("", 7));
+        let mut info = vec![21u8];
+        info.extend_from_slice(&99u64.to_le_bytes());
+        assert_eq!(
+            Msg::decode(&info).unwrap(),
+            Msg::SaveInfo {
+                size: 99,
+                held: None
+            }
+        );
     }
 
     #[test]
@@ -904,7 +1041,8 @@ mod tests {
         body.extend_from_slice(&0u64.to_le_bytes());
         body.extend_from_slice(&0u32.to_le_bytes());
         body.extend_from_slice(&0u128.to_le_bytes());
-        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&[0, 0, 0]);
+        put_bytes(&mut body, b"holder");
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         let err = Msg::decode(&body).unwrap_err().to_string();
         assert!(err.contains("digests"), "{err}");

@@ -47,8 +47,14 @@ pub(crate) fn nonce() -> Result<[u8; 16], String> {
 
 /// The listener's side: the connector's magic, version and nonce; ours and
 /// our proof; the connector's proof. Err is the reason for RelayRefused.
-pub(crate) fn accept_handshake(stream: &TcpStream, secret: &Secret) -> Result<(), String> {
-    let deadline = Instant::now() + RELAY_TIMEOUT;
+/// The deadline is the listener's (it gives strangers less time than
+/// [`RELAY_TIMEOUT`]).
+pub(crate) fn accept_handshake_within(
+    stream: &TcpStream,
+    secret: &Secret,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
     let mut magic = [0u8; 8];
     read_by(stream, &mut magic, deadline).map_err(handshake_error)?;
     if magic != RELAY_MAGIC {
@@ -84,7 +90,7 @@ pub(crate) fn accept_handshake(stream: &TcpStream, secret: &Secret) -> Result<()
     Ok(())
 }
 
-/// The connector's side of [`accept_handshake`].
+/// The connector's side of [`accept_handshake_within`].
 pub(crate) fn connect_handshake(stream: &TcpStream, secret: &Secret) -> Result<(), String> {
     let deadline = Instant::now() + RELAY_TIMEOUT;
     let nonce_c = nonce()?;

@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::job::LoadJob;
+use super::refusals::Refusals;
 use super::session::{AttemptError, Counters, Plan, begin, open_link};
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
@@ -524,6 +525,7 @@ async fn member_inner(
         }
     }
     let mut cut_open = true;
+    let mut refusals = Refusals::default();
     let result = loop {
         tokio::select! {
             why = &mut cut_rx, if cut_open => match why {
@@ -545,7 +547,9 @@ async fn member_inner(
                     let _ = coord.send(ToCoord::Lost { node: i, peer, reason });
                 }
                 Ok(Msg::RelayRefused { peer, reason }) => {
-                    report.log(Some(i), format!("{}: refused a relay connection from {peer}: {reason}", job.nodes[i].name));
+                    if let Some(line) = refusals.note(&peer, reason, tokio::time::Instant::now()) {
+                        report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
+                    }
                 }
                 Ok(Msg::Missing { bitmap }) => {
                     if finish_sent {
@@ -575,6 +579,9 @@ async fn member_inner(
             },
         }
     };
+    for line in refusals.rest() {
+        report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
+    }
     drop(tx);
     drop(rx);
     (result, Some(end))

@@ -22,6 +22,11 @@ pub struct LoadJob {
     pub ssh: SshSettings,
     pub agent: AgentSource,
     pub force: bool,
+    /// Check every chunk's digest even where the stamp says up to date.
+    pub verify: bool,
+    /// Nodes whose target is the image file itself (a local agent's):
+    /// up to date without a session.
+    pub is_image: Vec<bool>,
     pub retries: u32,
     pub concurrency: usize,
     pub rate: Option<Arc<RateLimit>>,
@@ -30,6 +35,8 @@ pub struct LoadJob {
     pub deadline: Instant,
     /// How long a retry waits for the node's SSH to come back.
     pub reconnect_wait: Duration,
+    /// Star: how long an agent may acknowledge nothing it was sent.
+    pub stall_timeout: Duration,
     /// Star (a stream per node) or a relay chain.
     pub chain: bool,
     /// Where relay listeners bind on the nodes ("" = all addresses) and their port range.

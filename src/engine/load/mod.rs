@@ -19,6 +19,7 @@ use crate::node::hooks;
 
 mod chain;
 mod job;
+mod refusals;
 mod session;
 mod star;
 
@@ -118,6 +119,20 @@ async fn load_node(
     }
     if outcome.is_ok() {
         let work = async {
+            if job.is_image[i] {
+                // The target is the image file itself (see app::guard).
+                if let Some(coord) = &coord {
+                    let _ = coord.send(chain::ToCoord::Out { node: i });
+                }
+                report.log(
+                    Some(i),
+                    format!(
+                        "{}: the target is the image itself, nothing to write",
+                        node.name
+                    ),
+                );
+                return Ok(NodeState::UpToDate);
+            }
             match coord {
                 Some(coord) => chain::member(i, job, report, &counters, coord).await,
                 None => star::transfer(i, job, report, &counters).await,

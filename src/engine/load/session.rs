@@ -106,8 +106,11 @@ pub(super) async fn begin(
             identity: m.identity,
             force: job.force,
             force_mounted: job.force,
+            verify: job.verify,
+            holder: crate::engine::holder::holder(),
             digests: m.digests.clone(),
             zero: m.zero.clone(),
+            image: job.image_name.clone(),
         },
     )
     .await?;

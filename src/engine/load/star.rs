@@ -2,10 +2,12 @@
 //! node, retrying a dropped link with backoff.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
 use crate::engine::backoff::Backoff;
 use crate::engine::events::NodeState;
@@ -106,6 +108,7 @@ async fn run_session(
     report.state(i, NodeState::Transferring, None);
 
     let AgentLink { tx, rx, .. } = link;
+    let watch = StallWatch::new();
     let send = async {
         let mut ahead = VecDeque::new();
         let mut queue = needed.iter().copied();
@@ -127,6 +130,7 @@ async fn run_session(
             if let Some(rate) = &job.rate {
                 rate.take(chunk.data.len() as u64).await;
             }
+            watch.sending(Instant::now());
             proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
             counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
         }
@@ -139,6 +143,7 @@ async fn run_session(
         loop {
             match proto::read_msg(rx).await? {
                 Msg::Written { bytes_written, .. } => {
+                    watch.acknowledged(Instant::now());
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     report.progress(
                         i,
@@ -167,10 +172,19 @@ async fn run_session(
     tokio::pin!(send);
     tokio::pin!(receive);
     let mut sent = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             r = &mut send, if !sent => { r?; sent = true; }
             r = &mut receive => { r?; break; }
+            _ = tick.tick() => {
+                if watch.stalled(Instant::now(), job.stall_timeout) {
+                    return Err(AttemptError::Retry(format!(
+                        "stalled: the agent took no data for {} s",
+                        job.stall_timeout.as_secs()
+                    )));
+                }
+            }
         }
     }
     if !sent {
@@ -179,4 +193,77 @@ async fn run_session(
         ));
     }
     Ok(NodeState::Done)
+}
+
+/// Stall detection for one star attempt: the agent acknowledges every chunk
+/// it writes (`Written`); chunks sent and not acknowledged for the stall
+/// timeout mean a stopped or wedged agent (or a dead link that TCP has not
+/// noticed yet). Time the controller spends not sending (bandwidth cap, a
+/// slow image) and the final sync are not counted.
+struct StallWatch {
+    /// Chunks sent and not yet acknowledged; when the agent last
+    /// acknowledged, or when chunks became outstanding.
+    state: Mutex<(usize, Instant)>,
+}
+
+impl StallWatch {
+    fn new() -> Self {
+        StallWatch {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sending(&self, now: Instant) {
+        let mut s = self.lock();
+        if s.0 == 0 {
+            s.1 = now;
+        }
+        s.0 += 1;
+    }
+
+    fn acknowledged(&self, now: Instant) {
+        let mut s = self.lock();
+        s.0 = s.0.saturating_sub(1);
+        s.1 = now;
+    }
+
+    fn stalled(&self, now: Instant, limit: Duration) -> bool {
+        let s = self.lock();
+        s.0 > 0 && now.duration_since(s.1) >= limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unacknowledged_data_can_stall() {
+        let w = StallWatch::new();
+        let limit = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(
+            !w.stalled(at(60), limit),
+            "nothing sent: the controller is slow, not the agent"
+        );
+        w.sending(at(60));
+        w.sending(at(61));
+        assert!(!w.stalled(at(89), limit));
+        w.acknowledged(at(89));
+        assert!(
+            !w.stalled(at(118), limit),
+            "an acknowledgement restarts the clock"
+        );
+        assert!(w.stalled(at(119), limit));
+        w.acknowledged(at(119));
+        assert!(
+            !w.stalled(at(900), limit),
+            "all acknowledged: syncing is not timed"
+        );
+    }
 }

@@ -416,6 +416,7 @@ mod tests {
             chunk_size: CS,
             level: 0,
             raw: false,
+            holder: String::new(),
         };
         let (result, replies) = run(&env, &[save]);
         result.unwrap();
@@ -439,6 +440,7 @@ mod tests {
                 chunk_size: CS,
                 level: 0,
                 raw: false,
+                holder: String::new(),
             }],
         );
         result.unwrap();

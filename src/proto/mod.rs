@@ -949,6 +949,8 @@ mod tests {
                 identity,
                 force,
                 force_mounted,
+                verify,
+                holder,
                 digests,
                 zero,
                 ..
@@ -959,6 +961,8 @@ mod tests {
                 identity,
                 force,
                 force_mounted,
+                verify,
+                holder,
                 digests,
                 zero,
                 image: String::new(),
@@ -995,7 +999,9 @@ mod tests {
         begin.extend_from_slice(&0u64.to_le_bytes());
         begin.extend_from_slice(&(1u32 << 20).to_le_bytes());
         begin.extend_from_slice(&7u128.to_le_bytes());
-        begin.extend_from_slice(&[0, 0]);
+        // force, force_mounted, verify, then the holder.
+        begin.extend_from_slice(&[0, 0, 0]);
+        put_bytes(&mut begin, b"lab 42 imaging load");
         begin.extend_from_slice(&0u32.to_le_bytes());
         put_bytes(&mut begin, &[]);
         let Msg::LoadBegin {

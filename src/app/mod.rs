@@ -76,6 +76,7 @@ pub fn main_with_args(argv: Vec<OsString>) -> ExitCode {
     // SSH sessions; then no ssh process of ours may outlive us.
     drop(runtime);
     ssh::end_orphans();
+    ssh::remove_own_control_dir();
     exit.into()
 }
 
@@ -94,14 +95,14 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
     match &cli.command {
         Command::Config => {
             let loaded = loaded()?;
-            print!("{}", config::describe(&loaded));
+            crate::ui::stdout::write(&config::describe(&loaded));
             Ok(Exit::Success)
         }
         Command::Nodes(args) => {
             let loaded = loaded()?;
             let nodes = select(&loaded, args)?;
             let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-            println!("{}", names.join(" "));
+            crate::outln!("{}", names.join(" "));
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
@@ -134,8 +135,7 @@ pub(crate) async fn run_wait(
 ) -> Result<Exit, UsageError> {
     let nodes = select(loaded, &args.nodes)?;
     let timeout = args.timeout.unwrap_or(loaded.config.wait.timeout as f64);
-    let timeout = Duration::try_from_secs_f64(timeout)
-        .map_err(|_| UsageError::Other(format!("--timeout {timeout}: not a number of seconds")))?;
+    let timeout = timeout_secs(timeout)?;
     let ssh = ssh_settings(loaded)?;
     let mode = match output_mode(cli) {
         _ if args.silent && !cli.global.json => ui::Mode::Silent,
@@ -144,7 +144,11 @@ pub(crate) async fn run_wait(
         mode => mode,
     };
     let info = run_info(cli, "wait", &nodes, args.verbose, None);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now()
+        .checked_add(timeout)
+        .ok_or_else(|| {
+            UsageError::Other(format!("--timeout {timeout:?}: too far in the future"))
+        })?;
     let verbose = args.verbose;
     Ok(drive(mode, info, move |report, cancel| async move {
         tokio::select! {
@@ -233,9 +237,22 @@ fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Inst
     } else {
         secs
     };
-    let d = Duration::try_from_secs_f64(secs)
-        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))?;
-    Ok(tokio::time::Instant::now() + d)
+    let d = timeout_secs(secs)?;
+    tokio::time::Instant::now()
+        .checked_add(d)
+        .ok_or_else(|| UsageError::Other(format!("--timeout {secs}: too far in the future")))
+}
+
+/// A `--timeout` in seconds: a number from 0 to [`config::MAX_SECONDS`].
+pub(crate) fn timeout_secs(secs: f64) -> Result<Duration, UsageError> {
+    let max = crate::config::MAX_SECONDS;
+    if !(0.0..=max as f64).contains(&secs) {
+        return Err(UsageError::Other(format!(
+            "--timeout {secs}: not a number of seconds from 0 to {max} (10 years)"
+        )));
+    }
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))
 }
 
 /// Each node's target: its own, else `[load] target`, placeholders filled.
@@ -334,9 +351,9 @@ pub(crate) async fn run_load(
     });
     if args.dry_run {
         if let Some(line) = &origin {
-            println!("{line}");
+            crate::outln!("{line}");
         }
-        println!(
+        crate::outln!(
             "would load {} ({} bytes, {} of data, {} chunks) onto:",
             image.display(),
             manifest.size,
@@ -344,7 +361,7 @@ pub(crate) async fn run_load(
             manifest.chunk_count()
         );
         for (n, t) in nodes.iter().zip(&targets) {
-            println!("  {} {}", n.name, t);
+            crate::outln!("  {} {}", n.name, t);
         }
         return Ok(Exit::Success);
     }
@@ -431,19 +448,12 @@ pub(crate) async fn run_save(
         .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
-    for name in &names {
-        if repo_dir.join(name).exists() {
-            return Err(UsageError::Other(format!(
-                "{} already exists in {}",
-                name,
-                repo_dir.display()
-            )));
-        }
-    }
+    // A name that exists already (a save in the same minute) is numbered
+    // when the image is complete: `…__golden-2.img`.
     let targets = targets(loaded, &nodes);
     if args.dry_run {
         for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
-            println!(
+            crate::outln!(
                 "would save {}:{} as {}",
                 n.name,
                 t,
@@ -451,6 +461,10 @@ pub(crate) async fn run_save(
             );
         }
         return Ok(Exit::Success);
+    }
+    // What killed saves left behind: partial files nobody holds locked.
+    for name in repo::remove_stale_partials(&repo_dir) {
+        eprintln!("imaging: removed {name}, left by an interrupted save");
     }
     let (ssh, agent) = ssh_and_agent(loaded)?;
     let job = save::SaveJob {
@@ -561,9 +575,9 @@ async fn run_import(
         if let Some(obj) = v.as_object_mut() {
             obj.insert("event".into(), "import".into());
         }
-        println!("{v}");
+        crate::outln!("{v}");
     } else {
-        println!(
+        crate::outln!(
             "{}: {} ({} bytes), {} of data, from {} chunks of {}",
             imported.name,
             crate::ui::fmt::human_bytes(imported.size),
@@ -621,7 +635,7 @@ fn install_links(dir: &std::path::Path) -> Result<(), UsageError> {
         }
         std::os::unix::fs::symlink(&exe, &link)
             .map_err(|e| UsageError::Other(format!("cannot create {}: {e}", link.display())))?;
-        println!("{} -> {}", link.display(), exe.display());
+        crate::outln!("{} -> {}", link.display(), exe.display());
     }
     Ok(())
 }

@@ -43,6 +43,30 @@ impl SshSettings {
 /// (108 bytes), so a deep runtime dir falls back to the temp dir.
 fn control_dir() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
+    let dir = base_control_dir()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    remove_stale_run_dirs(&dir);
+    // One directory per run, named by our pid, so a run that was killed
+    // (and could not clean up) is recognised by the next one.
+    let own = dir.join(run_dir_name(std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&own)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    Ok(own)
+}
+
+/// The directory holding the per-run control directories.
+fn base_control_dir() -> std::io::Result<PathBuf> {
     let preferred = directories::BaseDirs::new()
         .and_then(|b| b.runtime_dir().map(Path::to_path_buf))
         .map(|d| d.join("imaging"))
@@ -52,11 +76,48 @@ fn control_dir() -> std::io::Result<PathBuf> {
         let uid = unsafe { libc::getuid() };
         std::env::temp_dir().join(format!("imaging-{uid}"))
     });
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
     Ok(dir)
+}
+
+fn run_dir_name(pid: u32) -> String {
+    format!("run-{pid}")
+}
+
+/// Remove the per-run control directories whose process is gone (a run
+/// killed before it could remove its own).
+fn remove_stale_run_dirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = match name.strip_prefix("run-").map(str::parse::<i32>) {
+            Some(Ok(pid)) => !process_alive(pid),
+            _ => false,
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether `pid` is a live process (of any user: EPERM means it exists).
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Remove this run's control directory, at the end of the run (its
+/// sessions are closed by then).
+pub fn remove_own_control_dir() {
+    if let Ok(dir) = base_control_dir() {
+        let _ = std::fs::remove_dir_all(dir.join(run_dir_name(std::process::id())));
+    }
 }
 
 /// What kind of SSH failure, as far as ssh's own output tells.
@@ -333,5 +394,32 @@ pub fn end_orphans() {
                 libc::kill(pid, libc::SIGTERM);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_dirs_of_dead_runs_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pid that surely is gone: a child that has been reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        for name in [
+            run_dir_name(dead),
+            run_dir_name(mine),
+            "unrelated".to_string(),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(dir.path().join(run_dir_name(dead)).join("master"), b"").unwrap();
+        remove_stale_run_dirs(dir.path());
+        assert!(!dir.path().join(run_dir_name(dead)).exists());
+        assert!(dir.path().join(run_dir_name(mine)).exists());
+        assert!(dir.path().join("unrelated").exists());
     }
 }

@@ -123,7 +123,12 @@ impl Coordinator {
 
     fn address(&self, node: usize) -> String {
         let n = &self.job.nodes[node];
-        n.data_address.clone().unwrap_or_else(|| n.address.clone())
+        match &n.data_address {
+            Some(a) => a.clone(),
+            // A local agent runs on this machine, whatever its name says.
+            None if n.local => "127.0.0.1".into(),
+            None => n.address.clone(),
+        }
     }
 
     fn name(&self, node: usize) -> &str {

@@ -38,7 +38,9 @@ pub async fn load_all(job: LoadJob, report: Reporter, cancel: Cancel) {
     } else {
         job.concurrency
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let mut tasks = JoinSet::new();
     let secret = match job.chain.then(chain::fresh_secret).transpose() {
         Ok(secret) => secret,

@@ -80,7 +80,9 @@ pub(super) async fn open_link(
     // The first connection may wait for a node booting into its imaging
     // environment; a reconnection waits only so long.
     let until = if retry {
-        job.deadline.min(Instant::now() + job.reconnect_wait)
+        Instant::now()
+            .checked_add(job.reconnect_wait)
+            .map_or(job.deadline, |t| job.deadline.min(t))
     } else {
         job.deadline
     };

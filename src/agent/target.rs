@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::agent::mounts::refuse_if_in_use;
 use crate::agent::{AgentError, check_chunk_size, malformed};
 use crate::image::digest::ChunkDigest;
+use crate::image::geometry::Geometry;
 use crate::proto::bitmap_len;
 
 /// Geometry shared by loads and saves.
@@ -25,7 +26,7 @@ pub(super) struct Layout {
 impl Layout {
     pub(super) fn new(size: u64, chunk_size: u32) -> Result<Layout, AgentError> {
         check_chunk_size(chunk_size)?;
-        let chunks = size.div_ceil(u64::from(chunk_size));
+        let chunks = Geometry::new(size, u64::from(chunk_size)).count();
         // Chunk indices travel as u32.
         if chunks > u64::from(u32::MAX) + 1 {
             return Err(AgentError::Target(format!(
@@ -40,13 +41,17 @@ impl Layout {
         })
     }
 
+    fn geometry(&self) -> Geometry {
+        Geometry::new(self.size, self.chunk_size)
+    }
+
     pub(super) fn offset(&self, i: usize) -> u64 {
-        i as u64 * self.chunk_size
+        self.geometry().offset(i)
     }
 
     pub(super) fn chunk_len(&self, i: usize) -> usize {
         // At most chunk_size, which fits in usize.
-        (self.size - self.offset(i)).min(self.chunk_size) as usize
+        self.geometry().len(i) as usize
     }
 }
 
@@ -73,7 +78,7 @@ impl LoadRequest {
         zero: Vec<u8>,
     ) -> Result<LoadRequest, AgentError> {
         check_chunk_size(chunk_size)?;
-        let chunks = size.div_ceil(u64::from(chunk_size));
+        let chunks = Geometry::new(size, u64::from(chunk_size)).count();
         if digests.len() as u64 != chunks {
             return Err(malformed(format!(
                 "LoadBegin has {} digests for {chunks} chunks of {chunk_size} in {size} bytes",

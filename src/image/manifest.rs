@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::image::geometry::Geometry;
 use crate::image::reader::ImageReader;
 use crate::proto::{bit, bitmap_len, set_bit};
 
@@ -64,7 +65,7 @@ impl Manifest {
         }
         let file = ImageReader::open(path).map_err(|e| in_file(path, e))?;
         let size = file.size().map_err(|e| in_file(path, e))?;
-        let count = usize::try_from(size.div_ceil(chunk_size)).map_err(|_| {
+        let count = usize::try_from(Geometry::new(size, chunk_size).count()).map_err(|_| {
             in_file(
                 path,
                 io::Error::new(io::ErrorKind::InvalidInput, "too many chunks"),
@@ -164,13 +165,15 @@ impl Manifest {
 
     /// Bytes in chunk `i`: `chunk_size`, except for a shorter last chunk.
     pub fn chunk_len(&self, i: usize) -> u64 {
-        self.size
-            .saturating_sub(self.chunk_offset(i))
-            .min(self.chunk_size)
+        self.geometry().len(i)
     }
 
     pub fn chunk_offset(&self, i: usize) -> u64 {
-        (i as u64).saturating_mul(self.chunk_size)
+        self.geometry().offset(i)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        Geometry::new(self.size, self.chunk_size)
     }
 
     pub fn is_zero_chunk(&self, i: usize) -> bool {
@@ -228,8 +231,8 @@ impl Job<'_> {
                     return Ok(());
                 }
                 let i = first + k;
-                let offset = i as u64 * self.chunk_size;
-                let len = (self.size - offset).min(self.chunk_size) as usize;
+                let geometry = Geometry::new(self.size, self.chunk_size);
+                let (offset, len) = (geometry.offset(i), geometry.len(i) as usize);
                 let full = len as u64 == self.chunk_size;
                 let zero_digest = if full { self.zero_full } else { self.zero_tail };
                 if !self.has_data[i] {
@@ -501,7 +504,7 @@ fn read_fresh(place: &Path, stamp: FileStamp, chunk_size: u64) -> io::Result<Opt
     if stored != stamp || head_chunk_size != chunk_size {
         return Ok(None);
     }
-    let expected = usize::try_from(size.div_ceil(chunk_size))
+    let expected = usize::try_from(Geometry::new(size, chunk_size).count())
         .ok()
         .and_then(cache_len);
     let actual = file.metadata()?.len();
@@ -668,7 +671,7 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
     if chunk_size == 0 {
         return Err(bad("chunk size 0"));
     }
-    if count != size.div_ceil(chunk_size) {
+    if count != Geometry::new(size, chunk_size).count() {
         return Err(bad("chunk count does not match size"));
     }
     let count = usize::try_from(count).map_err(|_| bad("chunk count"))?;

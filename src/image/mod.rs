@@ -2,6 +2,7 @@
 
 pub mod digest;
 pub mod fileio;
+pub mod geometry;
 pub mod import;
 pub mod manifest;
 pub mod ndz;

@@ -1,17 +1,17 @@
 //! A save on the node: stream the target's chunks back, zero chunks as
 //! flags only.
 
-use std::io::Seek;
 use std::os::unix::fs::FileTypeExt;
 
 use std::fs::File;
-use std::io::{SeekFrom, Write};
+use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
 use crate::agent::used;
 use crate::agent::{AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::image::sparse;
 use crate::proto::{Codec, Msg};
 
 pub(super) fn save<W: Write>(
@@ -112,7 +112,7 @@ fn used_within(used: &[(u64, u64)], offset: u64, len: usize) -> Vec<(usize, usiz
 }
 
 pub(super) fn open_save_target(name: &str) -> Result<Target, AgentError> {
-    let mut file =
+    let file =
         File::open(name).map_err(|e| AgentError::Target(format!("cannot open {name}: {e}")))?;
     let meta = file
         .metadata()
@@ -120,8 +120,7 @@ pub(super) fn open_save_target(name: &str) -> Result<Target, AgentError> {
     let (kind, size) = if meta.is_file() {
         (TargetKind::File, meta.len())
     } else if meta.file_type().is_block_device() {
-        let size = file
-            .seek(SeekFrom::End(0))
+        let size = sparse::file_size(&file)
             .map_err(|e| AgentError::Target(format!("cannot size {name}: {e}")))?;
         (TargetKind::Block, size)
     } else {

@@ -267,20 +267,6 @@ impl Job<'_> {
     }
 }
 
-/// Size of a regular file or a block device.
-pub(crate) fn file_size(file: &File) -> io::Result<u64> {
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // SAFETY: lseek on a descriptor we own; it touches no memory.
-    let end = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(file), 0, libc::SEEK_END) };
-    if end < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(end as u64)
-}
-
 /// For each chunk, whether any of its bytes may be data (not in a hole).
 fn chunks_with_data(file: &ImageReader, size: u64, chunk_size: u64, count: usize) -> Vec<bool> {
     match file.data_extents(size) {
@@ -301,52 +287,6 @@ fn chunks_with_data(file: &ImageReader, size: u64, chunk_size: u64, count: usize
         }
         None => vec![true; count],
     }
-}
-
-/// Data extents `[start, end)` from SEEK_DATA/SEEK_HOLE; `None` when the
-/// system cannot tell (then everything is read).
-#[cfg(any(target_os = "linux", target_os = "android"))]
-pub(crate) fn data_extents(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
-        let offset = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        // SAFETY: lseek on a descriptor we own; it touches no memory. The
-        // file position it moves is unused: chunks are read with read_at.
-        let r = unsafe { libc::lseek(fd, offset, whence) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None) // no data at or after offset
-        } else {
-            Err(e)
-        }
-    };
-    let mut extents = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let start = match seek(at, libc::SEEK_DATA).ok()? {
-            Some(start) if start < size => start,
-            _ => break,
-        };
-        let end = seek(start, libc::SEEK_HOLE).ok()?.unwrap_or(size).min(size);
-        if end <= start {
-            // Should not happen; read the rest rather than loop.
-            extents.push((start, size));
-            break;
-        }
-        extents.push((start, end));
-        at = end;
-    }
-    Some(extents)
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(crate) fn data_extents(_file: &File, _size: u64) -> Option<Vec<(u64, u64)>> {
-    None
 }
 
 fn in_file(path: &Path, e: io::Error) -> io::Error {

@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod ndz;
 pub mod reader;
 pub mod repo;
+pub mod sparse;
 
 /// Smallest chunk size: the one limit the configuration, the wire and the
 /// agent all check against.

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
-use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::image::digest::{ChunkDigest, chunk_digest, is_zero, zero_digest};
 use crate::image::geometry::Geometry;
 use crate::image::reader::ImageReader;
 use crate::proto::{bit, bitmap_len, set_bit};
@@ -79,18 +79,7 @@ impl Manifest {
             BUILD_THREADS
         };
 
-        // Chunks of holes get these digests without being read.
         let buf_len = chunk_size.min(size) as usize;
-        let zero_buf = vec![0u8; buf_len];
-        let zero_full = chunk_digest(&zero_buf);
-        let tail_len = (size % chunk_size) as usize;
-        let zero_tail = if tail_len == 0 {
-            zero_full
-        } else {
-            chunk_digest(&zero_buf[..tail_len])
-        };
-        drop(zero_buf);
-
         let mut digests = vec![0u128; count];
         let mut zeros = vec![false; count];
         let per_range = (RANGE_BYTES / chunk_size).max(1) as usize;
@@ -111,8 +100,6 @@ impl Manifest {
             chunk_size,
             size,
             has_data: &has_data,
-            zero_full,
-            zero_tail,
             failed: &failed,
         };
         let results: Vec<io::Result<()>> = std::thread::scope(|s| {
@@ -216,8 +203,6 @@ struct Job<'a> {
     chunk_size: u64,
     size: u64,
     has_data: &'a [bool],
-    zero_full: u128,
-    zero_tail: u128,
     failed: &'a AtomicBool,
 }
 
@@ -233,8 +218,8 @@ impl Job<'_> {
                 let i = first + k;
                 let geometry = Geometry::new(self.size, self.chunk_size);
                 let (offset, len) = (geometry.offset(i), geometry.len(i) as usize);
-                let full = len as u64 == self.chunk_size;
-                let zero_digest = if full { self.zero_full } else { self.zero_tail };
+                // Chunks of holes get this digest without being read.
+                let zero_digest = zero_digest(len);
                 if !self.has_data[i] {
                     (*digest, *zero) = (zero_digest, true);
                     continue;

@@ -30,6 +30,7 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 use crate::image::digest::{ChunkDigest, chunk_digest, is_zero, zero_digest};
 use crate::image::geometry::Geometry;
 use crate::image::reader::ImageReader;
+use crate::proto::cursor::Cursor;
 use crate::proto::{bit, bitmap_len, set_bit};
 
 /// Largest chunk size `build` accepts (its read buffers are this large).
@@ -452,21 +453,21 @@ const HEAD_LEN: usize = 8 + (8 + 8 + 4 + 8 + 8) + 8 + 8;
 /// The stamp, chunk size and image size at the start of a cache file
 /// (unverified: `decode` checks the whole file).
 fn decode_head(head: &[u8]) -> io::Result<(FileStamp, u64, u64)> {
-    let mut r = Reader { buf: head };
-    if r.take(8)? != CACHE_MAGIC {
+    let mut r = Cursor::new(head);
+    if r.take(8, "magic")? != CACHE_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "bad manifest: not a manifest file",
         ));
     }
     let stamp = FileStamp {
-        len: r.u64()?,
-        mtime_secs: r.u64()? as i64,
-        mtime_nsec: r.u32()?,
-        inode: r.u64()?,
-        dev: r.u64()?,
+        len: r.u64("manifest")?,
+        mtime_secs: r.u64("manifest")? as i64,
+        mtime_nsec: r.u32("manifest")?,
+        inode: r.u64("manifest")?,
+        dev: r.u64("manifest")?,
     };
-    Ok((stamp, r.u64()?, r.u64()?))
+    Ok((stamp, r.u64("manifest")?, r.u64("manifest")?))
 }
 
 /// The cached manifest if fresh, else built and cached. Failing to write the
@@ -576,23 +577,23 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
         |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad manifest: {what}"));
     let split = bytes.len().checked_sub(8).ok_or_else(|| bad("too short"))?;
     let (body, sum) = bytes.split_at(split);
-    let mut r = Reader { buf: body };
-    if r.take(8).map_err(|_| bad("too short"))? != CACHE_MAGIC {
+    let mut r = Cursor::new(body);
+    if r.take(8, "magic").map_err(|_| bad("too short"))? != CACHE_MAGIC {
         return Err(bad("not a manifest file"));
     }
     if u64::from_le_bytes(sum.try_into().map_err(|_| bad("checksum"))?) != xxh3_64(body) {
         return Err(bad("checksum mismatch"));
     }
     let stamp = FileStamp {
-        len: r.u64()?,
-        mtime_secs: r.u64()? as i64,
-        mtime_nsec: r.u32()?,
-        inode: r.u64()?,
-        dev: r.u64()?,
+        len: r.u64("manifest")?,
+        mtime_secs: r.u64("manifest")? as i64,
+        mtime_nsec: r.u32("manifest")?,
+        inode: r.u64("manifest")?,
+        dev: r.u64("manifest")?,
     };
-    let chunk_size = r.u64()?;
-    let size = r.u64()?;
-    let count = r.u64()?;
+    let chunk_size = r.u64("manifest")?;
+    let size = r.u64("manifest")?;
+    let count = r.u64("manifest")?;
     if chunk_size == 0 {
         return Err(bad("chunk size 0"));
     }
@@ -600,7 +601,10 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
         return Err(bad("chunk count does not match size"));
     }
     let count = usize::try_from(count).map_err(|_| bad("chunk count"))?;
-    let digest_bytes = r.take(count.checked_mul(16).ok_or_else(|| bad("chunk count"))?)?;
+    let digest_bytes = r.take(
+        count.checked_mul(16).ok_or_else(|| bad("chunk count"))?,
+        "manifest digests",
+    )?;
     let digests: Vec<u128> = digest_bytes
         .chunks_exact(16)
         .map(|c| {
@@ -609,16 +613,16 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
             u128::from_le_bytes(a)
         })
         .collect();
-    let zero_len = r.u64()?;
+    let zero_len = r.u64("manifest")?;
     if zero_len != bitmap_len(count) as u64 {
         return Err(bad("zero bitmap length does not match chunk count"));
     }
-    let zero = r.take(zero_len as usize)?.to_vec();
+    let zero = r.take(zero_len as usize, "manifest")?.to_vec();
     if (count..zero.len() * 8).any(|i| bit(&zero, i)) {
         return Err(bad("zero bitmap has bits past the last chunk"));
     }
-    let identity = r.u128()?;
-    if !r.buf.is_empty() {
+    let identity = r.u128("manifest")?;
+    if r.remaining() != 0 {
         return Err(bad("trailing bytes"));
     }
     let manifest = Manifest::from_parts(chunk_size, size, digests, zero);
@@ -629,42 +633,6 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
 }
 
 /// Bounds-checked reading of the cache body.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
-        if n > self.buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad manifest: truncated",
-            ));
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> io::Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-
-    fn u32(&mut self) -> io::Result<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> io::Result<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
-
-    fn u128(&mut self) -> io::Result<u128> {
-        self.array().map(u128::from_le_bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

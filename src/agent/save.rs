@@ -85,8 +85,8 @@ fn analyse_target<W: Write>(
     out.reply(&Msg::Note {
         text: format!(
             "free-block analysis: {} of {} free, not read",
-            crate::ui::fmt::human_bytes(free),
-            crate::ui::fmt::human_bytes(size)
+            crate::fmt::human_bytes(free),
+            crate::fmt::human_bytes(size)
         ),
     })?;
     Ok(analysis.used)

@@ -130,7 +130,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             } else if images.is_empty() {
                 println!("no images in {}", repo.display());
             } else {
-                print!("{}", repo::format_table(&images));
+                print!("{}", crate::ui::list_table(&images));
             }
             Ok(Exit::Success)
         }

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use crate::image::manifest::{self, ManifestState};
 use crate::image::reader::Format;
-use crate::ui::fmt::human_bytes;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageInfo {
@@ -174,62 +173,6 @@ fn name_matches(pattern: &str, name: &str) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == '*')
-}
-
-/// A table for humans: NAME FORMAT SIZE DATA DATE MANIFEST LINKS.
-pub fn format_table(images: &[ImageInfo]) -> String {
-    let header = [
-        "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS",
-    ];
-    let rows: Vec<[String; 7]> = images
-        .iter()
-        .map(|i| {
-            let links = match &i.link_to {
-                Some(target) => format!("-> {target}"),
-                None if i.symlinks.is_empty() => String::new(),
-                None => format!("<- {}", i.symlinks.join(", ")),
-            };
-            let state = match i.manifest {
-                ManifestState::Fresh => "fresh",
-                ManifestState::Stale => "stale",
-                ManifestState::Missing => "missing",
-            };
-            [
-                i.name.clone(),
-                i.format.clone(),
-                human_bytes(i.size),
-                human_bytes(i.data_size),
-                i.modified.clone(),
-                state.to_string(),
-                links,
-            ]
-        })
-        .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 7]| {
-        let mut s = String::new();
-        for (k, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            match k {
-                0 => s.push_str(&format!("{cell:<w$}")),
-                2 | 3 => s.push_str(&format!("  {cell:>w$}")),
-                6 => s.push_str(&format!("  {cell}")),
-                _ => s.push_str(&format!("  {cell:<w$}")),
-            }
-        }
-        s.truncate(s.trim_end().len());
-        s.push('\n');
-        s
-    };
-    let mut out = line(header);
-    for row in &rows {
-        out.push_str(&line(row.each_ref().map(String::as_str)));
-    }
-    out
 }
 
 /// Resolve the image a user names: a path if it contains '/', else
@@ -482,7 +425,7 @@ mod tests {
         let after = get("frisbee.ndz");
         assert_eq!(after.manifest, ManifestState::Fresh);
         assert_eq!((after.size, after.data_size), (m.size, m.data_size()));
-        assert!(format_table(&[after]).contains("ndz v3"));
+        assert_eq!(after.format, "ndz v3");
     }
 
     #[test]
@@ -503,30 +446,6 @@ mod tests {
             "{} bytes of data",
             images[0].data_size
         );
-    }
-
-    #[test]
-    fn table_has_one_row_per_image_with_human_sizes() {
-        let dir = repo();
-        let images = list(dir.path(), None, CS).unwrap();
-        let table = format_table(&images);
-        let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 1 + images.len());
-        for col in [
-            "NAME", "FORMAT", "SIZE", "DATA", "DATE", "MANIFEST", "LINKS",
-        ] {
-            assert!(lines[0].contains(col), "{}", lines[0]);
-        }
-        let sparse = lines.iter().find(|l| l.starts_with("sparse.img")).unwrap();
-        assert!(
-            sparse.contains("1.0 GiB") && sparse.contains("0 B"),
-            "{sparse}"
-        );
-        let ubuntu = lines.iter().find(|l| l.starts_with("ubuntu.img")).unwrap();
-        assert!(ubuntu.contains("<- default.img, latest.img"), "{ubuntu}");
-        let default = lines.iter().find(|l| l.starts_with("default.img")).unwrap();
-        assert!(default.ends_with("-> ubuntu.img"), "{default}");
-        assert_eq!(format_table(&[]).lines().count(), 1);
     }
 
     #[test]

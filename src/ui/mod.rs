@@ -18,9 +18,11 @@ pub mod dashboard;
 pub mod fmt;
 pub mod json;
 pub mod lines;
+pub mod list;
 pub mod logfile;
 pub mod view;
 
+pub use list::list_table;
 pub use view::{ImageHeader, View};
 
 /// How a run shows itself, resolved once per run.

@@ -7,10 +7,10 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::fmt::human_bytes;
 use crate::image::manifest::{self, ManifestState};
 use crate::image::provenance::{self, Provenance};
 use crate::image::reader::Format;
-use crate::ui::fmt::human_bytes;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageInfo {

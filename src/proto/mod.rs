@@ -19,10 +19,13 @@
 //! each agent answers it with Missing. Missing chunks then come as Chunk;
 //! Finish ends the load as without a relay.
 
+pub mod cursor;
 pub mod pipes;
 pub mod relay;
 
 use std::io;
+
+use cursor::{Cursor, Truncated};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -422,7 +425,9 @@ impl Msg {
     }
 
     pub fn decode(body: &[u8]) -> Result<Msg, ProtocolError> {
-        let mut r = Reader { buf: body, at: 0 };
+        let mut r = Reader {
+            cur: Cursor::new(body),
+        };
         let tag = r.u8("tag")?;
         let msg = match tag {
             1 => {
@@ -594,37 +599,31 @@ pub enum ProtocolError {
     Io(#[from] io::Error),
 }
 
+/// The shared [`Cursor`] plus the wire's own field kinds.
 struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
+    cur: Cursor<'a>,
+}
+
+impl<'a> std::ops::Deref for Reader<'a> {
+    type Target = Cursor<'a>;
+    fn deref(&self) -> &Cursor<'a> {
+        &self.cur
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.cur
+    }
+}
+
+impl From<Truncated> for ProtocolError {
+    fn from(t: Truncated) -> ProtocolError {
+        ProtocolError::Malformed(t.to_string())
+    }
 }
 
 impl Reader<'_> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.at
-    }
-
-    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], ProtocolError> {
-        if n > self.remaining() {
-            return Err(ProtocolError::Malformed(format!(
-                "truncated: {what} needs {n} bytes, {} left",
-                self.remaining()
-            )));
-        }
-        let s = &self.buf[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ProtocolError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, what)?);
-        Ok(a)
-    }
-
-    fn u8(&mut self, what: &str) -> Result<u8, ProtocolError> {
-        Ok(self.array::<1>(what)?[0])
-    }
     fn bool(&mut self, what: &str) -> Result<bool, ProtocolError> {
         match self.u8(what)? {
             0 => Ok(false),
@@ -633,21 +632,6 @@ impl Reader<'_> {
                 "{what} is {v}, not 0 or 1"
             ))),
         }
-    }
-    fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
-        Ok(u16::from_le_bytes(self.array(what)?))
-    }
-    fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(self.array(what)?))
-    }
-    fn i32(&mut self, what: &str) -> Result<i32, ProtocolError> {
-        Ok(i32::from_le_bytes(self.array(what)?))
-    }
-    fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
-        Ok(u64::from_le_bytes(self.array(what)?))
-    }
-    fn u128(&mut self, what: &str) -> Result<u128, ProtocolError> {
-        Ok(u128::from_le_bytes(self.array(what)?))
     }
     fn bytes(&mut self, what: &str) -> Result<Vec<u8>, ProtocolError> {
         let n = self.u32(what)? as usize;

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod app;
 pub mod config;
 pub mod engine;
+pub mod fmt;
 pub mod image;
 pub mod inventory;
 pub mod lab;

@@ -40,7 +40,7 @@ pub(super) fn load<R: Read + Send, W: Write>(
         return match read_msg_sync(input) {
             Err(ProtocolError::Closed) => Ok(()),
             Ok(Msg::Finish) => out.reply(&Msg::Finished { bytes_written: 0 }),
-            Ok(Msg::Error { message }) => Err(AgentError::Peer(message)),
+            Ok(Msg::Error { message, .. }) => Err(AgentError::Peer(message)),
             Ok(other) => Err(malformed(format!(
                 "expected Finish after an up-to-date reply, got {}",
                 other.name()
@@ -322,7 +322,7 @@ pub(super) fn receive<W: Write>(
                 finish(target, req)?;
                 return Ok(load.bytes_written);
             }
-            Msg::Error { message } => return Err(AgentError::Peer(message)),
+            Msg::Error { message, .. } => return Err(AgentError::Peer(message)),
             other => {
                 return Err(malformed(format!(
                     "unexpected {} during a load",
@@ -836,6 +836,7 @@ mod tests {
             assert_eq!(
                 reply,
                 Msg::Error {
+                    kind: crate::proto::ErrorKind::Verify,
                     message: "chunk 0 failed verification".into()
                 }
             );

@@ -92,6 +92,20 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// The kind the controller is told in `Msg::Error`.
+    pub fn kind(&self) -> crate::proto::ErrorKind {
+        use crate::proto::ErrorKind;
+        match self {
+            AgentError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)
+            | AgentError::Closed(_) => ErrorKind::Closed,
+            AgentError::Protocol(_) => ErrorKind::Protocol,
+            AgentError::Target(_) | AgentError::Busy(_) => ErrorKind::Target,
+            AgentError::Verify(_) => ErrorKind::Verify,
+            AgentError::Peer(_) => ErrorKind::Other,
+            AgentError::Relay(_) => ErrorKind::Relay,
+        }
+    }
+
     /// 2: malformed or unexpected protocol input; 3: the target, the disk,
     /// verification, or the connection failed.
     pub fn exit_code(&self) -> i32 {
@@ -148,6 +162,7 @@ impl<W: Write> Replies<W> {
         let _ = write_msg_sync(
             &mut self.w,
             &Msg::Error {
+                kind: e.kind(),
                 message: e.to_string(),
             },
         );

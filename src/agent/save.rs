@@ -1,11 +1,10 @@
 //! A save on the node: stream the target's chunks back, zero chunks as
 //! flags only.
 
-use std::io::Seek;
 use std::os::unix::fs::FileTypeExt;
 
 use std::fs::File;
-use std::io::{SeekFrom, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -14,7 +13,8 @@ use crate::agent::stamp::StampFile;
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
 use crate::agent::used;
 use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
-use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::image::digest::{chunk_digest, is_zero, zero_digest};
+use crate::image::sparse;
 use crate::proto::{Codec, Msg};
 
 pub(super) fn save<W: Write>(
@@ -54,7 +54,6 @@ pub(super) fn save<W: Write>(
     let used = used.as_deref();
 
     let level = level.min(*zstd::compression_level_range().end());
-    let zero_digests = ZeroDigests::new(&layout);
     let workers = WORKERS.min(layout.chunks).max(1);
     std::thread::scope(|s| {
         // One queue per worker, worker w taking chunks w, w+workers, …: the
@@ -62,13 +61,12 @@ pub(super) fn save<W: Write>(
         let queues: Vec<Receiver<Result<Msg, AgentError>>> = (0..workers)
             .map(|w| {
                 let (tx, rx) = sync_channel(RECEIVE_QUEUE / workers);
-                let (target, zero_digests) = (&target, &zero_digests);
+                let target = &target;
                 s.spawn(move || {
                     let chunks = Chunks {
                         target,
                         layout,
                         used,
-                        zero_digests,
                     };
                     save_worker(&chunks, level, w, workers, tx)
                 });
@@ -107,8 +105,8 @@ fn analyse_target<W: Write>(
     out.reply(&Msg::Note {
         text: format!(
             "free-block analysis: {} of {} free, not read",
-            crate::ui::fmt::human_bytes(free),
-            crate::ui::fmt::human_bytes(size)
+            crate::fmt::human_bytes(free),
+            crate::fmt::human_bytes(size)
         ),
     })?;
     Ok(analysis.used)
@@ -132,7 +130,7 @@ fn used_within(used: &[(u64, u64)], offset: u64, len: usize) -> Vec<(usize, usiz
 }
 
 pub(super) fn open_save_target(name: &str) -> Result<Target, AgentError> {
-    let mut file =
+    let file =
         File::open(name).map_err(|e| AgentError::Target(format!("cannot open {name}: {e}")))?;
     let meta = file
         .metadata()
@@ -140,8 +138,7 @@ pub(super) fn open_save_target(name: &str) -> Result<Target, AgentError> {
     let (kind, size) = if meta.is_file() {
         (TargetKind::File, meta.len())
     } else if meta.file_type().is_block_device() {
-        let size = file
-            .seek(SeekFrom::End(0))
+        let size = sparse::file_size(&file)
             .map_err(|e| AgentError::Target(format!("cannot size {name}: {e}")))?;
         (TargetKind::Block, size)
     } else {
@@ -155,46 +152,12 @@ pub(super) fn open_save_target(name: &str) -> Result<Target, AgentError> {
     })
 }
 
-/// Digests of the all-zero chunks: one per chunk length (full and last).
-pub(super) struct ZeroDigests {
-    pub(super) full: (usize, ChunkDigest),
-    pub(super) last: (usize, ChunkDigest),
-}
-
-impl ZeroDigests {
-    pub(super) fn new(layout: &Layout) -> ZeroDigests {
-        let full_len = layout.chunk_size as usize;
-        let full = (full_len, chunk_digest(&vec![0u8; full_len]));
-        let last_len = layout
-            .chunks
-            .checked_sub(1)
-            .map_or(0, |i| layout.chunk_len(i));
-        let last = if last_len == full_len {
-            full
-        } else {
-            (last_len, chunk_digest(&vec![0u8; last_len]))
-        };
-        ZeroDigests { full, last }
-    }
-
-    pub(super) fn get(&self, len: usize) -> ChunkDigest {
-        if len == self.full.0 {
-            self.full.1
-        } else if len == self.last.0 {
-            self.last.1
-        } else {
-            chunk_digest(&vec![0u8; len])
-        }
-    }
-}
-
 /// What a save worker reads from.
 pub(super) struct Chunks<'a> {
     pub(super) target: &'a Target,
     pub(super) layout: Layout,
     /// Ranges to read (the rest reads as zeros); None: everything.
     pub(super) used: Option<&'a [(u64, u64)]>,
-    pub(super) zero_digests: &'a ZeroDigests,
 }
 
 pub(super) fn save_worker(
@@ -237,7 +200,6 @@ pub(super) fn save_chunk(
         target,
         layout,
         used,
-        zero_digests,
     } = chunks;
     let offset = layout.offset(i);
     let len = layout.chunk_len(i);
@@ -245,7 +207,7 @@ pub(super) fn save_chunk(
     let index = i as u32;
     let zero_chunk = || Msg::SaveChunk {
         index,
-        digest: zero_digests.get(len),
+        digest: zero_digest(len),
         zero: true,
         codec: Codec::Raw,
         data: vec![],

@@ -100,7 +100,7 @@ pub(super) fn session<R: Read + Send, W: Write>(
             raw,
             holder,
         } => save(out, env, &target, chunk_size, level, &holder, raw),
-        Msg::Error { message } => Err(AgentError::Peer(message)),
+        Msg::Error { message, .. } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin or SaveBegin, got {}",
             other.name()

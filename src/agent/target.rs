@@ -1,17 +1,17 @@
 //! The target: its geometry, the load request, and opening it for a load.
 
-use std::io::Seek;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::io::SeekFrom;
 use std::path::Path;
 
 use crate::agent::mounts::refuse_if_in_use;
 use crate::agent::{AgentError, check_chunk_size, malformed};
 use crate::image::digest::ChunkDigest;
+use crate::image::geometry::Geometry;
+use crate::image::sparse;
 use crate::proto::bitmap_len;
 
 /// Geometry shared by loads and saves.
@@ -25,7 +25,7 @@ pub(super) struct Layout {
 impl Layout {
     pub(super) fn new(size: u64, chunk_size: u32) -> Result<Layout, AgentError> {
         check_chunk_size(chunk_size)?;
-        let chunks = size.div_ceil(u64::from(chunk_size));
+        let chunks = Geometry::new(size, u64::from(chunk_size)).count();
         // Chunk indices travel as u32.
         if chunks > u64::from(u32::MAX) + 1 {
             return Err(AgentError::Target(format!(
@@ -40,13 +40,17 @@ impl Layout {
         })
     }
 
+    fn geometry(&self) -> Geometry {
+        Geometry::new(self.size, self.chunk_size)
+    }
+
     pub(super) fn offset(&self, i: usize) -> u64 {
-        i as u64 * self.chunk_size
+        self.geometry().offset(i)
     }
 
     pub(super) fn chunk_len(&self, i: usize) -> usize {
         // At most chunk_size, which fits in usize.
-        (self.size - self.offset(i)).min(self.chunk_size) as usize
+        self.geometry().len(i) as usize
     }
 }
 
@@ -87,7 +91,7 @@ impl LoadRequest {
                 "LoadBegin has an image of 0 bytes: refusing to load an empty image".into(),
             ));
         }
-        let chunks = size.div_ceil(u64::from(chunk_size));
+        let chunks = Geometry::new(size, u64::from(chunk_size)).count();
         if digests.len() as u64 != chunks {
             return Err(malformed(format!(
                 "LoadBegin has {} digests for {chunks} chunks of {chunk_size} in {size} bytes",
@@ -162,17 +166,7 @@ impl Target {
         if self.kind != TargetKind::File {
             return false;
         }
-        let Ok(at) = libc::off_t::try_from(offset) else {
-            return false;
-        };
-        // SAFETY: lseek on a descriptor we own; the shared file position it
-        // moves is never used (all I/O is positioned).
-        let data = unsafe { libc::lseek(self.file.as_raw_fd(), at, libc::SEEK_DATA) };
-        if data < 0 {
-            // ENXIO: no data at or after offset.
-            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        }
-        data as u64 >= offset.saturating_add(len as u64)
+        sparse::is_hole(&self.file, offset, len as u64)
     }
 
     /// Make a region read as zeros: punch a hole in a file, else write
@@ -236,7 +230,7 @@ pub(super) fn open_load_target(req: &LoadRequest) -> Result<Target, AgentError> 
                 // (mounted, in a RAID or LVM volume): a second line of defence.
                 options.custom_flags(libc::O_EXCL);
             }
-            let mut file = options.open(path).map_err(|e| {
+            let file = options.open(path).map_err(|e| {
                 if e.raw_os_error() == Some(libc::EBUSY) {
                     AgentError::Target(format!(
                         "refusing to write {name}: it is mounted or held by the kernel (busy); \
@@ -246,8 +240,7 @@ pub(super) fn open_load_target(req: &LoadRequest) -> Result<Target, AgentError> 
                     AgentError::Target(format!("cannot open {name}: {e}"))
                 }
             })?;
-            let device_size = file
-                .seek(SeekFrom::End(0))
+            let device_size = sparse::file_size(&file)
                 .map_err(|e| AgentError::Target(format!("cannot size {name}: {e}")))?;
             if device_size < req.layout.size {
                 return Err(AgentError::Target(format!(

@@ -179,6 +179,7 @@ pub(super) fn run_bytes(env: &AgentEnv, input: &[u8]) -> (Result<(), AgentError>
         assert_eq!(
             replies.last(),
             Some(&Msg::Error {
+                kind: e.kind(),
                 message: e.to_string()
             }),
             "the controller is told why"

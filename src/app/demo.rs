@@ -59,10 +59,19 @@ pub fn generate_image(path: &Path, size: u64) -> std::io::Result<u64> {
     Ok(data)
 }
 
-fn say(cli: &Cli, text: &str) {
-    if !cli.global.json {
-        println!("demo: {text}");
-    }
+/// Print a demo line; false when stdout's reader has gone.
+fn say(cli: &Cli, text: &str) -> bool {
+    cli.global.json || crate::outln!("demo: {text}")
+}
+
+/// [`say`], ending the demo (temp dir and simulated nodes removed on the
+/// way out) when nobody reads its output any more.
+macro_rules! say {
+    ($cli:expr, $text:expr $(,)?) => {
+        if !say($cli, $text) {
+            return Ok(Exit::Interrupted);
+        }
+    };
 }
 
 fn node_args(spec: &str) -> NodeArgs {
@@ -85,7 +94,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         std::fs::create_dir_all(root.join(sub)).map_err(other)?;
     }
     let image = root.join("images/demo.img");
-    say(
+    say!(
         cli,
         &format!(
             "generating a {} disk image in {}",
@@ -98,7 +107,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         .await
         .map_err(|e| UsageError::Other(e.to_string()))?
         .map_err(other)?;
-    say(
+    say!(
         cli,
         &format!(
             "image: {} of data, the rest is free space (zeros)",
@@ -120,7 +129,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     );
     let _lab = match &unavailable {
         Some(why) => {
-            say(
+            say!(
                 cli,
                 &format!("{n} simulated nodes as local agent processes (no SSH: {why})"),
             );
@@ -131,7 +140,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         }
         None => {
             let lab = lab::Lab::start(&root, n).map_err(UsageError::Other)?;
-            say(
+            say!(
                 cli,
                 &format!(
                     "{n} simulated nodes: real sshd processes on 127.0.0.1, ports {:?}",
@@ -171,7 +180,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     };
     show.global.curses = true;
 
-    say(
+    say!(
         cli,
         &format!(
             "1/3 load demo.img onto {n} nodes (bandwidth cap {})",
@@ -193,7 +202,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         return Ok(Exit::Interrupted);
     }
 
-    say(cli, "2/3 save demo01 back into a new image");
+    say!(cli, "2/3 save demo01 back into a new image");
     let save = SaveArgs {
         nodes: node_args("1"),
         output: Some("demo-copy".into()),
@@ -222,7 +231,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
                     .map(|b| a.identity == b.identity)
             })
             .unwrap_or(false);
-        say(
+        say!(
             cli,
             &format!(
                 "saved {}: {}",
@@ -238,7 +247,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         );
     }
 
-    say(cli, "3/3 wait for every node");
+    say!(cli, "3/3 wait for every node");
     let wait = WaitArgs {
         nodes: node_args(&all),
         timeout: Some(30.0),
@@ -251,7 +260,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         .into_iter()
         .max_by_key(|e| *e as u8)
         .unwrap_or(Exit::Success);
-    say(
+    say!(
         cli,
         &format!(
             "{} in {:.1}s (exit codes: load {}, save {}, wait {})",
@@ -268,7 +277,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     );
     if args.keep {
         let kept = dir.keep();
-        say(cli, &format!("kept {}", kept.display()));
+        say!(cli, &format!("kept {}", kept.display()));
     }
     Ok(worst)
 }

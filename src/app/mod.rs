@@ -78,6 +78,7 @@ pub fn main_with_args(argv: Vec<OsString>) -> ExitCode {
     // SSH sessions; then no ssh process of ours may outlive us.
     drop(runtime);
     ssh::end_orphans();
+    ssh::remove_own_control_dir();
     exit.into()
 }
 
@@ -125,7 +126,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             let loaded = loaded()?;
             let mut looked = config::default_paths();
             looked.extend(cli.global.config.clone());
-            print!("{}", config::describe(&loaded, &looked));
+            crate::ui::stdout::write(&config::describe(&loaded, &looked));
             Ok(Exit::Success)
         }
         Command::Nodes(args) => {
@@ -133,9 +134,9 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             let nodes = select(&loaded, args)?;
             let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
             if cli.global.json {
-                println!("{}", serde_json::json!(names));
+                crate::outln!("{}", serde_json::json!(names));
             } else {
-                println!("{}", names.join(" "));
+                crate::outln!("{}", names.join(" "));
             }
             Ok(Exit::Success)
         }
@@ -167,7 +168,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
                 UsageError::Other(format!("cannot write into {}: {e}", dir.display()))
             })?;
             for p in pages {
-                println!("{}", p.display());
+                crate::outln!("{}", p.display());
             }
             Ok(Exit::Success)
         }
@@ -191,7 +192,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
                 _ => Vec::new(),
             };
             for n in names {
-                println!("{n}");
+                crate::outln!("{n}");
             }
             Ok(Exit::Success)
         }
@@ -209,8 +210,7 @@ pub(crate) async fn run_wait(
 ) -> Result<Exit, UsageError> {
     let nodes = select(loaded, &args.nodes)?;
     let deadline = deadline(args.timeout, loaded.config.wait.timeout)?;
-    let ssh = ssh::SshSettings::from_config(&loaded.config)
-        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    let ssh = ssh_settings(loaded)?;
     let mode = match output_mode(cli) {
         _ if args.silent && !cli.global.json => ui::Mode::Silent,
         // `fit01 ssh OK` lines are what wait shows on a terminal too.
@@ -314,9 +314,22 @@ fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Inst
     } else {
         secs
     };
-    let d = Duration::try_from_secs_f64(secs)
-        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))?;
-    Ok(tokio::time::Instant::now() + d)
+    let d = timeout_secs(secs)?;
+    tokio::time::Instant::now()
+        .checked_add(d)
+        .ok_or_else(|| UsageError::Other(format!("--timeout {secs}: too far in the future")))
+}
+
+/// A `--timeout` in seconds: a number from 0 to [`config::MAX_SECONDS`].
+pub(crate) fn timeout_secs(secs: f64) -> Result<Duration, UsageError> {
+    let max = crate::config::MAX_SECONDS;
+    if !(0.0..=max as f64).contains(&secs) {
+        return Err(UsageError::Other(format!(
+            "--timeout {secs}: not a number of seconds from 0 to {max} (10 years)"
+        )));
+    }
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))
 }
 
 /// Each node's target: its own, else `[load] target`, placeholders filled.
@@ -330,11 +343,25 @@ fn targets(loaded: &Loaded, nodes: &[Node]) -> Vec<String> {
         .collect()
 }
 
+/// The `[ssh]` settings; a configured identity file must exist.
+fn ssh_settings(loaded: &Loaded) -> Result<ssh::SshSettings, UsageError> {
+    let ssh = ssh::SshSettings::from_config(&loaded.config)
+        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    if let Some(key) = &ssh.identity_file
+        && !key.is_file()
+    {
+        return Err(UsageError::Other(format!(
+            "[ssh] identity_file {}: no such file",
+            key.display()
+        )));
+    }
+    Ok(ssh)
+}
+
 fn ssh_and_agent(
     loaded: &Loaded,
 ) -> Result<(ssh::SshSettings, agent_link::AgentSource), UsageError> {
-    let ssh = ssh::SshSettings::from_config(&loaded.config)
-        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
+    let ssh = ssh_settings(loaded)?;
     let agent = agent_link::AgentSource::new(&loaded.config.load.agent_path).map_err(|e| {
         UsageError::Other(format!("cannot read this executable for the agent: {e}"))
     })?;
@@ -412,7 +439,7 @@ pub(crate) async fn run_load(
     let (ssh, agent) = ssh_and_agent(loaded)?;
     if args.dry_run {
         if let Some(line) = origin.as_ref().filter(|_| !cli.global.json) {
-            println!("{line}");
+            crate::outln!("{line}");
         }
         let probed = plan::probe_all(&ssh, &nodes, &targets).await;
         let plan = plan::Plan {
@@ -433,9 +460,9 @@ pub(crate) async fn run_load(
                 .collect(),
         };
         if cli.global.json {
-            println!("{}", serde_json::to_string(&plan).unwrap_or_default());
+            crate::outln!("{}", serde_json::to_string(&plan).unwrap_or_default());
         } else {
-            print!("{}", plan::format(&plan));
+            crate::ui::stdout::write(&plan::format(&plan));
         }
         return Ok(Exit::Success);
     }
@@ -513,19 +540,12 @@ pub(crate) async fn run_save(
         .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
-    for name in &names {
-        if repo_dir.join(name).exists() {
-            return Err(UsageError::Other(format!(
-                "{} already exists in {}",
-                name,
-                repo_dir.display()
-            )));
-        }
-    }
+    // A name that exists already (a save in the same minute) is numbered
+    // when the image is complete: `…__golden-2.img`.
     let targets = targets(loaded, &nodes);
     if args.dry_run {
         for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
-            println!(
+            crate::outln!(
                 "would save {}:{} as {}",
                 n.name,
                 t,
@@ -533,6 +553,10 @@ pub(crate) async fn run_save(
             );
         }
         return Ok(Exit::Success);
+    }
+    // What killed saves left behind: partial files nobody holds locked.
+    for name in repo::remove_stale_partials(&repo_dir) {
+        eprintln!("imaging: removed {name}, left by an interrupted save");
     }
     let (ssh, agent) = ssh_and_agent(loaded)?;
     let job = save::SaveJob {
@@ -689,9 +713,9 @@ async fn run_import(
         if let Some(obj) = v.as_object_mut() {
             obj.insert("event".into(), "import".into());
         }
-        println!("{v}");
+        crate::outln!("{v}");
     } else {
-        println!(
+        crate::outln!(
             "{}: {} ({} bytes), {} of data, from {} chunks of {}",
             imported.name,
             crate::ui::fmt::human_bytes(imported.size),
@@ -801,7 +825,7 @@ fn install_links(dir: &std::path::Path, force: bool) -> Result<(), UsageError> {
         }
         std::os::unix::fs::symlink(&exe, &link)
             .map_err(|e| UsageError::Other(format!("cannot create {}: {e}", link.display())))?;
-        println!("{} -> {}", link.display(), exe.display());
+        crate::outln!("{} -> {}", link.display(), exe.display());
     }
     Ok(())
 }

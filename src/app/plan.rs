@@ -107,7 +107,7 @@ async fn probe(ssh: SshSettings, node: Node, target: String) -> Result<TargetNow
         .stderr(openssh::Stdio::null())
         .output()
         .await
-        .map_err(|e| ssh::describe(&e));
+        .map_err(|e| ssh::describe(&e).to_string());
     let _ = session.close().await;
     Ok(parse_probe(&String::from_utf8_lossy(&out?.stdout)))
 }

@@ -2,7 +2,7 @@
 //! one line per node (`fit01 on`, `fit02 failed: …`, `fit03 timeout after
 //! 10s`), or with `--json` a state object per node and the summary.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
 
@@ -22,7 +22,7 @@ pub(crate) async fn run_power(
     let config = &loaded.config.power;
     let nodes = select(loaded, &args.nodes)?;
     let secs = args.timeout.unwrap_or(config.timeout as f64);
-    let timeout = Duration::try_from_secs_f64(secs)
+    let timeout = super::timeout_secs(secs)
         .ok()
         .filter(|t| !t.is_zero())
         .ok_or_else(|| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))?;
@@ -68,11 +68,11 @@ pub(crate) async fn run_power(
     }
     if cli.global.json {
         for e in &events {
-            println!("{e}");
+            crate::outln!("{e}");
         }
     } else {
         for r in &results {
-            println!("{} {}", r.name, message(action, r));
+            crate::outln!("{} {}", r.name, message(action, r));
         }
         let failed: Vec<&str> = results
             .iter()

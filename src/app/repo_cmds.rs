@@ -39,7 +39,7 @@ pub(crate) fn list(cli: &Cli, args: &cli::ListArgs, loaded: &Loaded) -> Result<E
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("event".into(), "image".into());
             }
-            println!("{v}");
+            crate::outln!("{v}");
         }
     } else if images.is_empty() {
         let dirs: Vec<String> = repos
@@ -53,15 +53,17 @@ pub(crate) fn list(cli: &Cli, args: &cli::ListArgs, loaded: &Loaded) -> Result<E
                     .0
                     .is_empty() =>
             {
-                println!(
+                crate::outln!(
                     "no image in {} matches `{p}` (`imaging list` shows them all)",
                     dirs.join(", ")
-                )
+                );
             }
-            _ => println!("no images in {}", dirs.join(", ")),
+            _ => {
+                crate::outln!("no images in {}", dirs.join(", "));
+            }
         }
     } else {
-        print!("{}", repo::format_table(&images, args.long));
+        crate::ui::stdout::write(&repo::format_table(&images, args.long));
     }
     Ok(Exit::Success)
 }
@@ -70,7 +72,7 @@ pub(crate) fn alias(args: &cli::AliasArgs, loaded: &Loaded) -> Result<Exit, Usag
     let line = repos(loaded)
         .alias(&args.name, &args.image, args.force)
         .map_err(UsageError::Other)?;
-    println!("{line}");
+    crate::outln!("{line}");
     Ok(Exit::Success)
 }
 
@@ -102,7 +104,7 @@ pub(crate) fn resolve(
             "identity": m.identity_hex(),
             "provenance": origin,
         });
-        println!("{v}");
+        crate::outln!("{v}");
         return Ok(Exit::Success);
     }
     let via = match &found.alias_to {
@@ -113,15 +115,15 @@ pub(crate) fn resolve(
         ),
         None => format!("{} ({})", found.path.display(), found.location),
     };
-    println!("{}", found.file.display());
-    println!("  via       {via}");
-    println!(
+    crate::outln!("{}", found.file.display());
+    crate::outln!("  via       {via}");
+    crate::outln!(
         "  size      {} ({size} bytes)",
         crate::ui::fmt::human_bytes(size)
     );
-    println!("  identity  {}", m.identity_hex());
+    crate::outln!("  identity  {}", m.identity_hex());
     if let Some(p) = origin {
-        println!("  origin    {}", p.describe());
+        crate::outln!("  origin    {}", p.describe());
     }
     Ok(Exit::Success)
 }
@@ -135,7 +137,7 @@ pub(crate) fn share(args: &cli::ShareArgs, loaded: &Loaded) -> Result<Exit, Usag
         )
         .map_err(UsageError::Other)?;
     for line in lines {
-        println!("{line}");
+        crate::outln!("{line}");
     }
     Ok(Exit::Success)
 }
@@ -145,9 +147,9 @@ pub(crate) fn rm(args: &cli::RmArgs, loaded: &Loaded) -> Result<Exit, UsageError
         .rm(&args.images, args.force, args.dry_run)
         .map_err(UsageError::Other)?;
     for line in &removal.lines {
-        println!("{line}");
+        crate::outln!("{line}");
     }
-    println!("{}", removal.total(args.dry_run));
+    crate::outln!("{}", removal.total(args.dry_run));
     Ok(Exit::Success)
 }
 
@@ -156,8 +158,8 @@ pub(crate) fn prune(args: &cli::PruneArgs, loaded: &Loaded) -> Result<Exit, Usag
         .prune(args.keep, args.pattern.as_deref(), args.dry_run)
         .map_err(UsageError::Other)?;
     for line in &removal.lines {
-        println!("{line}");
+        crate::outln!("{line}");
     }
-    println!("{}", removal.total(args.dry_run));
+    crate::outln!("{}", removal.total(args.dry_run));
     Ok(Exit::Success)
 }

@@ -18,6 +18,13 @@ use crate::inventory::{self, Inventory, Node};
 /// Where a value came from.
 pub const BUILTIN: &str = "built-in default";
 
+/// The longest timeout or wait accepted anywhere, in seconds (10 years):
+/// larger values would overflow the clock arithmetic.
+pub const MAX_SECONDS: u64 = 315_360_000;
+
+/// The most nodes or commands handled at once.
+pub const MAX_CONCURRENCY: usize = 4096;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -457,6 +464,32 @@ impl Config {
                     self.load.relay_port_min, self.load.relay_port_max
                 ),
             ));
+        }
+        for (key, secs) in [
+            ("load.timeout", self.load.timeout),
+            ("load.reconnect_wait", self.load.reconnect_wait),
+            ("save.timeout", self.save.timeout),
+            ("wait.timeout", self.wait.timeout),
+            ("power.timeout", self.power.timeout),
+            ("ssh.connect_timeout", self.ssh.connect_timeout),
+        ] {
+            if secs > MAX_SECONDS {
+                return Err(bad(
+                    key,
+                    format!("{secs} seconds is above the maximum {MAX_SECONDS} (10 years)"),
+                ));
+            }
+        }
+        for (key, n) in [
+            ("load.concurrency", self.load.concurrency),
+            ("power.concurrency", self.power.concurrency),
+        ] {
+            if n > MAX_CONCURRENCY {
+                return Err(bad(
+                    key,
+                    format!("{n} is above the maximum {MAX_CONCURRENCY}"),
+                ));
+            }
         }
         if !(1..=86_400).contains(&self.load.stall_timeout) {
             return Err(bad(

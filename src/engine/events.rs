@@ -101,6 +101,9 @@ pub struct NodeSummary {
     /// `save`: the name of the image saved from this node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Seconds from the run's start to this node's final state: tells a
+    /// slow node from its neighbours.
+    pub elapsed_s: f64,
 }
 
 impl Summary {

@@ -157,7 +157,10 @@ pub struct NodePower {
 /// nodes' order. Dropping the future kills every command still running.
 pub async fn run(job: &PowerJob) -> Vec<NodePower> {
     let started = Instant::now();
-    let slots = Arc::new(tokio::sync::Semaphore::new(job.concurrency));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        job.concurrency
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, command) in job.commands.iter().enumerate() {
         let (slots, command, timeout) = (slots.clone(), command.clone(), job.timeout);

@@ -22,7 +22,12 @@ pub struct NodeCell {
     state: Mutex<(NodeState, Option<String>)>,
     /// `save`: the name of the image this node was saved into.
     image: Mutex<Option<String>>,
+    /// Milliseconds from the run's start to the node's first final state;
+    /// `NOT_FINISHED` until then.
+    finished_ms: AtomicU64,
 }
+
+const NOT_FINISHED: u64 = u64::MAX;
 
 /// A consistent-enough reading of one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +47,7 @@ pub struct Board {
     /// Bytes that left the controller for the nodes, as sent (compressed):
     /// what the bandwidth cap limits.
     pub wire: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl Board {
@@ -56,9 +62,11 @@ impl Board {
                     total: AtomicU64::new(0),
                     state: Mutex::new((NodeState::Queued, None)),
                     image: Mutex::new(None),
+                    finished_ms: AtomicU64::new(NOT_FINISHED),
                 })
                 .collect(),
             wire: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
         })
     }
 
@@ -90,6 +98,16 @@ impl Board {
     }
 
     fn set_state(&self, i: usize, state: NodeState, message: Option<String>) {
+        if state.is_final() {
+            let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            // The first final state counts: a later relabel keeps the time.
+            let _ = self.nodes[i].finished_ms.compare_exchange(
+                NOT_FINISHED,
+                ms,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         *self.nodes[i]
             .state
             .lock()
@@ -100,8 +118,15 @@ impl Board {
         let nodes = (0..self.nodes.len())
             .map(|i| {
                 let r = self.read(i);
+                let finished = self.nodes[i].finished_ms.load(Ordering::Relaxed);
                 NodeSummary {
                     name: self.nodes[i].name.clone(),
+                    // Unfinished nodes (a summary taken early) count the whole run.
+                    elapsed_s: if finished == NOT_FINISHED {
+                        elapsed_s
+                    } else {
+                        finished as f64 / 1000.0
+                    },
                     state: r.state,
                     bytes_sent: r.bytes_sent,
                     bytes_written: r.bytes_written,
@@ -191,5 +216,39 @@ impl Reporter {
             .summary(&self.command, self.started.elapsed().as_secs_f64());
         let _ = self.tx.send(Event::Finished(summary.clone()));
         summary
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn each_node_keeps_the_time_it_reached_its_final_state() {
+        let board = Board::new(&["fast".into(), "slow".into(), "open".into()]);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let report = Reporter::new("load", board, tx);
+        report.state(0, NodeState::Done, None);
+        std::thread::sleep(Duration::from_millis(300));
+        report.state(1, NodeState::Failed, Some("no space".into()));
+        // A later relabel does not move the time.
+        std::thread::sleep(Duration::from_millis(100));
+        report.state(1, NodeState::Failed, Some("no space left".into()));
+        std::thread::sleep(Duration::from_millis(100));
+        let summary = report.finish();
+        let [fast, slow, open] = &summary.nodes[..] else {
+            panic!("{summary:?}")
+        };
+        // Sleeps are minimums, so these margins hold on a busy machine too.
+        assert!(fast.elapsed_s <= slow.elapsed_s - 0.29, "{summary:?}");
+        assert!(slow.elapsed_s >= 0.3, "{slow:?}");
+        assert!(slow.elapsed_s <= open.elapsed_s - 0.19, "{summary:?}");
+        // Not finished: the whole run.
+        assert!(open.elapsed_s >= 0.5, "{open:?}");
+        assert!(open.elapsed_s <= summary.elapsed_s + 0.001, "{summary:?}");
+        let json = serde_json::to_value(&summary).unwrap();
+        assert!(json["nodes"][1]["elapsed_s"].as_f64().unwrap() >= 0.3);
     }
 }

@@ -60,10 +60,13 @@ pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
     for i in 0..job.nodes.len() {
         let (job, report, cancel) = (job.clone(), report.clone(), cancel.clone());
         tasks.spawn(async move {
-            let partial = job.repo.join(crate::image::repo::partial_name(&job.names[i]));
+            let partial = job.repo.join(crate::image::repo::partial_name(
+                &job.names[i],
+                std::process::id(),
+            ));
             let outcome = tokio::select! {
                 r = tokio::time::timeout_at(job.deadline, save_node(i, &job, &report, &partial)) => match r {
-                    Ok(Ok(())) => Ok(()),
+                    Ok(Ok(name)) => Ok(name),
                     Ok(Err(e)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, e)),
                     Ok(Err(e)) => Err((NodeState::Failed, e)),
                     Err(_) => Err((NodeState::Timeout, "deadline reached".to_string())),
@@ -71,12 +74,13 @@ pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
                 _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".to_string())),
             };
             match outcome {
-                Ok(()) => {
-                    report.image(i, &job.names[i]);
-                    report.state(i, NodeState::Done, Some(job.names[i].clone()));
+                Ok(name) => {
+                    report.image(i, &name);
+                    report.state(i, NodeState::Done, Some(name));
                 }
                 Err((state, reason)) => {
-                    // Nothing half-written stays behind.
+                    // Nothing half-written stays behind (the partial is
+                    // this run's own: its name carries our pid).
                     let _ = std::fs::remove_file(&partial);
                     report.state(i, state, Some(reason));
                 }
@@ -91,7 +95,7 @@ async fn save_node(
     job: &SaveJob,
     report: &Reporter,
     partial: &Path,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let node = &job.nodes[i];
     let mut link = if node.local {
         AgentLink::local_ready().await?
@@ -113,9 +117,11 @@ async fn save_node(
             _ => e,
         }
     });
-    let (manifest, held) = result?;
-    let final_path = job.repo.join(&job.names[i]);
-    finish_file(partial, &final_path, &manifest)?;
+    // The lock on the partial is held until it has its final name.
+    let (manifest, held, locked) = result?;
+    let name = finish_file(partial, &job.repo, &job.names[i], &manifest)?;
+    drop(locked);
+    let final_path = job.repo.join(&name);
     let p = &job.provenance;
     let provenance = Provenance {
         node: node.name.clone(),
@@ -135,10 +141,10 @@ async fn save_node(
     if let Err(e) = provenance::write(&final_path, &provenance) {
         report.log(
             Some(i),
-            format!("cannot record the provenance of {}: {e}", job.names[i]),
+            format!("cannot record the provenance of {name}: {e}"),
         );
     }
-    Ok(())
+    Ok(name)
 }
 
 async fn receive(
@@ -147,7 +153,7 @@ async fn receive(
     report: &Reporter,
     partial: &Path,
     link: &mut AgentLink,
-) -> Result<(Manifest, Option<HeldImage>), String> {
+) -> Result<(Manifest, Option<HeldImage>, std::fs::File), String> {
     proto::write_msg(
         &mut link.tx,
         &Msg::SaveBegin {
@@ -166,14 +172,11 @@ async fn receive(
         .map_err(|e| e.to_string())?
     {
         Msg::SaveInfo { size, held } => (size, held),
-        Msg::Error { message } => return Err(format!("agent: {message}")),
+        Msg::Error { message, .. } => return Err(format!("agent: {message}")),
         other => return Err(format!("agent answered {} to SaveBegin", other.name())),
     };
-    // create_new: never overwrite, not even a stale partial of another run.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(partial)
+    // Our own name (it carries our pid), locked while we write it.
+    let file = crate::image::repo::create_partial(partial)
         .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
     file.set_len(size)
         .map_err(|e| format!("{}: {e}", partial.display()))?;
@@ -225,7 +228,7 @@ async fn receive(
             }
             Msg::Note { text } => report.log(Some(i), format!("{}: {text}", job.nodes[i].name)),
             Msg::SaveEnd => break,
-            Msg::Error { message } => return Err(format!("agent: {message}")),
+            Msg::Error { message, .. } => return Err(format!("agent: {message}")),
             other => return Err(format!("agent sent {} during the save", other.name())),
         }
     }
@@ -249,24 +252,43 @@ async fn receive(
     if on_disk.identity != received.identity {
         return Err("the saved file does not read back as received".into());
     }
-    Ok((on_disk, held))
+    Ok((on_disk, held, file))
 }
 
 /// Write the verified file's manifest, then give the file its final name
-/// (never replacing a file).
-fn finish_file(partial: &Path, final_path: &Path, manifest: &Manifest) -> Result<(), String> {
-    // A missing manifest is only rebuilt later; it does not stop the save.
-    let _ = crate::image::manifest::store_renamed(partial, final_path, manifest);
-    std::fs::hard_link(partial, final_path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            format!(
-                "{} already exists; nothing was overwritten",
-                final_path.display()
-            )
-        } else {
-            format!("cannot name the image {}: {e}", final_path.display())
+/// in `repo`: `name`, else `name` numbered `-2`, `-3`, … when another save
+/// took it first (never replacing a file). Returns the name given.
+fn finish_file(
+    partial: &Path,
+    repo: &Path,
+    name: &str,
+    manifest: &Manifest,
+) -> Result<String, String> {
+    for n in 1..=1000 {
+        let candidate = crate::image::repo::numbered_name(name, n);
+        let final_path = repo.join(&candidate);
+        if final_path.symlink_metadata().is_ok() {
+            continue;
         }
-    })?;
-    let _ = std::fs::remove_file(partial);
-    Ok(())
+        // A missing manifest is only rebuilt later; it does not stop the save.
+        let _ = crate::image::manifest::store_renamed(partial, &final_path, manifest);
+        match std::fs::hard_link(partial, &final_path) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(partial);
+                return Ok(candidate);
+            }
+            // Taken between the check and the link: try the next number.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(format!(
+                    "cannot name the image {}: {e}",
+                    final_path.display()
+                ));
+            }
+        }
+    }
+    Err(format!(
+        "{name} and its numbered variants all exist in {}; nothing was overwritten",
+        repo.display()
+    ))
 }

@@ -81,11 +81,12 @@ pub async fn wait_one(
     let session = connect_when_up(node, ssh, deadline, Some(limit), &on_failure).await?;
     let ran = ssh::run_ok(&session, "true").await;
     let _ = session.close().await;
-    ran.map_err(|e| e.0)
+    ran.map_err(|e| e.to_string())
 }
 
 /// Connect to `node`, retrying with backoff until it answers or `deadline`
-/// passes; `on_failure` sees every failed attempt. Used by `wait` and by
+/// passes; `on_failure` sees every failed attempt. A failure that stays
+/// (a refused key, a wrong host key) ends it at once. Used by `wait` and by
 /// every command that needs a node's SSH.
 pub async fn connect_when_up(
     node: &Node,
@@ -110,9 +111,10 @@ pub async fn connect_when_up(
         };
         match attempt {
             Ok(session) => return Ok(session),
+            Err(e) if !e.is_retryable() => return Err(e.to_string()),
             Err(e) => {
-                on_failure(&e.0);
-                last = e.0;
+                on_failure(&e.reason);
+                last = e.reason;
             }
         }
         let pause = backoff.next_delay();

@@ -1,10 +1,30 @@
 //! Chunk digests: xxh3-128, the one hash of the product.
 
+use std::sync::Mutex;
+
 /// Digest of one chunk's bytes.
 pub type ChunkDigest = u128;
 
 pub fn chunk_digest(data: &[u8]) -> ChunkDigest {
     xxhash_rust::xxh3::xxh3_128(data)
+}
+
+/// Digest of `len` zero bytes. An image has at most two chunk lengths (full
+/// and last), so the few most recent answers are kept.
+pub fn zero_digest(len: usize) -> ChunkDigest {
+    static CACHE: Mutex<Vec<(usize, ChunkDigest)>> = Mutex::new(Vec::new());
+    const KEEP: usize = 4;
+    let cache = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, d)) = cache().iter().find(|(l, _)| *l == len) {
+        return d;
+    }
+    let digest = chunk_digest(&vec![0u8; len]);
+    let mut cache = cache();
+    if cache.len() >= KEEP {
+        cache.remove(0);
+    }
+    cache.push((len, digest));
+    digest
 }
 
 /// True if every byte is zero. OR-folding 64-byte blocks vectorises well and
@@ -22,6 +42,13 @@ pub fn is_zero(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_digest_matches_zero_bytes() {
+        for len in [0, 1, 4096, 65536, 4096, 100, 7, 3, 1] {
+            assert_eq!(zero_digest(len), chunk_digest(&vec![0u8; len]), "{len}");
+        }
+    }
 
     #[test]
     fn zero_detection_sees_any_set_byte() {

@@ -27,12 +27,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
 
-use crate::image::digest::{ChunkDigest, chunk_digest, is_zero};
+use crate::image::digest::{ChunkDigest, chunk_digest, is_zero, zero_digest};
+use crate::image::geometry::Geometry;
 use crate::image::reader::ImageReader;
+use crate::proto::cursor::Cursor;
 use crate::proto::{bit, bitmap_len, set_bit};
 
-/// Largest chunk size `build` accepts (its read buffers are this large).
-pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
+/// Largest chunk size `build` accepts (its read buffers are this large):
+/// the one limit of [`crate::image::MAX_CHUNK_SIZE`].
+const MAX_CHUNK_SIZE: u64 = crate::image::MAX_CHUNK_SIZE as u64;
 
 const IDENTITY_DOMAIN: &[u8] = b"imaging-manifest-v1";
 const CACHE_MAGIC: &[u8; 8] = b"IMGMANI1";
@@ -64,7 +67,7 @@ impl Manifest {
         }
         let file = ImageReader::open(path).map_err(|e| in_file(path, e))?;
         let size = file.size().map_err(|e| in_file(path, e))?;
-        let count = usize::try_from(size.div_ceil(chunk_size)).map_err(|_| {
+        let count = usize::try_from(Geometry::new(size, chunk_size).count()).map_err(|_| {
             in_file(
                 path,
                 io::Error::new(io::ErrorKind::InvalidInput, "too many chunks"),
@@ -78,18 +81,7 @@ impl Manifest {
             BUILD_THREADS
         };
 
-        // Chunks of holes get these digests without being read.
         let buf_len = chunk_size.min(size) as usize;
-        let zero_buf = vec![0u8; buf_len];
-        let zero_full = chunk_digest(&zero_buf);
-        let tail_len = (size % chunk_size) as usize;
-        let zero_tail = if tail_len == 0 {
-            zero_full
-        } else {
-            chunk_digest(&zero_buf[..tail_len])
-        };
-        drop(zero_buf);
-
         let mut digests = vec![0u128; count];
         let mut zeros = vec![false; count];
         let per_range = (RANGE_BYTES / chunk_size).max(1) as usize;
@@ -110,8 +102,6 @@ impl Manifest {
             chunk_size,
             size,
             has_data: &has_data,
-            zero_full,
-            zero_tail,
             failed: &failed,
         };
         let results: Vec<io::Result<()>> = std::thread::scope(|s| {
@@ -164,13 +154,15 @@ impl Manifest {
 
     /// Bytes in chunk `i`: `chunk_size`, except for a shorter last chunk.
     pub fn chunk_len(&self, i: usize) -> u64 {
-        self.size
-            .saturating_sub(self.chunk_offset(i))
-            .min(self.chunk_size)
+        self.geometry().len(i)
     }
 
     pub fn chunk_offset(&self, i: usize) -> u64 {
-        (i as u64).saturating_mul(self.chunk_size)
+        self.geometry().offset(i)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        Geometry::new(self.size, self.chunk_size)
     }
 
     pub fn is_zero_chunk(&self, i: usize) -> bool {
@@ -213,8 +205,6 @@ struct Job<'a> {
     chunk_size: u64,
     size: u64,
     has_data: &'a [bool],
-    zero_full: u128,
-    zero_tail: u128,
     failed: &'a AtomicBool,
 }
 
@@ -228,10 +218,10 @@ impl Job<'_> {
                     return Ok(());
                 }
                 let i = first + k;
-                let offset = i as u64 * self.chunk_size;
-                let len = (self.size - offset).min(self.chunk_size) as usize;
-                let full = len as u64 == self.chunk_size;
-                let zero_digest = if full { self.zero_full } else { self.zero_tail };
+                let geometry = Geometry::new(self.size, self.chunk_size);
+                let (offset, len) = (geometry.offset(i), geometry.len(i) as usize);
+                // Chunks of holes get this digest without being read.
+                let zero_digest = zero_digest(len);
                 if !self.has_data[i] {
                     (*digest, *zero) = (zero_digest, true);
                     continue;
@@ -264,20 +254,6 @@ impl Job<'_> {
     }
 }
 
-/// Size of a regular file or a block device.
-pub(crate) fn file_size(file: &File) -> io::Result<u64> {
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // SAFETY: lseek on a descriptor we own; it touches no memory.
-    let end = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(file), 0, libc::SEEK_END) };
-    if end < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(end as u64)
-}
-
 /// For each chunk, whether any of its bytes may be data (not in a hole).
 fn chunks_with_data(file: &ImageReader, size: u64, chunk_size: u64, count: usize) -> Vec<bool> {
     match file.data_extents(size) {
@@ -298,52 +274,6 @@ fn chunks_with_data(file: &ImageReader, size: u64, chunk_size: u64, count: usize
         }
         None => vec![true; count],
     }
-}
-
-/// Data extents `[start, end)` from SEEK_DATA/SEEK_HOLE; `None` when the
-/// system cannot tell (then everything is read).
-#[cfg(any(target_os = "linux", target_os = "android"))]
-pub(crate) fn data_extents(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
-        let offset = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        // SAFETY: lseek on a descriptor we own; it touches no memory. The
-        // file position it moves is unused: chunks are read with read_at.
-        let r = unsafe { libc::lseek(fd, offset, whence) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None) // no data at or after offset
-        } else {
-            Err(e)
-        }
-    };
-    let mut extents = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let start = match seek(at, libc::SEEK_DATA).ok()? {
-            Some(start) if start < size => start,
-            _ => break,
-        };
-        let end = seek(start, libc::SEEK_HOLE).ok()?.unwrap_or(size).min(size);
-        if end <= start {
-            // Should not happen; read the rest rather than loop.
-            extents.push((start, size));
-            break;
-        }
-        extents.push((start, end));
-        at = end;
-    }
-    Some(extents)
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(crate) fn data_extents(_file: &File, _size: u64) -> Option<Vec<(u64, u64)>> {
-    None
 }
 
 fn in_file(path: &Path, e: io::Error) -> io::Error {
@@ -501,7 +431,7 @@ fn read_fresh(place: &Path, stamp: FileStamp, chunk_size: u64) -> io::Result<Opt
     if stored != stamp || head_chunk_size != chunk_size {
         return Ok(None);
     }
-    let expected = usize::try_from(size.div_ceil(chunk_size))
+    let expected = usize::try_from(Geometry::new(size, chunk_size).count())
         .ok()
         .and_then(cache_len);
     let actual = file.metadata()?.len();
@@ -524,21 +454,21 @@ const HEAD_LEN: usize = 8 + (8 + 8 + 4 + 8 + 8) + 8 + 8;
 /// The stamp, chunk size and image size at the start of a cache file
 /// (unverified: `decode` checks the whole file).
 fn decode_head(head: &[u8]) -> io::Result<(FileStamp, u64, u64)> {
-    let mut r = Reader { buf: head };
-    if r.take(8)? != CACHE_MAGIC {
+    let mut r = Cursor::new(head);
+    if r.take(8, "magic")? != CACHE_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "bad manifest: not a manifest file",
         ));
     }
     let stamp = FileStamp {
-        len: r.u64()?,
-        mtime_secs: r.u64()? as i64,
-        mtime_nsec: r.u32()?,
-        inode: r.u64()?,
-        dev: r.u64()?,
+        len: r.u64("manifest")?,
+        mtime_secs: r.u64("manifest")? as i64,
+        mtime_nsec: r.u32("manifest")?,
+        inode: r.u64("manifest")?,
+        dev: r.u64("manifest")?,
     };
-    Ok((stamp, r.u64()?, r.u64()?))
+    Ok((stamp, r.u64("manifest")?, r.u64("manifest")?))
 }
 
 /// The cached manifest if fresh, else built and cached. Failing to write the
@@ -648,31 +578,34 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
         |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad manifest: {what}"));
     let split = bytes.len().checked_sub(8).ok_or_else(|| bad("too short"))?;
     let (body, sum) = bytes.split_at(split);
-    let mut r = Reader { buf: body };
-    if r.take(8).map_err(|_| bad("too short"))? != CACHE_MAGIC {
+    let mut r = Cursor::new(body);
+    if r.take(8, "magic").map_err(|_| bad("too short"))? != CACHE_MAGIC {
         return Err(bad("not a manifest file"));
     }
     if u64::from_le_bytes(sum.try_into().map_err(|_| bad("checksum"))?) != xxh3_64(body) {
         return Err(bad("checksum mismatch"));
     }
     let stamp = FileStamp {
-        len: r.u64()?,
-        mtime_secs: r.u64()? as i64,
-        mtime_nsec: r.u32()?,
-        inode: r.u64()?,
-        dev: r.u64()?,
+        len: r.u64("manifest")?,
+        mtime_secs: r.u64("manifest")? as i64,
+        mtime_nsec: r.u32("manifest")?,
+        inode: r.u64("manifest")?,
+        dev: r.u64("manifest")?,
     };
-    let chunk_size = r.u64()?;
-    let size = r.u64()?;
-    let count = r.u64()?;
+    let chunk_size = r.u64("manifest")?;
+    let size = r.u64("manifest")?;
+    let count = r.u64("manifest")?;
     if chunk_size == 0 {
         return Err(bad("chunk size 0"));
     }
-    if count != size.div_ceil(chunk_size) {
+    if count != Geometry::new(size, chunk_size).count() {
         return Err(bad("chunk count does not match size"));
     }
     let count = usize::try_from(count).map_err(|_| bad("chunk count"))?;
-    let digest_bytes = r.take(count.checked_mul(16).ok_or_else(|| bad("chunk count"))?)?;
+    let digest_bytes = r.take(
+        count.checked_mul(16).ok_or_else(|| bad("chunk count"))?,
+        "manifest digests",
+    )?;
     let digests: Vec<u128> = digest_bytes
         .chunks_exact(16)
         .map(|c| {
@@ -681,16 +614,16 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
             u128::from_le_bytes(a)
         })
         .collect();
-    let zero_len = r.u64()?;
+    let zero_len = r.u64("manifest")?;
     if zero_len != bitmap_len(count) as u64 {
         return Err(bad("zero bitmap length does not match chunk count"));
     }
-    let zero = r.take(zero_len as usize)?.to_vec();
+    let zero = r.take(zero_len as usize, "manifest")?.to_vec();
     if (count..zero.len() * 8).any(|i| bit(&zero, i)) {
         return Err(bad("zero bitmap has bits past the last chunk"));
     }
-    let identity = r.u128()?;
-    if !r.buf.is_empty() {
+    let identity = r.u128("manifest")?;
+    if r.remaining() != 0 {
         return Err(bad("trailing bytes"));
     }
     let manifest = Manifest::from_parts(chunk_size, size, digests, zero);
@@ -701,42 +634,6 @@ fn decode(bytes: &[u8]) -> io::Result<(FileStamp, Manifest)> {
 }
 
 /// Bounds-checked reading of the cache body.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
-        if n > self.buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad manifest: truncated",
-            ));
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> io::Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-
-    fn u32(&mut self) -> io::Result<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> io::Result<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
-
-    fn u128(&mut self) -> io::Result<u128> {
-        self.array().map(u128::from_le_bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

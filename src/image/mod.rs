@@ -2,6 +2,7 @@
 
 pub mod digest;
 pub mod fileio;
+pub mod geometry;
 pub mod import;
 pub mod manage;
 pub mod manifest;
@@ -9,6 +10,7 @@ pub mod ndz;
 pub mod provenance;
 pub mod reader;
 pub mod repo;
+pub mod sparse;
 
 /// Smallest chunk size: the one limit the configuration, the wire and the
 /// agent all check against.

@@ -10,8 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::image::manifest;
 use crate::image::ndz::{self, NdzImage};
+use crate::image::sparse;
 
 /// What a file holds, as far as loading it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +123,7 @@ impl ImageReader {
     /// `.ndz` describes.
     pub fn size(&self) -> io::Result<u64> {
         match self {
-            ImageReader::Raw { file, .. } => manifest::file_size(file),
+            ImageReader::Raw { file, .. } => sparse::file_size(file),
             ImageReader::Ndz(img) => Ok(lock(img).size()),
         }
     }
@@ -152,7 +152,7 @@ impl ImageReader {
     /// its data extents (holes skipped), for an `.ndz` the regions it covers.
     pub fn data_extents(&self, size: u64) -> Option<Vec<(u64, u64)>> {
         match self {
-            ImageReader::Raw { file, .. } => manifest::data_extents(file, size),
+            ImageReader::Raw { file, .. } => sparse::data_extents(file, size),
             ImageReader::Ndz(img) => Some(
                 lock(img)
                     .covered()

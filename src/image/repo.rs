@@ -7,10 +7,10 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::fmt::human_bytes;
 use crate::image::manifest::{self, ManifestState};
 use crate::image::provenance::{self, Provenance};
 use crate::image::reader::Format;
-use crate::ui::fmt::human_bytes;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageInfo {
@@ -454,14 +454,109 @@ pub fn save_name(
     ))
 }
 
-/// The hidden name a save writes to before its final rename.
-pub fn partial_name(final_name: &str) -> String {
-    format!(".{final_name}.partial")
+/// The hidden name a save writes to before its final rename. It carries
+/// the saving process's pid, so that two runs saving one name at once
+/// never share a file.
+pub fn partial_name(final_name: &str, pid: u32) -> String {
+    format!(".{final_name}.{pid}.partial")
+}
+
+/// Create (or take over) the partial file at `path` and lock it for the
+/// save's life: a partial that nobody holds locked is stale, and
+/// [`remove_stale_partials`] removes it. Locking, then checking that the
+/// path still names the locked file, closes the race with such a removal.
+pub fn create_partial(path: &Path) -> io::Result<fs::File> {
+    for _ in 0..10 {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        file.lock()?;
+        let (held, named) = (file.metadata()?, fs::metadata(path));
+        if named.is_ok_and(|n| n.ino() == held.ino() && n.dev() == held.dev()) {
+            file.set_len(0)?;
+            return Ok(file);
+        }
+    }
+    Err(io::Error::other(format!(
+        "{}: removed again and again while being created",
+        path.display()
+    )))
+}
+
+/// Remove the hidden partial files of saves that are no longer running (a
+/// run killed before it could remove its own): those nobody holds locked.
+/// Returns the names removed.
+pub fn remove_stale_partials(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.ends_with(".partial")) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = fs::File::open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue; // a save is writing it
+        }
+        let same = file.metadata().ok().zip(fs::symlink_metadata(&path).ok());
+        if same.is_some_and(|(a, b)| a.ino() == b.ino() && a.dev() == b.dev())
+            && fs::remove_file(&path).is_ok()
+        {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+/// `name` with ` -N` before its `.img`: the N-th choice when the plain
+/// name is taken (`…__golden.img`, `…__golden-2.img`, …).
+pub fn numbered_name(name: &str, n: u32) -> String {
+    if n <= 1 {
+        return name.to_string();
+    }
+    match name.strip_suffix(".img") {
+        Some(stem) => format!("{stem}-{n}.img"),
+        None => format!("{name}-{n}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_held_by_a_save_is_kept_a_released_one_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = dir.path().join(partial_name("saving__n1__x.img", 1));
+        let left = dir.path().join(partial_name("saving__n2__x.img", 2));
+        let _file = create_partial(&held).unwrap();
+        drop(create_partial(&left).unwrap());
+        fs::write(dir.path().join("saving__n3__x.img"), b"an image").unwrap();
+        let removed = remove_stale_partials(dir.path());
+        assert_eq!(removed, vec![".saving__n2__x.img.2.partial".to_string()]);
+        assert!(held.exists() && !left.exists());
+        assert!(dir.path().join("saving__n3__x.img").exists());
+    }
+
+    #[test]
+    fn numbered_names_go_before_the_extension() {
+        assert_eq!(
+            numbered_name("saving__a__t__g.img", 1),
+            "saving__a__t__g.img"
+        );
+        assert_eq!(
+            numbered_name("saving__a__t__g.img", 3),
+            "saving__a__t__g-3.img"
+        );
+    }
     use std::fs::File;
     use std::os::unix::fs::symlink;
 
@@ -715,8 +810,8 @@ mod tests {
         }
         assert!(save_name("a/b", when, None).is_err());
         assert_eq!(
-            partial_name("saving__fit01__2024-03-07@09-05.img"),
-            ".saving__fit01__2024-03-07@09-05.img.partial"
+            partial_name("saving__fit01__2024-03-07@09-05.img", 42),
+            ".saving__fit01__2024-03-07@09-05.img.42.partial"
         );
     }
 

@@ -112,6 +112,19 @@ pub fn parse_r2lab_json(path: &Path, text: &str) -> Result<Vec<Node>, InventoryE
                 message: format!("entry {} has an empty control.hostname", i + 1),
             });
         }
+        if let Some(j) = nodes.iter().position(|n: &Node| n.name == name) {
+            let first: &Node = &nodes[j];
+            return Err(InventoryError::Parse {
+                path: shown,
+                message: format!(
+                    "entries {} ({name}, {}) and {} ({name}, {}) have the same control.hostname",
+                    j + 1,
+                    first.address,
+                    i + 1,
+                    e.control.ip.as_deref().unwrap_or(&name),
+                ),
+            });
+        }
         let mut extra = BTreeMap::new();
         for (k, v) in e.cmc {
             extra.insert(format!("cmc.{k}"), json_scalar(&v));
@@ -187,6 +200,23 @@ mod tests {
         assert_eq!(nodes[0].mac.as_deref(), Some("00:03:1d:0e:03:19"));
         assert_eq!(nodes[1].extra["cmc.hostname"], "reboot02");
         assert_eq!(nodes[0].cmc.as_deref(), Some("192.168.1.1"));
+    }
+
+    #[test]
+    fn duplicate_hostnames_are_refused_naming_both_entries() {
+        let text = r#"[
+          {"control": {"hostname": "fit01", "ip": "192.168.3.1"}},
+          {"control": {"hostname": "fit02", "ip": "192.168.3.2"}},
+          {"control": {"hostname": "fit01", "ip": "192.168.3.3"}}
+        ]"#;
+        let err = parse_r2lab_json(Path::new("inv.json"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("entries 1 (fit01, 192.168.3.1) and 3"),
+            "{err}"
+        );
+        assert!(err.contains("192.168.3.3"), "{err}");
     }
 
     #[test]

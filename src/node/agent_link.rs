@@ -51,7 +51,7 @@ impl AgentSource {
         let path = self.remote_path();
         let mut link = AgentLink::over_ssh(session.clone(), &path)
             .await
-            .map_err(|e| e.0)?;
+            .map_err(|e| e.to_string())?;
         let first = link.handshake().await;
         if first.is_ok() {
             return Ok(link);
@@ -76,7 +76,9 @@ impl AgentSource {
             });
         }
         self.upload(&session, &path).await?;
-        let mut link = AgentLink::over_ssh(session, &path).await.map_err(|e| e.0)?;
+        let mut link = AgentLink::over_ssh(session, &path)
+            .await
+            .map_err(|e| e.to_string())?;
         link.handshake().await?;
         Ok(link)
     }
@@ -94,7 +96,7 @@ impl AgentSource {
             .stderr(openssh::Stdio::null())
             .status()
             .await
-            .map_err(|e| ssh::describe(&e))?;
+            .map_err(|e| ssh::describe(&e).to_string())?;
         if !status.success() {
             return Err(format!("uploading the agent to {path} failed ({status})"));
         }
@@ -152,9 +154,9 @@ impl AgentLink {
             .stderr(openssh::Stdio::piped())
             .spawn()
             .await
-            .map_err(|e| SshError(ssh::describe(&e)))?;
+            .map_err(|e| ssh::describe(&e))?;
         let (Some(stdin), Some(stdout)) = (child.stdin().take(), child.stdout().take()) else {
-            return Err(SshError("the agent's pipes are missing".into()));
+            return Err(SshError::other("the agent's pipes are missing"));
         };
         {
             use std::os::fd::AsFd;
@@ -176,7 +178,7 @@ impl AgentLink {
     /// Start this executable's agent locally (a `local = true` node).
     pub fn local() -> Result<Self, SshError> {
         let exe = std::env::current_exe()
-            .map_err(|e| SshError(format!("cannot find this executable: {e}")))?;
+            .map_err(|e| SshError::other(format!("cannot find this executable: {e}")))?;
         let mut child = tokio::process::Command::new(exe)
             .arg("agent")
             .stdin(std::process::Stdio::piped())
@@ -184,9 +186,9 @@ impl AgentLink {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| SshError(format!("cannot start the local agent: {e}")))?;
+            .map_err(|e| SshError::other(format!("cannot start the local agent: {e}")))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(SshError("the agent's pipes are missing".into()));
+            return Err(SshError::other("the agent's pipes are missing"));
         };
         {
             use std::os::fd::AsFd;
@@ -239,7 +241,7 @@ impl AgentLink {
 
     /// Start this executable's agent locally and exchange Hellos.
     pub async fn local_ready() -> Result<Self, String> {
-        let mut link = AgentLink::local().map_err(|e| e.0)?;
+        let mut link = AgentLink::local().map_err(|e| e.to_string())?;
         link.handshake().await?;
         Ok(link)
     }

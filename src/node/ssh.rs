@@ -43,6 +43,30 @@ impl SshSettings {
 /// (108 bytes), so a deep runtime dir falls back to the temp dir.
 fn control_dir() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
+    let dir = base_control_dir()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    remove_stale_run_dirs(&dir);
+    // One directory per run, named by our pid, so a run that was killed
+    // (and could not clean up) is recognised by the next one.
+    let own = dir.join(run_dir_name(std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&own)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    Ok(own)
+}
+
+/// The directory holding the per-run control directories.
+fn base_control_dir() -> std::io::Result<PathBuf> {
     let preferred = directories::BaseDirs::new()
         .and_then(|b| b.runtime_dir().map(Path::to_path_buf))
         .map(|d| d.join("imaging"))
@@ -52,17 +76,101 @@ fn control_dir() -> std::io::Result<PathBuf> {
         let uid = unsafe { libc::getuid() };
         std::env::temp_dir().join(format!("imaging-{uid}"))
     });
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
     Ok(dir)
 }
 
-/// Why an SSH connection failed, in words for the user.
+fn run_dir_name(pid: u32) -> String {
+    format!("run-{pid}")
+}
+
+/// Remove the per-run control directories whose process is gone (a run
+/// killed before it could remove its own).
+fn remove_stale_run_dirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = match name.strip_prefix("run-").map(str::parse::<i32>) {
+            Some(Ok(pid)) => !process_alive(pid),
+            _ => false,
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether `pid` is a live process (of any user: EPERM means it exists).
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Remove this run's control directory, at the end of the run (its
+/// sessions are closed by then).
+pub fn remove_own_control_dir() {
+    if let Ok(dir) = base_control_dir() {
+        let _ = std::fs::remove_dir_all(dir.join(run_dir_name(std::process::id())));
+    }
+}
+
+/// What kind of SSH failure, as far as ssh's own output tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshFailure {
+    /// The node refused every key offered for the user.
+    AuthRefused,
+    /// `strict` checking and the node's host key is not in known_hosts.
+    HostKeyUnknown,
+    /// known_hosts holds a different key for the node.
+    HostKeyChanged,
+    /// Nothing listens on the port (yet).
+    Refused,
+    /// No route, unreachable network, unresolvable name.
+    Unreachable,
+    /// No TCP connection or handshake in time.
+    Timeout,
+    /// The node closed or reset the connection.
+    Closed,
+    /// Anything else (a command's exit status, a local error, …).
+    Other,
+}
+
+/// Why an SSH connection failed: its kind, and the reason in words for
+/// the user (naming the user, key and known_hosts file where they matter).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SshError(pub String);
+#[error("{reason}")]
+pub struct SshError {
+    pub kind: SshFailure,
+    pub reason: String,
+}
+
+impl SshError {
+    pub fn new(kind: SshFailure, reason: impl Into<String>) -> Self {
+        SshError {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn other(reason: impl Into<String>) -> Self {
+        Self::new(SshFailure::Other, reason)
+    }
+
+    /// Whether another attempt may succeed: a node still booting refuses,
+    /// times out or drops; a refused key or a wrong host key stays so.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self.kind,
+            SshFailure::AuthRefused | SshFailure::HostKeyUnknown | SshFailure::HostKeyChanged
+        )
+    }
+}
 
 /// Open a session to `node`. `limit` caps the connect timeout (a deadline
 /// that is closer than `connect_timeout`), so a hung handshake never outlives it.
@@ -111,11 +219,11 @@ pub async fn connect(
     // is for anything it doesn't (it is whole seconds, we allow one more).
     match tokio::time::timeout(timeout + Duration::from_secs(1), attempt).await {
         Ok(Ok(session)) => Ok(session),
-        Ok(Err(e)) => Err(SshError(describe(&e))),
-        Err(_) => Err(SshError(format!(
-            "no SSH handshake within {}s",
-            timeout.as_secs()
-        ))),
+        Ok(Err(e)) => Err(explain(settings, node, describe(&e))),
+        Err(_) => Err(SshError::new(
+            SshFailure::Timeout,
+            format!("no SSH handshake within {}s", timeout.as_secs()),
+        )),
     }
 }
 
@@ -128,55 +236,120 @@ pub async fn run_ok(session: &Session, command: &str) -> Result<(), SshError> {
         .stderr(openssh::Stdio::null())
         .status()
         .await
-        .map_err(|e| SshError(describe(&e)))?;
+        .map_err(|e| describe(&e))?;
     if status.success() {
         Ok(())
     } else {
-        Err(SshError(format!("`{command}` exited with {status}")))
+        Err(SshError::other(format!("`{command}` exited with {status}")))
     }
 }
 
-/// Turn openssh's error (often ssh's own stderr) into one short reason.
-pub fn describe(e: &openssh::Error) -> String {
+/// Add what the user needs to fix a permanent failure: the user and key
+/// the node refused, the known_hosts file that disagrees.
+fn explain(settings: &SshSettings, node: &Node, e: SshError) -> SshError {
+    let user = node.user.as_deref().unwrap_or(&settings.user);
+    let port = node.port.unwrap_or(settings.port);
+    let host = &node.address;
+    let known_hosts = match &settings.known_hosts_file {
+        Some(f) => f.display().to_string(),
+        None => "~/.ssh/known_hosts".to_string(),
+    };
+    let reason = match e.kind {
+        SshFailure::AuthRefused => {
+            let key = match &settings.identity_file {
+                Some(k) => format!("key {}", k.display()),
+                None => "ssh's default keys and agent".to_string(),
+            };
+            format!(
+                "authentication refused: {host} port {port} did not let user {user} in with {key} (permission denied)"
+            )
+        }
+        SshFailure::HostKeyUnknown => format!(
+            "host key of {host} port {port} is not in {known_hosts} and known_hosts = \"strict\": add it there (ssh-keyscan -p {port} {host}) or use known_hosts = \"accept-new\""
+        ),
+        SshFailure::HostKeyChanged => {
+            let entry = if port == 22 {
+                host.clone()
+            } else {
+                format!("[{host}]:{port}")
+            };
+            format!(
+                "host key of {host} port {port} has changed from the one recorded in {known_hosts}: if the node was reinstalled, remove the old key with `ssh-keygen -R '{entry}' -f {known_hosts}`"
+            )
+        }
+        _ => return e,
+    };
+    SshError::new(e.kind, reason)
+}
+
+/// Classify openssh's error (ssh's own stderr when ssh failed) — the one
+/// place ssh's output is read — into a kind and one short reason.
+pub fn describe(e: &openssh::Error) -> SshError {
     let mut text = e.to_string();
+    let mut all = text.clone();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text = s.to_string();
+        all.push('\n');
+        all.push_str(&text);
         source = s.source();
     }
-    let lower = text.to_lowercase();
+    let lower = all.to_lowercase();
+    use SshFailure::*;
     let known = [
-        ("connection refused", "connection refused"),
+        (
+            "remote host identification has changed",
+            HostKeyChanged,
+            "host key changed",
+        ),
+        ("offending", HostKeyChanged, "host key changed"),
+        ("connection refused", Refused, "connection refused"),
         (
             "connection timed out during banner exchange",
+            Timeout,
             "no SSH handshake (timed out during banner exchange)",
         ),
-        ("operation timed out", "connection timed out"),
-        ("connection timed out", "connection timed out"),
+        ("operation timed out", Timeout, "connection timed out"),
+        ("connection timed out", Timeout, "connection timed out"),
         (
             "host key verification failed",
-            "host key verification failed (unknown or changed host key)",
+            HostKeyUnknown,
+            "host key verification failed (unknown host key)",
         ),
         (
             "permission denied",
+            AuthRefused,
             "authentication refused (permission denied)",
         ),
-        ("no route to host", "no route to host"),
-        ("network is unreachable", "network is unreachable"),
-        ("could not resolve hostname", "could not resolve host name"),
-        ("connection closed by", "connection closed by the node"),
-        ("connection reset", "connection reset by the node"),
+        ("no route to host", Unreachable, "no route to host"),
+        (
+            "network is unreachable",
+            Unreachable,
+            "network is unreachable",
+        ),
+        (
+            "could not resolve hostname",
+            Unreachable,
+            "could not resolve host name",
+        ),
+        (
+            "connection closed by",
+            Closed,
+            "connection closed by the node",
+        ),
+        ("connection reset", Closed, "connection reset by the node"),
     ];
-    for (needle, reason) in known {
+    for (needle, kind, reason) in known {
         if lower.contains(needle) {
-            return reason.to_string();
+            return SshError::new(kind, reason);
         }
     }
-    text.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
-        .unwrap_or("ssh failed")
-        .to_string()
+    SshError::other(
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
+            .unwrap_or("ssh failed"),
+    )
 }
 
 /// Become the parent of orphaned processes (ssh masters daemonize with `-f`),
@@ -221,5 +394,32 @@ pub fn end_orphans() {
                 libc::kill(pid, libc::SIGTERM);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_dirs_of_dead_runs_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pid that surely is gone: a child that has been reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        for name in [
+            run_dir_name(dead),
+            run_dir_name(mine),
+            "unrelated".to_string(),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(dir.path().join(run_dir_name(dead)).join("master"), b"").unwrap();
+        remove_stale_run_dirs(dir.path());
+        assert!(!dir.path().join(run_dir_name(dead)).exists());
+        assert!(dir.path().join(run_dir_name(mine)).exists());
+        assert!(dir.path().join("unrelated").exists());
     }
 }

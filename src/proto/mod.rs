@@ -19,10 +19,13 @@
 //! each agent answers it with Missing. Missing chunks then come as Chunk;
 //! Finish ends the load as without a relay.
 
+pub mod cursor;
 pub mod pipes;
 pub mod relay;
 
 use std::io;
+
+use cursor::{Cursor, Truncated};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -30,7 +33,39 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 2: SaveBegin carries `raw`; the agent sends Note during a save;
 /// LoadBegin names the image and SaveInfo says what the target held.
 /// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
-pub const VERSION: u16 = 3;
+/// 4: Error carries its kind.
+pub const VERSION: u16 = 4;
+
+/// What an `Error` frame is about, so the other side acts on it without
+/// reading its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Anything not below (and kinds from a newer peer).
+    Other = 0,
+    /// Malformed or unexpected protocol input.
+    Protocol = 1,
+    /// The target cannot be used (refused, busy, missing, no space, I/O).
+    Target = 2,
+    /// Data that does not match the manifest.
+    Verify = 3,
+    /// The connection went away mid-request.
+    Closed = 4,
+    /// The relay listener or link failed.
+    Relay = 5,
+}
+
+impl ErrorKind {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ErrorKind::Protocol,
+            2 => ErrorKind::Target,
+            3 => ErrorKind::Verify,
+            4 => ErrorKind::Closed,
+            5 => ErrorKind::Relay,
+            _ => ErrorKind::Other,
+        }
+    }
+}
 /// Largest frame either side accepts: the largest chunk plus headroom.
 pub const MAX_FRAME: u32 = crate::image::MAX_CHUNK_SIZE + (1 << 20);
 
@@ -50,6 +85,7 @@ pub enum Msg {
         build: String,
     },
     Error {
+        kind: ErrorKind,
         message: String,
     },
     LoadBegin {
@@ -261,7 +297,10 @@ impl Msg {
                 b.extend_from_slice(&version.to_le_bytes());
                 put_bytes(&mut b, build.as_bytes());
             }
-            Msg::Error { message } => put_bytes(&mut b, message.as_bytes()),
+            Msg::Error { kind, message } => {
+                b.push(*kind as u8);
+                put_bytes(&mut b, message.as_bytes());
+            }
             Msg::LoadBegin {
                 target,
                 size,
@@ -386,7 +425,9 @@ impl Msg {
     }
 
     pub fn decode(body: &[u8]) -> Result<Msg, ProtocolError> {
-        let mut r = Reader { buf: body, at: 0 };
+        let mut r = Reader {
+            cur: Cursor::new(body),
+        };
         let tag = r.u8("tag")?;
         let msg = match tag {
             1 => {
@@ -398,6 +439,7 @@ impl Msg {
                 }
             }
             2 => Msg::Error {
+                kind: ErrorKind::from_u8(r.u8("kind")?),
                 message: r.string("message")?,
             },
             10 => {
@@ -557,37 +599,31 @@ pub enum ProtocolError {
     Io(#[from] io::Error),
 }
 
+/// The shared [`Cursor`] plus the wire's own field kinds.
 struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
+    cur: Cursor<'a>,
+}
+
+impl<'a> std::ops::Deref for Reader<'a> {
+    type Target = Cursor<'a>;
+    fn deref(&self) -> &Cursor<'a> {
+        &self.cur
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.cur
+    }
+}
+
+impl From<Truncated> for ProtocolError {
+    fn from(t: Truncated) -> ProtocolError {
+        ProtocolError::Malformed(t.to_string())
+    }
 }
 
 impl Reader<'_> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.at
-    }
-
-    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], ProtocolError> {
-        if n > self.remaining() {
-            return Err(ProtocolError::Malformed(format!(
-                "truncated: {what} needs {n} bytes, {} left",
-                self.remaining()
-            )));
-        }
-        let s = &self.buf[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ProtocolError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, what)?);
-        Ok(a)
-    }
-
-    fn u8(&mut self, what: &str) -> Result<u8, ProtocolError> {
-        Ok(self.array::<1>(what)?[0])
-    }
     fn bool(&mut self, what: &str) -> Result<bool, ProtocolError> {
         match self.u8(what)? {
             0 => Ok(false),
@@ -596,21 +632,6 @@ impl Reader<'_> {
                 "{what} is {v}, not 0 or 1"
             ))),
         }
-    }
-    fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
-        Ok(u16::from_le_bytes(self.array(what)?))
-    }
-    fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(self.array(what)?))
-    }
-    fn i32(&mut self, what: &str) -> Result<i32, ProtocolError> {
-        Ok(i32::from_le_bytes(self.array(what)?))
-    }
-    fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
-        Ok(u64::from_le_bytes(self.array(what)?))
-    }
-    fn u128(&mut self, what: &str) -> Result<u128, ProtocolError> {
-        Ok(u128::from_le_bytes(self.array(what)?))
     }
     fn bytes(&mut self, what: &str) -> Result<Vec<u8>, ProtocolError> {
         let n = self.u32(what)? as usize;
@@ -804,7 +825,9 @@ pub fn check_hello(msg: &Msg) -> Result<(), ProtocolError> {
             }
         }
         Msg::Hello { .. } => Err(ProtocolError::Malformed("bad magic in Hello".into())),
-        Msg::Error { message } => Err(ProtocolError::Malformed(format!("peer error: {message}"))),
+        Msg::Error { message, .. } => {
+            Err(ProtocolError::Malformed(format!("peer error: {message}")))
+        }
         other => Err(ProtocolError::Malformed(format!(
             "expected Hello, got {}",
             other.name()
@@ -835,6 +858,7 @@ mod tests {
         vec![
             Msg::hello(),
             Msg::Error {
+                kind: ErrorKind::Target,
                 message: "disk full".into(),
             },
             Msg::LoadBegin {

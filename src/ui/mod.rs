@@ -19,6 +19,7 @@ pub mod fmt;
 pub mod json;
 pub mod lines;
 pub mod logfile;
+pub mod stdout;
 pub mod view;
 
 pub use view::{ImageHeader, View};
@@ -126,7 +127,7 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
                         bars.finish();
                     }
                 }
-                let _ = match mode {
+                let written = match mode {
                     // The bars leave the summary table to the lines printer.
                     Mode::Lines | Mode::Bars if matches!(event, Event::Finished(_)) || mode == Mode::Lines => {
                         lines.show(&mut out, &view, &event)
@@ -134,6 +135,10 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
                     Mode::Json => json::show(&mut out, &feed.info, &event),
                     _ => Ok(()),
                 };
+                if stdout::closed_by(&written) {
+                    // Nobody reads any more: end the run as an interrupt would.
+                    feed.canceller.cancel();
+                }
                 if let Event::Finished(summary) = event {
                     return Some(summary);
                 }
@@ -143,11 +148,14 @@ pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
                 if let Some(bars) = &mut bars {
                     bars.tick(&view);
                 }
-                let _ = match mode {
+                let written = match mode {
                     Mode::Lines => lines.progress(&mut out, &view),
                     Mode::Json => json::progress(&mut out, &feed.info, &view),
                     _ => Ok(()),
                 };
+                if stdout::closed_by(&written) {
+                    feed.canceller.cancel();
+                }
             }
         }
     }

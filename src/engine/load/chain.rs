@@ -123,7 +123,12 @@ impl Coordinator {
 
     fn address(&self, node: usize) -> String {
         let n = &self.job.nodes[node];
-        n.data_address.clone().unwrap_or_else(|| n.address.clone())
+        match &n.data_address {
+            Some(a) => a.clone(),
+            // A local agent runs on this machine, whatever its name says.
+            None if n.local => "127.0.0.1".into(),
+            None => n.address.clone(),
+        }
     }
 
     fn name(&self, node: usize) -> &str {
@@ -455,9 +460,7 @@ pub(super) async fn member(
 }
 
 fn attempt_text(e: AttemptError) -> String {
-    match e {
-        AttemptError::Retry(r) | AttemptError::Fatal(r) => r,
-    }
+    e.to_string()
 }
 
 async fn member_inner(
@@ -566,7 +569,7 @@ async fn member_inner(
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     break Ok(NodeState::Done);
                 }
-                Ok(Msg::Error { message }) => break Err(format!("agent: {message}")),
+                Ok(Msg::Error { message, .. }) => break Err(format!("agent: {message}")),
                 Ok(other) => break Err(format!("agent sent {} during the relay", other.name())),
                 Err(e) => break Err(format!("agent connection lost ({e})")),
             },

@@ -39,7 +39,9 @@ pub async fn load_all(mut job: LoadJob, report: Reporter, cancel: Cancel) {
     } else {
         job.concurrency
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let mut tasks = JoinSet::new();
     let secret = match job.chain.then(chain::fresh_secret).transpose() {
         Ok(secret) => secret,
@@ -77,7 +79,7 @@ pub async fn load_all(mut job: LoadJob, report: Reporter, cancel: Cancel) {
                 );
                 return;
             }
-            load_node(i, &job, &report, &cancel, coord).await;
+            load_node(i, job, &report, &cancel, coord).await;
         });
     }
     let coordinator = coordinator.map(|(tx, handle)| {
@@ -93,7 +95,7 @@ pub async fn load_all(mut job: LoadJob, report: Reporter, cancel: Cancel) {
 
 async fn load_node(
     i: usize,
-    job: &LoadJob,
+    job: Arc<LoadJob>,
     report: &Reporter,
     cancel: &Cancel,
     coord: Option<tokio::sync::mpsc::UnboundedSender<chain::ToCoord>>,
@@ -117,36 +119,60 @@ async fn load_node(
         let _ = coord.send(chain::ToCoord::Out { node: i });
     }
     if outcome.is_ok() {
-        let work = async {
-            if job.is_image[i] {
-                // The target is the image file itself (see app::guard).
-                if let Some(coord) = &coord {
-                    let _ = coord.send(chain::ToCoord::Out { node: i });
+        // Its own task, so that a panic in it ends as this node failing,
+        // with its after hook run, not as a lost task.
+        let gone = coord.clone();
+        let mut work = {
+            let (job, report, counters) = (job.clone(), report.clone(), counters.clone());
+            tokio::spawn(async move {
+                forced_panic(&job.nodes[i].name);
+                if job.is_image[i] {
+                    // The target is the image file itself (see app::guard).
+                    if let Some(coord) = &coord {
+                        let _ = coord.send(chain::ToCoord::Out { node: i });
+                    }
+                    report.log(
+                        Some(i),
+                        format!(
+                            "{}: the target is the image itself, nothing to write",
+                            job.nodes[i].name
+                        ),
+                    );
+                    return Ok(NodeState::UpToDate);
                 }
-                report.log(
-                    Some(i),
-                    format!(
-                        "{}: the target is the image itself, nothing to write",
-                        node.name
-                    ),
-                );
-                return Ok(NodeState::UpToDate);
-            }
-            match coord {
-                Some(coord) => chain::member(i, job, report, &counters, coord).await,
-                None => star::transfer(i, job, report, &counters).await,
-            }
+                match coord {
+                    Some(coord) => chain::member(i, &job, &report, &counters, coord).await,
+                    None => star::transfer(i, &job, &report, &counters).await,
+                }
+            })
         };
+        let mut ended = false;
         outcome = tokio::select! {
-            r = tokio::time::timeout_at(job.deadline, work) => match r {
-                Ok(Ok(state)) => Ok(state),
-                // Gave up because the deadline came (SSH never answered): a timeout.
-                Ok(Err(reason)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, reason)),
-                Ok(Err(reason)) => Err((NodeState::Failed, reason)),
+            r = tokio::time::timeout_at(job.deadline, &mut work) => match r {
+                Ok(r) => {
+                    ended = true;
+                    match r {
+                        Ok(Ok(state)) => Ok(state),
+                        // Gave up because the deadline came (SSH never answered): a timeout.
+                        Ok(Err(reason)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, reason)),
+                        Ok(Err(reason)) => Err((NodeState::Failed, reason)),
+                        Err(e) => {
+                            if let Some(coord) = &gone {
+                                let _ = coord.send(chain::ToCoord::Gone { node: i });
+                            }
+                            Err((NodeState::Failed, task_failure(e)))
+                        }
+                    }
+                }
                 Err(_) => Err((NodeState::Timeout, "deadline reached".into())),
             },
             _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".into())),
         };
+        if !ended {
+            // Stop the node's work before its after hook runs.
+            work.abort();
+            let _ = work.await;
+        }
     }
     // The after hook runs whatever happened once before ran (an R2LAB
     // next-boot link must never be left behind), even after a cancel.
@@ -166,4 +192,29 @@ async fn load_node(
         Ok(state) => report.state(i, state, None),
         Err((state, reason)) => report.state(i, state, Some(reason)),
     }
+}
+
+/// Why a node's task ended without an answer: a panic (a bug), in words.
+fn task_failure(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return format!("internal error: the node's task ended: {e}");
+    }
+    let payload = e.into_panic();
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("internal error: the node's task panicked: {what}")
+}
+
+/// Debug builds only: `IMAGING_TEST_PANIC_NODE=NAME` panics NAME's task,
+/// so tests can check that a panic still runs the after hook.
+fn forced_panic(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("IMAGING_TEST_PANIC_NODE").is_ok_and(|n| n == name) {
+        panic!("IMAGING_TEST_PANIC_NODE={name}");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
 }

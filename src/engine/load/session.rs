@@ -10,7 +10,7 @@ use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::wait;
 use crate::node::agent_link::AgentLink;
-use crate::proto::{self, Msg, ProtocolError};
+use crate::proto::{self, ErrorKind, Msg, ProtocolError};
 
 use super::job::LoadJob;
 
@@ -18,8 +18,32 @@ use super::job::LoadJob;
 pub(super) enum AttemptError {
     /// Worth another attempt: the connection dropped, SSH is not up yet.
     Retry(String),
-    /// The node said no (target refused, verification failed, …).
+    /// No use trying again here (SSH refused for good, a bad answer, …).
     Fatal(String),
+    /// The agent said why it stopped, in an `Error` frame (target refused,
+    /// verification failed, …): final.
+    Agent { kind: ErrorKind, message: String },
+}
+
+impl AttemptError {
+    /// Worth another attempt: the link dropped (on our side, or the agent
+    /// says its input went away); anything else the node said stays so.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AttemptError::Retry(_) => true,
+            AttemptError::Fatal(_) => false,
+            AttemptError::Agent { kind, .. } => *kind == ErrorKind::Closed,
+        }
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Retry(r) | AttemptError::Fatal(r) => f.write_str(r),
+            AttemptError::Agent { message, .. } => write!(f, "agent: {message}"),
+        }
+    }
 }
 
 impl From<ProtocolError> for AttemptError {
@@ -56,7 +80,9 @@ pub(super) async fn open_link(
     // The first connection may wait for a node booting into its imaging
     // environment; a reconnection waits only so long.
     let until = if retry {
-        job.deadline.min(Instant::now() + job.reconnect_wait)
+        Instant::now()
+            .checked_add(job.reconnect_wait)
+            .map_or(job.deadline, |t| job.deadline.min(t))
     } else {
         job.deadline
     };
@@ -122,7 +148,7 @@ pub(super) async fn begin(
             bytes_written,
             ..
         } => (bitmap, bytes_written),
-        Msg::Error { message } => return Err(AttemptError::Fatal(format!("agent: {message}"))),
+        Msg::Error { kind, message } => return Err(AttemptError::Agent { kind, message }),
         other => {
             return Err(AttemptError::Fatal(format!(
                 "agent answered {} to LoadBegin",

@@ -33,8 +33,9 @@ pub(super) async fn transfer(
     loop {
         match attempt(i, job, report, counters, failures > 0).await {
             Ok(state) => return Ok(state),
-            Err(AttemptError::Fatal(reason)) => return Err(reason),
-            Err(AttemptError::Retry(reason)) => {
+            Err(e) if !e.is_retryable() => return Err(e.to_string()),
+            Err(e) => {
+                let reason = e.to_string();
                 failures += 1;
                 let written = counters.written.swap(0, Ordering::Relaxed);
                 counters
@@ -72,10 +73,6 @@ async fn attempt(
     let result = run_session(i, job, report, counters, &mut link).await;
     let stderr = link.close().await;
     result.map_err(|e| match e {
-        // The agent's own words say more than "connection lost".
-        AttemptError::Retry(r) | AttemptError::Fatal(r) if r.starts_with("agent:") => {
-            AttemptError::Fatal(r)
-        }
         AttemptError::Retry(r) => match stderr
             .lines()
             .rev()
@@ -154,8 +151,8 @@ async fn run_session(
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     return Ok(());
                 }
-                Msg::Error { message } => {
-                    return Err(AttemptError::Fatal(format!("agent: {message}")));
+                Msg::Error { kind, message } => {
+                    return Err(AttemptError::Agent { kind, message });
                 }
                 other => {
                     return Err(AttemptError::Fatal(format!(

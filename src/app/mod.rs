@@ -210,7 +210,7 @@ pub(crate) async fn run_wait(
 ) -> Result<Exit, UsageError> {
     let nodes = select(loaded, &args.nodes)?;
     let deadline = deadline(args.timeout, loaded.config.wait.timeout)?;
-    let ssh = ssh_settings(loaded)?;
+    let ssh = ssh_settings(loaded, &nodes)?;
     let mode = match output_mode(cli) {
         _ if args.silent && !cli.global.json => ui::Mode::Silent,
         // `fit01 ssh OK` lines are what wait shows on a terminal too.
@@ -344,11 +344,14 @@ fn targets(loaded: &Loaded, nodes: &[Node]) -> Vec<String> {
 }
 
 /// The `[ssh]` settings; a configured identity file must exist.
-fn ssh_settings(loaded: &Loaded) -> Result<ssh::SshSettings, UsageError> {
+/// The SSH settings; a missing `identity_file` is a usage error when a
+/// selected node is reached over SSH (local agents need no key).
+fn ssh_settings(loaded: &Loaded, nodes: &[Node]) -> Result<ssh::SshSettings, UsageError> {
     let ssh = ssh::SshSettings::from_config(&loaded.config)
         .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
     if let Some(key) = &ssh.identity_file
         && !key.is_file()
+        && nodes.iter().any(|n| !n.local)
     {
         return Err(UsageError::Other(format!(
             "[ssh] identity_file {}: no such file",
@@ -360,8 +363,9 @@ fn ssh_settings(loaded: &Loaded) -> Result<ssh::SshSettings, UsageError> {
 
 fn ssh_and_agent(
     loaded: &Loaded,
+    nodes: &[Node],
 ) -> Result<(ssh::SshSettings, agent_link::AgentSource), UsageError> {
-    let ssh = ssh_settings(loaded)?;
+    let ssh = ssh_settings(loaded, nodes)?;
     let agent = agent_link::AgentSource::new(&loaded.config.load.agent_path).map_err(|e| {
         UsageError::Other(format!("cannot read this executable for the agent: {e}"))
     })?;
@@ -436,7 +440,7 @@ pub(crate) async fn run_load(
         config::Fanout::Auto => nodes.len() >= load::CHAIN_FROM,
     };
     let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
-    let (ssh, agent) = ssh_and_agent(loaded)?;
+    let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
     if args.dry_run {
         if let Some(line) = origin.as_ref().filter(|_| !cli.global.json) {
             crate::outln!("{line}");
@@ -558,7 +562,7 @@ pub(crate) async fn run_save(
     for name in repo::remove_stale_partials(&repo_dir) {
         eprintln!("imaging: removed {name}, left by an interrupted save");
     }
-    let (ssh, agent) = ssh_and_agent(loaded)?;
+    let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
     let job = save::SaveJob {
         targets,
         names,

@@ -1,0 +1,359 @@
+use super::*;
+
+fn samples() -> Vec<Msg> {
+    vec![
+        Msg::hello(),
+        Msg::Error {
+            kind: ErrorKind::Target,
+            message: "disk full".into(),
+        },
+        Msg::LoadBegin {
+            target: "/dev/sda".into(),
+            size: 1 << 30,
+            chunk_size: 4 << 20,
+            identity: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            force: true,
+            force_mounted: false,
+            verify: true,
+            holder: "lab 42 imaging load".into(),
+            digests: vec![1, 2, u128::MAX],
+            zero: vec![0b101],
+            image: "ubuntu.img".into(),
+        },
+        Msg::Needed {
+            up_to_date: false,
+            bitmap: vec![0xff, 0x01],
+            bytes_written: 7,
+        },
+        Msg::Chunk {
+            index: 3,
+            codec: Codec::Zstd,
+            data: vec![9; 100],
+        },
+        Msg::Written {
+            index: 3,
+            bytes_written: 1 << 22,
+        },
+        Msg::Finish,
+        Msg::Finished { bytes_written: 99 },
+        Msg::SaveBegin {
+            target: "/tmp/x".into(),
+            chunk_size: 1 << 20,
+            level: 3,
+            raw: true,
+            holder: "lab 42 imaging save".into(),
+        },
+        Msg::SaveInfo {
+            size: 12345,
+            held: None,
+        },
+        Msg::SaveInfo {
+            size: 12345,
+            held: Some(HeldImage {
+                identity: 0xfeed,
+                image: "ubuntu.img".into(),
+            }),
+        },
+        Msg::Note {
+            text: "MBR partition 1: 10 of 20 blocks free, skipped".into(),
+        },
+        Msg::SaveChunk {
+            index: 1,
+            digest: 42,
+            zero: false,
+            codec: Codec::Raw,
+            data: vec![1, 2, 3],
+        },
+        Msg::SaveEnd,
+        Msg::RelayListen {
+            secret: vec![7; RELAY_SECRET_LEN],
+            bind: "0.0.0.0".into(),
+            port_min: 7000,
+            port_max: 7099,
+        },
+        Msg::RelayPort { port: 7001 },
+        Msg::RelayConnect {
+            secret: (0..32).collect(),
+            addr: "192.0.2.7".into(),
+            port: 7001,
+        },
+        Msg::RelayLinked {
+            addr: "192.0.2.7".into(),
+            port: 7001,
+        },
+        Msg::RelayLost {
+            peer: "127.0.0.1:7001".into(),
+            reason: "successor stalled".into(),
+        },
+        Msg::RelayRefused {
+            peer: "192.0.2.9:40000".into(),
+            reason: "bad secret".into(),
+        },
+        Msg::StreamChunk {
+            index: 4,
+            codec: Codec::Raw,
+            data: vec![8; 50],
+        },
+        Msg::StreamEnd,
+        Msg::Missing {
+            bitmap: vec![0, 0b100],
+        },
+    ]
+}
+
+#[test]
+fn every_message_round_trips() {
+    for m in samples() {
+        assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+    }
+}
+
+/// `m` as a peer that predates its optional trailing fields sends it.
+fn without_optional_fields(m: &Msg) -> Option<Msg> {
+    match m.clone() {
+        Msg::LoadBegin { image, .. } if image.is_empty() => None,
+        Msg::LoadBegin {
+            target,
+            size,
+            chunk_size,
+            identity,
+            force,
+            force_mounted,
+            verify,
+            holder,
+            digests,
+            zero,
+            ..
+        } => Some(Msg::LoadBegin {
+            target,
+            size,
+            chunk_size,
+            identity,
+            force,
+            force_mounted,
+            verify,
+            holder,
+            digests,
+            zero,
+            image: String::new(),
+        }),
+        Msg::SaveInfo { size, .. } => Some(Msg::SaveInfo { size, held: None }),
+        _ => None,
+    }
+}
+
+#[test]
+fn every_truncation_is_an_error_not_a_panic() {
+    for m in samples() {
+        let body = m.encode();
+        for cut in 0..body.len() {
+            match Msg::decode(&body[..cut]) {
+                Err(_) => {}
+                // Cut exactly before the optional fields: an older peer's message.
+                Ok(older) => assert_eq!(
+                    Some(older),
+                    without_optional_fields(&m),
+                    "{} cut at {cut}",
+                    m.name()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn messages_of_older_peers_still_decode() {
+    // LoadBegin without an image name, SaveInfo without what the target held.
+    let mut begin = vec![10u8];
+    put_bytes(&mut begin, b"/t");
+    begin.extend_from_slice(&0u64.to_le_bytes());
+    begin.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    begin.extend_from_slice(&7u128.to_le_bytes());
+    // force, force_mounted, verify, then the holder.
+    begin.extend_from_slice(&[0, 0, 0]);
+    put_bytes(&mut begin, b"lab 42 imaging load");
+    begin.extend_from_slice(&0u32.to_le_bytes());
+    put_bytes(&mut begin, &[]);
+    let Msg::LoadBegin {
+        image, identity, ..
+    } = Msg::decode(&begin).unwrap()
+    else {
+        panic!("not a LoadBegin");
+    };
+    assert_eq!((image.as_str(), identity), ("", 7));
+    let mut info = vec![21u8];
+    info.extend_from_slice(&99u64.to_le_bytes());
+    assert_eq!(
+        Msg::decode(&info).unwrap(),
+        Msg::SaveInfo {
+            size: 99,
+            held: None
+        }
+    );
+}
+
+#[test]
+fn trailing_bytes_and_unknown_tags_are_refused() {
+    let mut body = Msg::Finish.encode();
+    body.push(0);
+    assert!(
+        Msg::decode(&body)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing")
+    );
+    assert!(
+        Msg::decode(&[200])
+            .unwrap_err()
+            .to_string()
+            .contains("unknown message tag 200")
+    );
+}
+
+#[test]
+fn huge_digest_count_is_refused_without_allocating() {
+    let mut body = vec![10u8];
+    put_bytes(&mut body, b"/t");
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&0u128.to_le_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    put_bytes(&mut body, b"holder");
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    let err = Msg::decode(&body).unwrap_err().to_string();
+    assert!(err.contains("digests"), "{err}");
+}
+
+#[tokio::test]
+async fn borrowed_chunk_frame_equals_the_encoded_message() {
+    let data = vec![5u8; 1000];
+    let mut a = Vec::new();
+    write_chunk(&mut a, 9, Codec::Zstd, &data).await.unwrap();
+    let mut b = Vec::new();
+    write_msg(
+        &mut b,
+        &Msg::Chunk {
+            index: 9,
+            codec: Codec::Zstd,
+            data,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn borrowed_stream_chunk_frame_equals_the_encoded_message() {
+    let data = vec![6u8; 1000];
+    let mut a = Vec::new();
+    write_stream_chunk(&mut a, 11, Codec::Raw, &data)
+        .await
+        .unwrap();
+    let mut b = Vec::new();
+    write_msg(
+        &mut b,
+        &Msg::StreamChunk {
+            index: 11,
+            codec: Codec::Raw,
+            data: data.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(a, b);
+
+    // The blocking one, also through a writer that takes a few bytes at a time.
+    struct Dribble(Vec<u8>);
+    impl io::Write for Dribble {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Vec::new();
+    write_stream_chunk_sync(&mut c, 11, Codec::Raw, &data).unwrap();
+    assert_eq!(c, b);
+    let mut d = Dribble(Vec::new());
+    write_stream_chunk_sync(&mut d, 11, Codec::Raw, &data).unwrap();
+    assert_eq!(d.0, b);
+}
+
+#[test]
+fn relay_secrets_of_another_length_are_malformed() {
+    for len in [0, 31, 33] {
+        let listen = Msg::RelayListen {
+            secret: vec![1; len],
+            bind: String::new(),
+            port_min: 0,
+            port_max: 0,
+        };
+        let connect = Msg::RelayConnect {
+            secret: vec![1; len],
+            addr: "127.0.0.1".into(),
+            port: 1,
+        };
+        for m in [listen, connect] {
+            let err = Msg::decode(&m.encode()).unwrap_err();
+            assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+            assert!(err.to_string().contains("secret"), "{err}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversized_frame_length_is_refused() {
+    let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+    let err = read_msg(&mut input).await.unwrap_err();
+    assert!(matches!(err, ProtocolError::TooLarge(u32::MAX)), "{err}");
+}
+
+#[tokio::test]
+async fn frames_stream_in_order() {
+    let mut buf = Vec::new();
+    for m in samples() {
+        write_msg(&mut buf, &m).await.unwrap();
+    }
+    let mut r: &[u8] = &buf;
+    for m in samples() {
+        assert_eq!(read_msg(&mut r).await.unwrap(), m);
+    }
+    assert!(matches!(read_msg(&mut r).await, Err(ProtocolError::Closed)));
+}
+
+#[test]
+fn sync_frames_stream_in_order_like_async_ones() {
+    let mut buf = Vec::new();
+    for m in samples() {
+        write_msg_sync(&mut buf, &m).unwrap();
+    }
+    let mut r: &[u8] = &buf;
+    for m in samples() {
+        assert_eq!(read_msg_sync(&mut r).unwrap(), m);
+    }
+    assert!(matches!(read_msg_sync(&mut r), Err(ProtocolError::Closed)));
+}
+
+#[test]
+fn sync_reader_refuses_oversized_empty_and_truncated_frames() {
+    let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+    let err = read_msg_sync(&mut input).unwrap_err();
+    assert!(matches!(err, ProtocolError::TooLarge(u32::MAX)), "{err}");
+    let mut input: &[u8] = &[0, 0, 0, 0];
+    let err = read_msg_sync(&mut input).unwrap_err();
+    assert!(err.to_string().contains("empty frame"), "{err}");
+    let mut input: &[u8] = &[10, 0, 0, 0, 14];
+    let err = read_msg_sync(&mut input).unwrap_err();
+    assert!(err.to_string().contains("truncated frame"), "{err}");
+}
+
+proptest::proptest! {
+    #[test]
+    fn decode_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+        let _ = Msg::decode(&body);
+    }
+}

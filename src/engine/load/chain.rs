@@ -187,6 +187,33 @@ impl Coordinator {
         }
     }
 
+    /// Take a live member out of the chain because its predecessor could
+    /// not forward to it (not because it died): its own stream ends now, so
+    /// it asks for what it still lacks and gets that directly from the
+    /// controller, like the catch-up after the stream. A member that did
+    /// die fails through its own session.
+    async fn detach(&mut self, node: usize, why: String) {
+        let Some(p) = self.position(node) else { return };
+        let tx = self.chain[p].tx.clone();
+        self.report.log(
+            Some(node),
+            format!(
+                "{}: out of the relay chain ({why}); it gets its data directly from the controller",
+                self.name(node)
+            ),
+        );
+        self.cut(node, None).await;
+        // In a task of its own: a stalled agent must not hold up the chain.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(STALL, async move {
+                let mut tx = tx.lock().await;
+                proto::write_msg(&mut *tx, &Msg::StreamEnd).await.is_ok()
+                    && tx.flush().await.is_ok()
+            })
+            .await;
+        });
+    }
+
     async fn link(&mut self, from: usize, to: usize) {
         let Some(port) = self.position(to).and_then(|p| self.chain[p].port) else {
             return;
@@ -228,14 +255,8 @@ impl Coordinator {
                     && let Some(next) = self.chain.get(p + 1).map(|m| m.node)
                 {
                     self.successor_of.remove(&node);
-                    self.cut(
-                        next,
-                        Some(format!(
-                            "{} could not forward to it: {reason}",
-                            self.name(node)
-                        )),
-                    )
-                    .await;
+                    let why = format!("{} could not forward to it: {reason}", self.name(node));
+                    self.detach(next, why).await;
                 }
             }
             Some(ToCoord::Port { node, port }) => {

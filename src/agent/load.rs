@@ -362,7 +362,7 @@ impl Loading<'_> {
         i: usize,
         bytes: &[u8],
     ) -> Result<(), AgentError> {
-        self.target.write_at(bytes, self.req.layout.offset(i))?;
+        self.target.write_data(bytes, self.req.layout.offset(i))?;
         self.bytes_written += bytes.len() as u64;
         if let Some(b) = self.outstanding.get_mut(i / 8) {
             *b &= !(1 << (i % 8));
@@ -591,6 +591,30 @@ mod tests {
             meta.len()
         );
         assert_eq!(stamps(&env), 1);
+    }
+
+    #[test]
+    fn zero_blocks_inside_chunks_become_holes_even_over_old_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        // Half of every chunk is zero 4 KiB blocks; the old file is all 0xff,
+        // so a block left alone instead of zeroed would show.
+        let image = Image::new("hhhhhhhh", 0, 3);
+        std::fs::write(&target, vec![0xffu8; image.data.len()]).unwrap();
+        let data = image.data_chunks();
+        assert_eq!(data.len(), 8);
+
+        let (result, _) = run(&env, &image.load(&target, false, &data));
+        result.unwrap();
+
+        assert!(std::fs::read(&target).unwrap() == image.data);
+        let used = std::fs::metadata(&target).unwrap().blocks() * 512;
+        let half = image.data.len() as u64 / 2;
+        assert!(
+            used >= half && used <= half + 64 * 1024,
+            "{used} bytes allocated for {half} bytes of data"
+        );
     }
 
     #[test]

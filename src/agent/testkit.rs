@@ -421,6 +421,24 @@ pub(super) fn streamed(chunk: Msg) -> Msg {
     }
 }
 
+/// A chunk as the controller streams a large one: pieces of `size` bytes.
+pub(super) fn pieces(chunk: Msg, size: usize) -> Vec<Msg> {
+    let Msg::Chunk { index, codec, data } = chunk else {
+        panic!("not a chunk: {chunk:?}")
+    };
+    let total = data.len() as u32;
+    data.chunks(size)
+        .enumerate()
+        .map(|(k, piece)| Msg::StreamPiece {
+            index,
+            codec,
+            offset: (k * size) as u32,
+            total,
+            data: piece.to_vec(),
+        })
+        .collect()
+}
+
 pub(super) fn no_bits(bitmap: &[u8]) -> bool {
     bitmap.iter().all(|&b| b == 0)
 }

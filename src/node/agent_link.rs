@@ -256,6 +256,29 @@ impl AgentLink {
     }
 }
 
+/// How long [`last_word`] waits for the agent's `Error` frame.
+const LAST_WORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// After the link failed (a write the agent did not take, say): the kind
+/// and message of the `Error` frame the agent sent before it ended, if one
+/// is still waiting on its stdout (frames before it are skipped). Bounded:
+/// at most a couple of seconds, and nothing once the stream ends.
+pub async fn last_word(rx: &mut Rx) -> Option<(proto::ErrorKind, String)> {
+    let read = async {
+        loop {
+            match proto::read_msg(rx).await {
+                Ok(Msg::Error { kind, message }) => return Some((kind, message)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(LAST_WORD_WAIT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
 impl LinkEnd {
     /// Wait for the agent (its pipes must be dropped first), close the SSH
     /// session; returns what the agent wrote on stderr.

@@ -154,8 +154,8 @@ async fn load_node(
                     match r {
                         Ok(Ok(state)) => Ok(state),
                         // Gave up because the deadline came (SSH never answered): a timeout.
-                        Ok(Err(reason)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, reason)),
-                        Ok(Err(reason)) => Err((NodeState::Failed, reason)),
+                        Ok(Err(e)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, e.to_string())),
+                        Ok(Err(e)) => Err((e.state(), e.to_string())),
                         Err(e) => {
                             if let Some(coord) = &gone {
                                 let _ = coord.send(chain::ToCoord::Gone { node: i });

@@ -1634,3 +1634,31 @@ fn chain_member_whose_relink_fails_gets_its_data_from_the_controller() {
         text(&out)
     );
 }
+
+/// A configured agent path that the node lacks fails the node at once,
+/// naming the path and the key: no retry can make it appear.
+#[test]
+fn missing_configured_agent_fails_at_once_naming_agent_path() {
+    let rig = Rig::new(1);
+    write_image(&rig.dir().join("images/lab.img"), 4, 51);
+    let cfg = layer(
+        &rig,
+        "agent.conf",
+        "agent_path = \"/nonexistent/imaging-agent\"\nretries = 3",
+        "",
+    );
+    let (out, took) = run(
+        imaging(&rig, &cfg).args(["load", "--json", "-t", "120", "-i", "lab.img", "1"]),
+        150,
+    );
+    not_a_panic(&out);
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(state(&s, "node01"), "failed", "{s}");
+    let why = error(&s, "node01");
+    assert_eq!(
+        why, "no agent at /nonexistent/imaging-agent on the node ([load] agent_path)",
+        "{s}"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?} to fail");
+}

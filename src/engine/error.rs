@@ -7,6 +7,7 @@
 //! Each variant's text is what the node's line in the summary says.
 
 use crate::engine::events::NodeState;
+use crate::node::agent_link::{self, Rx, StartError};
 use crate::proto::{ErrorKind, ProtocolError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub enum NodeError {
     NotBack(String),
     /// The agent could not be started, or did not answer its Hello.
     AgentStart(String),
+    /// The configured agent is not on the node.
+    NoAgent(String),
     /// The agent said why it stopped, in an `Error` frame.
     Agent { kind: ErrorKind, message: String },
     /// The link to the agent broke in the middle of the session.
@@ -62,6 +65,7 @@ impl NodeError {
             NodeError::Lost(_) | NodeError::Stalled { .. } | NodeError::AgentStart(_) => true,
             NodeError::Agent { kind, .. } => *kind == ErrorKind::Closed,
             NodeError::Ssh(_)
+            | NodeError::NoAgent(_)
             | NodeError::NotBack(_)
             | NodeError::Protocol(_)
             | NodeError::Verify(_)
@@ -85,10 +89,20 @@ impl NodeError {
         }
     }
 
-    /// The link failed: the agent may have said why first, in an `Error`
-    /// frame still waiting to be read (see
-    /// [`crate::node::agent_link::last_word`]); that is the reason
-    /// then.
+    /// A session that failed on its link (a write the agent did not take,
+    /// a read cut short) may still hold the agent's `Error` frame, sent
+    /// before it ended: then that is the reason, with its kind.
+    pub async fn explained(self, rx: &mut Rx) -> NodeError {
+        if !matches!(self, NodeError::Lost(_)) {
+            return self;
+        }
+        let said = agent_link::last_word(rx)
+            .await
+            .map(|(kind, message)| NodeError::Agent { kind, message });
+        self.or_agent_said(said)
+    }
+
+    /// The link failed, and the agent said why first (or not): the reason.
     pub fn or_agent_said(self, said: Option<NodeError>) -> NodeError {
         match (self, said) {
             (NodeError::Lost(_), Some(said)) => said,
@@ -102,6 +116,7 @@ impl std::fmt::Display for NodeError {
         match self {
             NodeError::Ssh(s)
             | NodeError::AgentStart(s)
+            | NodeError::NoAgent(s)
             | NodeError::Lost(s)
             | NodeError::Protocol(s)
             | NodeError::Verify(s)
@@ -125,6 +140,15 @@ impl std::fmt::Display for NodeError {
 }
 
 impl std::error::Error for NodeError {}
+
+impl From<StartError> for NodeError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Missing(s) => NodeError::NoAgent(s),
+            StartError::Failed(s) => NodeError::AgentStart(s),
+        }
+    }
+}
 
 impl From<ProtocolError> for NodeError {
     fn from(e: ProtocolError) -> Self {
@@ -158,6 +182,7 @@ mod tests {
         assert!(NodeError::Stalled { secs: 30 }.is_retryable());
         for e in [
             NodeError::Ssh("permission denied".into()),
+            NodeError::from(StartError::Missing("no agent at /x".into())),
             NodeError::Verify("chunk 3 failed verification".into()),
             NodeError::Cut("stalled".into()),
             NodeError::Deadline,

@@ -46,18 +46,17 @@ impl AgentSource {
     /// started directly (one SSH channel); only if it is missing is this
     /// executable uploaded into the user's cache there (to a temporary name,
     /// renamed when complete) and started again.
-    pub async fn start(&self, session: Session) -> Result<AgentLink, String> {
+    pub async fn start(&self, session: Session) -> Result<AgentLink, StartError> {
         let session = Arc::new(session);
         let path = self.remote_path();
         let mut link = AgentLink::over_ssh(session.clone(), &path)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StartError::Failed(e.to_string()))?;
         let first = link.handshake().await;
         if first.is_ok() {
             return Ok(link);
         }
-        let stderr = link.end_quietly().await;
-        let missing = stderr.contains("not found") || stderr.contains("No such file");
+        let (missing, stderr) = link.end_quietly().await;
         if !missing || self.configured.is_some() {
             let why = stderr
                 .lines()
@@ -68,18 +67,20 @@ impl AgentSource {
                 .to_string();
             let first = first.err().unwrap_or_default();
             return Err(match (self.configured.is_some(), why.is_empty()) {
-                (true, _) if missing => {
-                    format!("no agent at {path} on the node ([load] agent_path)")
-                }
-                (_, true) => format!("the agent did not start: {first}"),
-                (_, false) => format!("the agent did not start: {why}"),
+                (true, _) if missing => StartError::Missing(format!(
+                    "no agent at {path} on the node ([load] agent_path)"
+                )),
+                (_, true) => StartError::Failed(format!("the agent did not start: {first}")),
+                (_, false) => StartError::Failed(format!("the agent did not start: {why}")),
             });
         }
-        self.upload(&session, &path).await?;
+        self.upload(&session, &path)
+            .await
+            .map_err(StartError::Failed)?;
         let mut link = AgentLink::over_ssh(session, &path)
             .await
-            .map_err(|e| e.to_string())?;
-        link.handshake().await?;
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        link.handshake().await.map_err(StartError::Failed)?;
         Ok(link)
     }
 
@@ -101,6 +102,24 @@ impl AgentSource {
             return Err(format!("uploading the agent to {path} failed ({status})"));
         }
         Ok(())
+    }
+}
+
+/// Why the agent could not be started on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The configured agent (`[load] agent_path`) is not on the node: no
+    /// use trying again.
+    Missing(String),
+    /// It did not start or answer (the upload, the session, its Hello).
+    Failed(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Missing(s) | StartError::Failed(s) => f.write_str(s),
+        }
     }
 }
 
@@ -128,6 +147,10 @@ pub struct LinkEnd {
 }
 
 const PIPE_BUFFER: usize = 256 << 10;
+
+/// The exit code of a POSIX shell asked to run a command that does not
+/// exist.
+const COMMAND_NOT_FOUND: i32 = 127;
 
 fn stderr_collector<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>) -> JoinHandle<String> {
     tokio::spawn(async move {
@@ -221,22 +244,32 @@ impl AgentLink {
     }
 
     /// Close the pipes and wait for the agent, keeping the SSH session for
-    /// another command; returns what the agent wrote on stderr.
-    async fn end_quietly(self) -> String {
+    /// another command; returns whether the node had no such command (the
+    /// shell's exit code 127, which openssh reports as a remote `NotFound`)
+    /// and what it wrote on stderr.
+    async fn end_quietly(self) -> (bool, String) {
         let AgentLink { tx, rx, end } = self;
         drop(tx);
         drop(rx);
         let LinkEnd {
             stderr, process, ..
         } = end;
-        if let Process::Ssh(child) = process {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
-        }
-        tokio::time::timeout(std::time::Duration::from_secs(2), stderr)
+        let missing = match process {
+            Process::Ssh(child) => {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await {
+                    Ok(Ok(status)) => status.code() == Some(COMMAND_NOT_FOUND),
+                    Ok(Err(openssh::Error::Remote(e))) => e.kind() == std::io::ErrorKind::NotFound,
+                    _ => false,
+                }
+            }
+            Process::Local(_) => false,
+        };
+        let text = tokio::time::timeout(std::time::Duration::from_secs(2), stderr)
             .await
             .ok()
             .and_then(Result::ok)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (missing, text)
     }
 
     /// Start this executable's agent locally and exchange Hellos.

@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::job::LoadJob;
 use super::refusals::Refusals;
-use super::session::{Counters, Plan, begin, explain, open_link};
+use super::session::{Counters, Plan, begin, open_link};
 use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
@@ -492,7 +492,7 @@ async fn member_inner(
     };
     let (needed, base, total) = match begin(i, job, report, counters, &mut link).await {
         Err(e) => {
-            let e = explain(e, &mut link.rx).await;
+            let e = e.explained(&mut link.rx).await;
             let end = close_pipes(link);
             return (out(Err(e)), Some(end));
         }
@@ -527,7 +527,7 @@ async fn member_inner(
     if needed.is_empty() {
         finish_sent = true;
         if let Err(e) = send_direct(job, &tx, &[], counters).await {
-            return (Err(explain(e, &mut rx).await), Some(end));
+            return (Err(e.explained(&mut rx).await), Some(end));
         }
     }
     let mut cut_open = true;
@@ -589,7 +589,7 @@ async fn member_inner(
         report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
     }
     let result = match result {
-        Err(e) => Err(explain(e, &mut rx).await),
+        Err(e) => Err(e.explained(&mut rx).await),
         ok => ok,
     };
     drop(tx);

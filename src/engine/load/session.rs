@@ -11,23 +11,10 @@ use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::wait;
-use crate::node::agent_link::{self, AgentLink, Rx};
+use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
 use super::job::LoadJob;
-
-/// A session that failed on its link (a write the agent did not take, a
-/// read cut short) may still hold the agent's `Error` frame, sent before it
-/// ended: then that is the reason, with its kind.
-pub(super) async fn explain(e: NodeError, rx: &mut Rx) -> NodeError {
-    if !matches!(e, NodeError::Lost(_)) {
-        return e;
-    }
-    let said = agent_link::last_word(rx)
-        .await
-        .map(|(kind, message)| NodeError::Agent { kind, message });
-    e.or_agent_said(said)
-}
 
 /// Byte counters of one node, over all its attempts.
 #[derive(Default)]
@@ -70,10 +57,7 @@ pub(super) async fn open_link(
             }
         })?;
     report.state(i, NodeState::Connecting, None);
-    job.agent
-        .start(session)
-        .await
-        .map_err(NodeError::AgentStart)
+    job.agent.start(session).await.map_err(NodeError::from)
 }
 
 /// What a node needs, once its agent has checked the target.

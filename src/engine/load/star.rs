@@ -17,7 +17,7 @@ use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
 use super::job::LoadJob;
-use super::session::{Counters, Plan, begin, explain, open_link};
+use super::session::{Counters, Plan, begin, open_link};
 
 /// Chunks prepared ahead of the one being sent, per node.
 const LOOKAHEAD: usize = 3;
@@ -75,7 +75,7 @@ async fn attempt(
 ) -> Result<NodeState, NodeError> {
     let mut link = open_link(i, job, report, retry).await?;
     let result = match run_session(i, job, report, counters, &mut link).await {
-        Err(e) => Err(explain(e, &mut link.rx).await),
+        Err(e) => Err(e.explained(&mut link.rx).await),
         ok => ok,
     };
     link.close().await;

@@ -31,6 +31,10 @@
 //! 11 demo_into_a_pipe_closed_after_{2,8}_lines_…
 //! 12 control_dir_of_a_sigkilled_run_is_removed_by_the_next_run
 //! 13 verify_finds_a_zero_chunk_that_gained_data_under_a_matching_stamp
+//!
+//! And what fails for good fails at once (issue 8, one typed error per node):
+//! missing_configured_agent_fails_at_once_naming_agent_path,
+//! agent_of_another_protocol_version_fails_at_once_saying_so
 
 mod common;
 
@@ -1660,5 +1664,49 @@ fn missing_configured_agent_fails_at_once_naming_agent_path() {
         why, "no agent at /nonexistent/imaging-agent on the node ([load] agent_path)",
         "{s}"
     );
+    assert!(took < Duration::from_secs(20), "took {took:?} to fail");
+}
+
+/// An agent that answers in another protocol version fails the node at
+/// once, saying so: a retry would meet the same agent.
+#[test]
+fn agent_of_another_protocol_version_fails_at_once_saying_so() {
+    let rig = Rig::new(1);
+    write_image(&rig.dir().join("images/lab.img"), 4, 52);
+    // A stand-in agent: a Hello of version 999, then it waits for the end.
+    let mut body = vec![1u8];
+    body.extend_from_slice(b"IMAGING\0");
+    body.extend_from_slice(&999u16.to_le_bytes());
+    body.extend_from_slice(&(6u32).to_le_bytes());
+    body.extend_from_slice(b"future");
+    let hello = rig.dir().join("hello999.bin");
+    std::fs::write(&hello, frame(&body)).unwrap();
+    let agent = rig.dir().join("future-agent");
+    std::fs::write(
+        &agent,
+        format!("#!/bin/sh\ncat '{}'\ncat >/dev/null\n", hello.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = layer(
+        &rig,
+        "future.conf",
+        &format!("agent_path = \"{}\"\nretries = 3", agent.display()),
+        "",
+    );
+    let (out, took) = run(
+        imaging(&rig, &cfg).args(["load", "--json", "-t", "120", "-i", "lab.img", "1"]),
+        150,
+    );
+    not_a_panic(&out);
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(state(&s, "node01"), "failed", "{s}");
+    let why = error(&s, "node01");
+    assert!(
+        why.starts_with("the agent did not start: agent: ") && why.contains("999"),
+        "{why}"
+    );
+    assert!(!why.contains("gave up"), "{why}");
     assert!(took < Duration::from_secs(20), "took {took:?} to fail");
 }

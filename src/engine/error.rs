@@ -146,6 +146,7 @@ impl From<StartError> for NodeError {
         match e {
             StartError::Missing(s) => NodeError::NoAgent(s),
             StartError::Failed(s) => NodeError::AgentStart(s),
+            StartError::Incompatible(s) => NodeError::Protocol(s),
         }
     }
 }

@@ -99,9 +99,7 @@ async fn save_node(
 ) -> Result<String, NodeError> {
     let node = &job.nodes[i];
     let mut link = if node.local {
-        AgentLink::local_ready()
-            .await
-            .map_err(NodeError::AgentStart)?
+        AgentLink::local_ready().await.map_err(NodeError::from)?
     } else {
         report.state(i, NodeState::WaitingForSsh, None);
         let session = wait::connect_when_up(node, &job.ssh, job.deadline, None, &|_| {})

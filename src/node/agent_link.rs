@@ -52,11 +52,16 @@ impl AgentSource {
         let mut link = AgentLink::over_ssh(session.clone(), &path)
             .await
             .map_err(|e| StartError::Failed(e.to_string()))?;
-        let first = link.handshake().await;
-        if first.is_ok() {
-            return Ok(link);
-        }
+        let first = match link.handshake().await {
+            Ok(()) => return Ok(link),
+            Err(e) => e,
+        };
         let (missing, stderr) = link.end_quietly().await;
+        if let StartError::Incompatible(_) = first {
+            return Err(StartError::Incompatible(format!(
+                "the agent did not start: {first}"
+            )));
+        }
         if !missing || self.configured.is_some() {
             let why = stderr
                 .lines()
@@ -65,7 +70,6 @@ impl AgentSource {
                 .unwrap_or("")
                 .trim()
                 .to_string();
-            let first = first.err().unwrap_or_default();
             return Err(match (self.configured.is_some(), why.is_empty()) {
                 (true, _) if missing => StartError::Missing(format!(
                     "no agent at {path} on the node ([load] agent_path)"
@@ -80,7 +84,7 @@ impl AgentSource {
         let mut link = AgentLink::over_ssh(session, &path)
             .await
             .map_err(|e| StartError::Failed(e.to_string()))?;
-        link.handshake().await.map_err(StartError::Failed)?;
+        link.handshake().await?;
         Ok(link)
     }
 
@@ -113,12 +117,16 @@ pub enum StartError {
     Missing(String),
     /// It did not start or answer (the upload, the session, its Hello).
     Failed(String),
+    /// It answered, in another version of the protocol.
+    Incompatible(String),
 }
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Missing(s) | StartError::Failed(s) => f.write_str(s),
+            StartError::Missing(s) | StartError::Failed(s) | StartError::Incompatible(s) => {
+                f.write_str(s)
+            }
         }
     }
 }
@@ -230,17 +238,20 @@ impl AgentLink {
         })
     }
 
-    /// Exchange Hellos.
-    pub async fn handshake(&mut self) -> Result<(), String> {
+    /// Exchange Hellos. An agent of another protocol version is
+    /// [`StartError::Incompatible`].
+    pub async fn handshake(&mut self) -> Result<(), StartError> {
         use tokio::io::AsyncWriteExt;
+        let failed = |e: proto::ProtocolError| StartError::Failed(e.to_string());
         proto::write_msg(&mut self.tx, &Msg::hello())
             .await
-            .map_err(|e| e.to_string())?;
-        self.tx.flush().await.map_err(|e| e.to_string())?;
-        let hello = proto::read_msg(&mut self.rx)
+            .map_err(failed)?;
+        self.tx
+            .flush()
             .await
-            .map_err(|e| e.to_string())?;
-        proto::check_hello(&hello).map_err(|e| format!("agent: {e}"))
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        let hello = proto::read_msg(&mut self.rx).await.map_err(failed)?;
+        proto::check_hello(&hello).map_err(|e| StartError::Incompatible(format!("agent: {e}")))
     }
 
     /// Close the pipes and wait for the agent, keeping the SSH session for
@@ -273,8 +284,8 @@ impl AgentLink {
     }
 
     /// Start this executable's agent locally and exchange Hellos.
-    pub async fn local_ready() -> Result<Self, String> {
-        let mut link = AgentLink::local().map_err(|e| e.to_string())?;
+    pub async fn local_ready() -> Result<Self, StartError> {
+        let mut link = AgentLink::local().map_err(|e| StartError::Failed(e.to_string()))?;
         link.handshake().await?;
         Ok(link)
     }

@@ -33,9 +33,7 @@ pub(super) async fn open_link(
     let node = &job.nodes[i];
     if node.local {
         report.state(i, NodeState::Connecting, Some("local agent".into()));
-        return AgentLink::local_ready()
-            .await
-            .map_err(NodeError::AgentStart);
+        return AgentLink::local_ready().await.map_err(NodeError::from);
     }
     report.state(i, NodeState::WaitingForSsh, None);
     // The first connection may wait for a node booting into its imaging

@@ -358,3 +358,63 @@ impl LinkEnd {
         text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ErrorKind;
+
+    fn rx_of(msgs: &[Msg], tail: &[u8]) -> Rx {
+        let mut bytes = Vec::new();
+        for m in msgs {
+            proto::write_msg_sync(&mut bytes, m).unwrap();
+        }
+        bytes.extend_from_slice(tail);
+        BufReader::new(Box::new(std::io::Cursor::new(bytes)))
+    }
+
+    #[tokio::test]
+    async fn last_word_is_the_error_frame_after_what_was_still_unread() {
+        let mut rx = rx_of(
+            &[
+                Msg::Written {
+                    index: 3,
+                    bytes_written: 4096,
+                },
+                Msg::Error {
+                    kind: ErrorKind::Target,
+                    message: "No space left on device".into(),
+                },
+            ],
+            &[],
+        );
+        assert_eq!(
+            last_word(&mut rx).await,
+            Some((ErrorKind::Target, "No space left on device".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn no_error_frame_no_last_word() {
+        let written = Msg::Written {
+            index: 0,
+            bytes_written: 1,
+        };
+        assert_eq!(last_word(&mut rx_of(&[written], &[])).await, None);
+        // A frame cut short by the end of the stream.
+        assert_eq!(last_word(&mut rx_of(&[], &[9, 0, 0])).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_is_waited_for_only_so_long() {
+        let (_keep, quiet) = tokio::io::duplex(64);
+        let mut rx: Rx = BufReader::new(Box::new(quiet));
+        let started = std::time::Instant::now();
+        assert_eq!(last_word(&mut rx).await, None);
+        let took = started.elapsed();
+        assert!(
+            took >= LAST_WORD_WAIT && took < LAST_WORD_WAIT * 3,
+            "{took:?}"
+        );
+    }
+}

@@ -17,7 +17,9 @@
 //!    huge_timeout_in_any_config_section_is_a_usage_error_naming_the_key,
 //!    huge_concurrency_is_a_usage_error_naming_the_key,
 //!    huge_reconnect_wait_is_a_usage_error_and_hooks_stay_paired
-//!  4 relay_ports_flooded_with_idle_connections_still_give_byte_exact_nodes
+//!  4 relay_ports_flooded_with_idle_connections_still_give_byte_exact_nodes,
+//!    chain_member_its_predecessor_cannot_link_to_gets_its_data_from_the_controller,
+//!    chain_member_whose_relink_fails_gets_its_data_from_the_controller
 //!  5 empty_image_is_a_usage_error_and_leaves_the_target_alone
 //!  6 missing_identity_file_…, unauthorised_key_…, wrong_user_…,
 //!    unknown_host_key_with_strict_…, changed_host_key_…
@@ -29,6 +31,10 @@
 //! 11 demo_into_a_pipe_closed_after_{2,8}_lines_…
 //! 12 control_dir_of_a_sigkilled_run_is_removed_by_the_next_run
 //! 13 verify_finds_a_zero_chunk_that_gained_data_under_a_matching_stamp
+//!
+//! And what fails for good fails at once (issue 8, one typed error per node):
+//! missing_configured_agent_fails_at_once_naming_agent_path,
+//! agent_of_another_protocol_version_fails_at_once_saying_so
 
 mod common;
 
@@ -1479,4 +1485,228 @@ fn relay_ports_flooded_with_idle_connections_still_give_byte_exact_nodes() {
         assert_same(&n.target, &image);
     }
     assert!(refusals <= 50, "{refusals} refusal log events");
+}
+
+/// The rig's `[[node]]` list again, with `data_address` set on some nodes
+/// (a list in a higher layer replaces the rig's whole list).
+fn nodes_with_data_address(rig: &Rig, data: &[(usize, &str)]) -> String {
+    let mut text = String::new();
+    for (i, n) in rig.nodes().iter().enumerate() {
+        text.push_str(&format!(
+            "[[node]]\nname = \"{}\"\naddress = \"127.0.0.1\"\nport = {}\n",
+            n.name, n.port
+        ));
+        if let Some((_, a)) = data.iter().find(|(k, _)| *k == i) {
+            text.push_str(&format!("data_address = \"{a}\"\n"));
+        }
+    }
+    text
+}
+
+/// Log texts of a `--json` run.
+fn log_texts(out: &Output) -> Vec<String> {
+    lines(out)
+        .iter()
+        .filter(|v| v["event"] == "log")
+        .map(|v| v["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// A chain member its predecessor cannot link to (its `data_address` does
+/// not resolve) is not failed: it leaves the chain and gets its data
+/// directly from the controller, byte-exact, and the chain goes on past it.
+#[test]
+fn chain_member_its_predecessor_cannot_link_to_gets_its_data_from_the_controller() {
+    let rig = Rig::new(3);
+    let image = write_image(&rig.dir().join("images/lab.img"), 16, 41);
+    let cfg = layer(
+        &rig,
+        "unlinkable.conf",
+        "fanout = \"chain\"\nrelay_bind = \"127.0.0.1\"",
+        &nodes_with_data_address(&rig, &[(1, "relay.invalid")]),
+    );
+    let (out, _) = run(
+        imaging(&rig, &cfg).args(["load", "--json", "-t", "120", "-i", "lab.img", "1-3"]),
+        150,
+    );
+    not_a_panic(&out);
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for n in rig.nodes() {
+        assert_eq!(state(&s, &n.name), "done", "{}: {s}", n.name);
+        assert_same(&n.target, &image);
+    }
+    let logs = log_texts(&out);
+    assert!(
+        logs.iter().any(|l| l
+            .starts_with("node02: out of the relay chain (node01 could not forward to it")
+            && l.contains("relay.invalid")
+            && l.ends_with("it gets its data directly from the controller")),
+        "{logs:#?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("catching up on") && l.starts_with("node02")),
+        "{logs:#?}"
+    );
+}
+
+/// Like `reader`, and each stdout line also goes to `lines` as it comes.
+fn line_reader(
+    r: impl Read + Send + 'static,
+    lines: std::sync::mpsc::Sender<String>,
+) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        for line in BufReader::new(r).split(b'\n') {
+            let Ok(line) = line else { break };
+            let _ = lines.send(String::from_utf8_lossy(&line).into_owned());
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+        }
+        buf
+    })
+}
+
+/// A relink that fails (here: after node02 is killed, node01 is relinked to
+/// node03, whose agent is stopped, so the handshake times out) sends node03
+/// its data directly from the controller: node03 ends `done`, byte-exact.
+#[test]
+fn chain_member_whose_relink_fails_gets_its_data_from_the_controller() {
+    let rig = Rig::new(4);
+    let image = write_image(&rig.dir().join("images/lab.img"), 32, 43);
+    let cfg = layer(
+        &rig,
+        "relink.conf",
+        "fanout = \"chain\"\nrelay_bind = \"127.0.0.1\"\nretries = 0",
+        "",
+    );
+    let mut cmd = imaging(&rig, &cfg);
+    cmd.args([
+        "load", "--json", "-t", "150", "-b", "2M", "-i", "lab.img", "1-4",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
+    die_with_test(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn imaging");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let load = Proc {
+        stdout: child.stdout.take().map(|o| line_reader(o, tx)),
+        stderr: child.stderr.take().map(reader),
+        child: Some(child),
+    };
+    wait_for_data(&rig.nodes()[2].target);
+    thread::sleep(Duration::from_secs(1));
+    // node03 stops (its relay listener with it), then node02 dies: node01
+    // is relinked to node03 and cannot get through the handshake.
+    let stopped = agents_of(&rig, 2, 20);
+    signal(&stopped, libc::SIGSTOP);
+    signal(&agents_of(&rig, 1, 20), libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut detached = None;
+    while detached.is_none() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200))
+            && line.contains("node03: out of the relay chain")
+        {
+            detached = Some(line);
+        }
+    }
+    signal(&stopped, libc::SIGCONT);
+    let out = load.finish(200);
+    not_a_panic(&out);
+    let s = summary(&out);
+    let detached =
+        detached.unwrap_or_else(|| panic!("node03 never left the chain:\n{}", text(&out)));
+    assert!(
+        detached.contains("node01 could not forward to it")
+            && detached.contains("it gets its data directly from the controller"),
+        "{detached}"
+    );
+    assert_eq!(state(&s, "node02"), "failed", "{s}");
+    for i in [0, 2, 3] {
+        let n = &rig.nodes()[i];
+        assert_eq!(state(&s, &n.name), "done", "{}: {s}", n.name);
+        assert_same(&n.target, &image);
+    }
+    assert!(
+        log_texts(&out)
+            .iter()
+            .any(|l| l.starts_with("node03: catching up on")),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A configured agent path that the node lacks fails the node at once,
+/// naming the path and the key: no retry can make it appear.
+#[test]
+fn missing_configured_agent_fails_at_once_naming_agent_path() {
+    let rig = Rig::new(1);
+    write_image(&rig.dir().join("images/lab.img"), 4, 51);
+    let cfg = layer(
+        &rig,
+        "agent.conf",
+        "agent_path = \"/nonexistent/imaging-agent\"\nretries = 3",
+        "",
+    );
+    let (out, took) = run(
+        imaging(&rig, &cfg).args(["load", "--json", "-t", "120", "-i", "lab.img", "1"]),
+        150,
+    );
+    not_a_panic(&out);
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(state(&s, "node01"), "failed", "{s}");
+    let why = error(&s, "node01");
+    assert_eq!(
+        why, "no agent at /nonexistent/imaging-agent on the node ([load] agent_path)",
+        "{s}"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?} to fail");
+}
+
+/// An agent that answers in another protocol version fails the node at
+/// once, saying so: a retry would meet the same agent.
+#[test]
+fn agent_of_another_protocol_version_fails_at_once_saying_so() {
+    let rig = Rig::new(1);
+    write_image(&rig.dir().join("images/lab.img"), 4, 52);
+    // A stand-in agent: a Hello of version 999, then it waits for the end.
+    let mut body = vec![1u8];
+    body.extend_from_slice(b"IMAGING\0");
+    body.extend_from_slice(&999u16.to_le_bytes());
+    body.extend_from_slice(&(6u32).to_le_bytes());
+    body.extend_from_slice(b"future");
+    let hello = rig.dir().join("hello999.bin");
+    std::fs::write(&hello, frame(&body)).unwrap();
+    let agent = rig.dir().join("future-agent");
+    std::fs::write(
+        &agent,
+        format!("#!/bin/sh\ncat '{}'\ncat >/dev/null\n", hello.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = layer(
+        &rig,
+        "future.conf",
+        &format!("agent_path = \"{}\"\nretries = 3", agent.display()),
+        "",
+    );
+    let (out, took) = run(
+        imaging(&rig, &cfg).args(["load", "--json", "-t", "120", "-i", "lab.img", "1"]),
+        150,
+    );
+    not_a_panic(&out);
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(state(&s, "node01"), "failed", "{s}");
+    let why = error(&s, "node01");
+    assert!(
+        why.starts_with("the agent did not start: agent: ") && why.contains("999"),
+        "{why}"
+    );
+    assert!(!why.contains("gave up"), "{why}");
+    assert!(took < Duration::from_secs(20), "took {took:?} to fail");
 }

@@ -139,12 +139,13 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
             None
         }
         None => {
-            let lab = lab::Lab::start(&root, n).map_err(UsageError::Other)?;
+            let lab =
+                lab::Lab::start(&root, "demo", n).map_err(|e| UsageError::Other(e.to_string()))?;
             say!(
                 cli,
                 &format!(
                     "{n} simulated nodes: real sshd processes on 127.0.0.1, ports {:?}",
-                    lab.ports
+                    lab.ports()
                 ),
             );
             text.push_str(&format!(
@@ -152,10 +153,10 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
                 lab.client_key().display(),
                 lab.known_hosts().display()
             ));
-            for (i, port) in lab.ports.iter().enumerate() {
+            for node in lab.nodes() {
                 text.push_str(&format!(
-                    "[[node]]\nname = \"demo{:02}\"\naddress = \"127.0.0.1\"\nport = {port}\n",
-                    i + 1
+                    "[[node]]\nname = \"{}\"\naddress = \"127.0.0.1\"\nport = {}\n",
+                    node.name, node.port
                 ));
             }
             Some(lab)

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::engine::cancel::Cancel;
+use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::wait;
@@ -26,7 +27,7 @@ use crate::image::provenance::{self, Held, Provenance};
 use crate::inventory::Node;
 use crate::node::agent_link::{AgentLink, AgentSource};
 use crate::node::ssh::SshSettings;
-use crate::proto::{self, Codec, HeldImage, Msg};
+use crate::proto::{self, Codec, HeldImage, Msg, ProtocolError};
 
 pub struct SaveJob {
     pub nodes: Vec<Node>,
@@ -68,10 +69,10 @@ pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
                 r = tokio::time::timeout_at(job.deadline, save_node(i, &job, &report, &partial)) => match r {
                     Ok(Ok(name)) => Ok(name),
                     Ok(Err(e)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, e)),
-                    Ok(Err(e)) => Err((NodeState::Failed, e)),
-                    Err(_) => Err((NodeState::Timeout, "deadline reached".to_string())),
+                    Ok(Err(e)) => Err((e.state(), e)),
+                    Err(_) => Err((NodeState::Timeout, NodeError::Deadline)),
                 },
-                _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".to_string())),
+                _ = cancel.cancelled() => Err((NodeState::Cancelled, NodeError::Cancelled)),
             };
             match outcome {
                 Ok(name) => {
@@ -82,7 +83,7 @@ pub async fn save_all(job: SaveJob, report: Reporter, cancel: Cancel) {
                     // Nothing half-written stays behind (the partial is
                     // this run's own: its name carries our pid).
                     let _ = std::fs::remove_file(&partial);
-                    report.state(i, state, Some(reason));
+                    report.state(i, state, Some(reason.to_string()));
                 }
             }
         });
@@ -95,31 +96,27 @@ async fn save_node(
     job: &SaveJob,
     report: &Reporter,
     partial: &Path,
-) -> Result<String, String> {
+) -> Result<String, NodeError> {
     let node = &job.nodes[i];
     let mut link = if node.local {
-        AgentLink::local_ready().await?
+        AgentLink::local_ready().await.map_err(NodeError::from)?
     } else {
         report.state(i, NodeState::WaitingForSsh, None);
-        let session = wait::connect_when_up(node, &job.ssh, job.deadline, None, &|_| {}).await?;
+        let session = wait::connect_when_up(node, &job.ssh, job.deadline, None, &|_| {})
+            .await
+            .map_err(NodeError::Ssh)?;
         report.state(i, NodeState::Connecting, None);
-        job.agent.start(session).await?
+        job.agent.start(session).await.map_err(NodeError::from)?
     };
-    let result = receive(i, job, report, partial, &mut link).await;
-    let stderr = link.close().await;
-    let result = result.map_err(|e| {
-        match stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("imaging agent:"))
-        {
-            Some(last) if !e.starts_with("agent:") => format!("{e} ({})", last.trim()),
-            _ => e,
-        }
-    });
+    let result = match receive(i, job, report, partial, &mut link).await {
+        Err(e) => Err(e.explained(&mut link.rx).await),
+        ok => ok,
+    };
+    link.close().await;
     // The lock on the partial is held until it has its final name.
     let (manifest, held, locked) = result?;
-    let name = finish_file(partial, &job.repo, &job.names[i], &manifest)?;
+    let name =
+        finish_file(partial, &job.repo, &job.names[i], &manifest).map_err(NodeError::Local)?;
     drop(locked);
     let final_path = job.repo.join(&name);
     let p = &job.provenance;
@@ -153,7 +150,7 @@ async fn receive(
     report: &Reporter,
     partial: &Path,
     link: &mut AgentLink,
-) -> Result<(Manifest, Option<HeldImage>, std::fs::File), String> {
+) -> Result<(Manifest, Option<HeldImage>, std::fs::File), NodeError> {
     proto::write_msg(
         &mut link.tx,
         &Msg::SaveBegin {
@@ -164,32 +161,30 @@ async fn receive(
             holder: crate::engine::holder::holder(),
         },
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    link.tx.flush().await.map_err(|e| e.to_string())?;
-    let (size, held) = match proto::read_msg(&mut link.rx)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    .await?;
+    link.tx.flush().await.map_err(ProtocolError::from)?;
+    let (size, held) = match proto::read_msg(&mut link.rx).await? {
         Msg::SaveInfo { size, held } => (size, held),
-        Msg::Error { message, .. } => return Err(format!("agent: {message}")),
-        other => return Err(format!("agent answered {} to SaveBegin", other.name())),
+        Msg::Error { kind, message } => return Err(NodeError::Agent { kind, message }),
+        other => {
+            return Err(NodeError::Protocol(format!(
+                "agent answered {} to SaveBegin",
+                other.name()
+            )));
+        }
     };
     // Our own name (it carries our pid), locked while we write it.
     let file = crate::image::repo::create_partial(partial)
-        .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+        .map_err(|e| NodeError::Local(format!("cannot create {}: {e}", partial.display())))?;
     file.set_len(size)
-        .map_err(|e| format!("{}: {e}", partial.display()))?;
+        .map_err(|e| NodeError::Local(format!("{}: {e}", partial.display())))?;
     let chunks = size.div_ceil(job.chunk_size) as usize;
     let mut digests = Vec::with_capacity(chunks);
     let mut zero = vec![0u8; proto::bitmap_len(chunks)];
     let (mut sent, mut written) = (0u64, 0u64);
     report.state(i, NodeState::Transferring, None);
     loop {
-        match proto::read_msg(&mut link.rx)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        match proto::read_msg(&mut link.rx).await? {
             Msg::SaveChunk {
                 index,
                 digest,
@@ -199,7 +194,9 @@ async fn receive(
             } => {
                 let index = index as usize;
                 if index != digests.len() || index >= chunks {
-                    return Err(format!("agent sent chunk {index} out of order"));
+                    return Err(NodeError::Protocol(format!(
+                        "agent sent chunk {index} out of order"
+                    )));
                 }
                 let offset = index as u64 * job.chunk_size;
                 let len = (size - offset).min(job.chunk_size) as usize;
@@ -208,16 +205,20 @@ async fn receive(
                 } else {
                     let raw = match codec {
                         Codec::Raw => data,
-                        Codec::Zstd => zstd::bulk::decompress(&data, len)
-                            .map_err(|e| format!("chunk {index}: bad compressed data: {e}"))?,
+                        Codec::Zstd => zstd::bulk::decompress(&data, len).map_err(|e| {
+                            NodeError::Verify(format!("chunk {index}: bad compressed data: {e}"))
+                        })?,
                     };
                     if raw.len() != len || crate::image::digest::chunk_digest(&raw) != digest {
-                        return Err(format!("chunk {index} failed verification"));
+                        return Err(NodeError::Verify(format!(
+                            "chunk {index} failed verification"
+                        )));
                     }
                     // The partial file is new: zero blocks left unwritten
                     // are holes. Progress counts the chunk, holes included.
-                    crate::image::fileio::write_nonzero_at(&file, &raw, offset)
-                        .map_err(|e| format!("writing {}: {e}", partial.display()))?;
+                    crate::image::fileio::write_nonzero_at(&file, &raw, offset).map_err(|e| {
+                        NodeError::Local(format!("writing {}: {e}", partial.display()))
+                    })?;
                     written += len as u64;
                 }
                 digests.push(digest);
@@ -228,29 +229,36 @@ async fn receive(
             }
             Msg::Note { text } => report.log(Some(i), format!("{}: {text}", job.nodes[i].name)),
             Msg::SaveEnd => break,
-            Msg::Error { message, .. } => return Err(format!("agent: {message}")),
-            other => return Err(format!("agent sent {} during the save", other.name())),
+            Msg::Error { kind, message } => return Err(NodeError::Agent { kind, message }),
+            other => {
+                return Err(NodeError::Protocol(format!(
+                    "agent sent {} during the save",
+                    other.name()
+                )));
+            }
         }
     }
     if digests.len() != chunks {
-        return Err(format!(
+        return Err(NodeError::Protocol(format!(
             "agent ended after {} of {chunks} chunks",
             digests.len()
-        ));
+        )));
     }
     report.state(i, NodeState::Syncing, None);
     file.sync_all()
-        .map_err(|e| format!("syncing {}: {e}", partial.display()))?;
+        .map_err(|e| NodeError::Local(format!("syncing {}: {e}", partial.display())))?;
     let received = Manifest::from_parts(job.chunk_size, size, digests, zero);
     let partial = partial.to_path_buf();
     let chunk_size = job.chunk_size;
     // Re-read what landed on disk: it must be what the node sent.
     let on_disk = tokio::task::spawn_blocking(move || Manifest::build(&partial, chunk_size))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("verifying the saved image: {e}"))?;
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+        .map_err(|e| NodeError::Local(format!("verifying the saved image: {e}")))?;
     if on_disk.identity != received.identity {
-        return Err("the saved file does not read back as received".into());
+        return Err(NodeError::Verify(
+            "the saved file does not read back as received".into(),
+        ));
     }
     Ok((on_disk, held, file))
 }

@@ -46,18 +46,22 @@ impl AgentSource {
     /// started directly (one SSH channel); only if it is missing is this
     /// executable uploaded into the user's cache there (to a temporary name,
     /// renamed when complete) and started again.
-    pub async fn start(&self, session: Session) -> Result<AgentLink, String> {
+    pub async fn start(&self, session: Session) -> Result<AgentLink, StartError> {
         let session = Arc::new(session);
         let path = self.remote_path();
         let mut link = AgentLink::over_ssh(session.clone(), &path)
             .await
-            .map_err(|e| e.to_string())?;
-        let first = link.handshake().await;
-        if first.is_ok() {
-            return Ok(link);
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        let first = match link.handshake().await {
+            Ok(()) => return Ok(link),
+            Err(e) => e,
+        };
+        let (missing, stderr) = link.end_quietly().await;
+        if let StartError::Incompatible(_) = first {
+            return Err(StartError::Incompatible(format!(
+                "the agent did not start: {first}"
+            )));
         }
-        let stderr = link.end_quietly().await;
-        let missing = stderr.contains("not found") || stderr.contains("No such file");
         if !missing || self.configured.is_some() {
             let why = stderr
                 .lines()
@@ -66,19 +70,20 @@ impl AgentSource {
                 .unwrap_or("")
                 .trim()
                 .to_string();
-            let first = first.err().unwrap_or_default();
             return Err(match (self.configured.is_some(), why.is_empty()) {
-                (true, _) if missing => {
-                    format!("no agent at {path} on the node ([load] agent_path)")
-                }
-                (_, true) => format!("the agent did not start: {first}"),
-                (_, false) => format!("the agent did not start: {why}"),
+                (true, _) if missing => StartError::Missing(format!(
+                    "no agent at {path} on the node ([load] agent_path)"
+                )),
+                (_, true) => StartError::Failed(format!("the agent did not start: {first}")),
+                (_, false) => StartError::Failed(format!("the agent did not start: {why}")),
             });
         }
-        self.upload(&session, &path).await?;
+        self.upload(&session, &path)
+            .await
+            .map_err(StartError::Failed)?;
         let mut link = AgentLink::over_ssh(session, &path)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StartError::Failed(e.to_string()))?;
         link.handshake().await?;
         Ok(link)
     }
@@ -101,6 +106,28 @@ impl AgentSource {
             return Err(format!("uploading the agent to {path} failed ({status})"));
         }
         Ok(())
+    }
+}
+
+/// Why the agent could not be started on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The configured agent (`[load] agent_path`) is not on the node: no
+    /// use trying again.
+    Missing(String),
+    /// It did not start or answer (the upload, the session, its Hello).
+    Failed(String),
+    /// It answered, in another version of the protocol.
+    Incompatible(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Missing(s) | StartError::Failed(s) | StartError::Incompatible(s) => {
+                f.write_str(s)
+            }
+        }
     }
 }
 
@@ -128,6 +155,10 @@ pub struct LinkEnd {
 }
 
 const PIPE_BUFFER: usize = 256 << 10;
+
+/// The exit code of a POSIX shell asked to run a command that does not
+/// exist.
+const COMMAND_NOT_FOUND: i32 = 127;
 
 fn stderr_collector<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>) -> JoinHandle<String> {
     tokio::spawn(async move {
@@ -207,41 +238,54 @@ impl AgentLink {
         })
     }
 
-    /// Exchange Hellos.
-    pub async fn handshake(&mut self) -> Result<(), String> {
+    /// Exchange Hellos. An agent of another protocol version is
+    /// [`StartError::Incompatible`].
+    pub async fn handshake(&mut self) -> Result<(), StartError> {
         use tokio::io::AsyncWriteExt;
+        let failed = |e: proto::ProtocolError| StartError::Failed(e.to_string());
         proto::write_msg(&mut self.tx, &Msg::hello())
             .await
-            .map_err(|e| e.to_string())?;
-        self.tx.flush().await.map_err(|e| e.to_string())?;
-        let hello = proto::read_msg(&mut self.rx)
+            .map_err(failed)?;
+        self.tx
+            .flush()
             .await
-            .map_err(|e| e.to_string())?;
-        proto::check_hello(&hello).map_err(|e| format!("agent: {e}"))
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        let hello = proto::read_msg(&mut self.rx).await.map_err(failed)?;
+        proto::check_hello(&hello).map_err(|e| StartError::Incompatible(format!("agent: {e}")))
     }
 
     /// Close the pipes and wait for the agent, keeping the SSH session for
-    /// another command; returns what the agent wrote on stderr.
-    async fn end_quietly(self) -> String {
+    /// another command; returns whether the node had no such command (the
+    /// shell's exit code 127, which openssh reports as a remote `NotFound`)
+    /// and what it wrote on stderr.
+    async fn end_quietly(self) -> (bool, String) {
         let AgentLink { tx, rx, end } = self;
         drop(tx);
         drop(rx);
         let LinkEnd {
             stderr, process, ..
         } = end;
-        if let Process::Ssh(child) = process {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
-        }
-        tokio::time::timeout(std::time::Duration::from_secs(2), stderr)
+        let missing = match process {
+            Process::Ssh(child) => {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await {
+                    Ok(Ok(status)) => status.code() == Some(COMMAND_NOT_FOUND),
+                    Ok(Err(openssh::Error::Remote(e))) => e.kind() == std::io::ErrorKind::NotFound,
+                    _ => false,
+                }
+            }
+            Process::Local(_) => false,
+        };
+        let text = tokio::time::timeout(std::time::Duration::from_secs(2), stderr)
             .await
             .ok()
             .and_then(Result::ok)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (missing, text)
     }
 
     /// Start this executable's agent locally and exchange Hellos.
-    pub async fn local_ready() -> Result<Self, String> {
-        let mut link = AgentLink::local().map_err(|e| e.to_string())?;
+    pub async fn local_ready() -> Result<Self, StartError> {
+        let mut link = AgentLink::local().map_err(|e| StartError::Failed(e.to_string()))?;
         link.handshake().await?;
         Ok(link)
     }
@@ -254,6 +298,29 @@ impl AgentLink {
         drop(rx);
         end.close().await
     }
+}
+
+/// How long [`last_word`] waits for the agent's `Error` frame.
+const LAST_WORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// After the link failed (a write the agent did not take, say): the kind
+/// and message of the `Error` frame the agent sent before it ended, if one
+/// is still waiting on its stdout (frames before it are skipped). Bounded:
+/// at most a couple of seconds, and nothing once the stream ends.
+pub async fn last_word(rx: &mut Rx) -> Option<(proto::ErrorKind, String)> {
+    let read = async {
+        loop {
+            match proto::read_msg(rx).await {
+                Ok(Msg::Error { kind, message }) => return Some((kind, message)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(LAST_WORD_WAIT, read)
+        .await
+        .ok()
+        .flatten()
 }
 
 impl LinkEnd {
@@ -289,5 +356,65 @@ impl LinkEnd {
             let _ = session.close().await;
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ErrorKind;
+
+    fn rx_of(msgs: &[Msg], tail: &[u8]) -> Rx {
+        let mut bytes = Vec::new();
+        for m in msgs {
+            proto::write_msg_sync(&mut bytes, m).unwrap();
+        }
+        bytes.extend_from_slice(tail);
+        BufReader::new(Box::new(std::io::Cursor::new(bytes)))
+    }
+
+    #[tokio::test]
+    async fn last_word_is_the_error_frame_after_what_was_still_unread() {
+        let mut rx = rx_of(
+            &[
+                Msg::Written {
+                    index: 3,
+                    bytes_written: 4096,
+                },
+                Msg::Error {
+                    kind: ErrorKind::Target,
+                    message: "No space left on device".into(),
+                },
+            ],
+            &[],
+        );
+        assert_eq!(
+            last_word(&mut rx).await,
+            Some((ErrorKind::Target, "No space left on device".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn no_error_frame_no_last_word() {
+        let written = Msg::Written {
+            index: 0,
+            bytes_written: 1,
+        };
+        assert_eq!(last_word(&mut rx_of(&[written], &[])).await, None);
+        // A frame cut short by the end of the stream.
+        assert_eq!(last_word(&mut rx_of(&[], &[9, 0, 0])).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_is_waited_for_only_so_long() {
+        let (_keep, quiet) = tokio::io::duplex(64);
+        let mut rx: Rx = BufReader::new(Box::new(quiet));
+        let started = std::time::Instant::now();
+        assert_eq!(last_word(&mut rx).await, None);
+        let took = started.elapsed();
+        assert!(
+            took >= LAST_WORD_WAIT && took < LAST_WORD_WAIT * 3,
+            "{took:?}"
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! Integration-test rig: real `sshd` processes on 127.0.0.1.
 //!
 //! Every integration test file includes this module with `mod common;`.
-//! A [`Rig`] owns a temp dir holding a client key, a `known_hosts` file, an
-//! `imaging.conf` and one `sshd` per node; everything is per rig, so tests can
+//! A [`Rig`] owns a temp dir holding a lab (`imaging::lab::Lab`, the one
+//! that `imaging demo` runs on too: a client key, a `known_hosts` file and
+//! one `sshd` per node), an `imaging.conf`, and the dirs a run of the binary
+//! needs (repository, HOME, XDG); everything is per rig, so tests can
 //! run in parallel threads. The only shared state is `/run/sshd`, which sshd
 //! needs as its privilege-separation directory.
 //!
@@ -18,98 +20,33 @@
 
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-const SSHD: &str = "/usr/sbin/sshd";
-const PRIVSEP_DIR: &str = "/run/sshd";
-/// How long a node may take to accept TCP and send its banner.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many ports `Rig::new` tries per node when the port is taken by
-/// someone else between reservation and sshd's bind.
-const PORT_TRIES: usize = 5;
+pub use imaging::lab::Node as RigNode;
+use imaging::lab::{Lab, LabError, PORT_TRIES};
 
 pub struct Rig {
-    dir: tempfile::TempDir,
-    client_key: PathBuf,
-    known_hosts: PathBuf,
+    // Dropped first: the sshd processes stop before their files go.
+    lab: Lab,
     config: PathBuf,
-    nodes: Vec<RigNode>,
+    dir: tempfile::TempDir,
 }
 
-pub struct RigNode {
-    pub name: String,
-    pub port: u16,
-    pub target: PathBuf,
-    child: Option<Child>,
-    sshd_config: PathBuf,
-    host_key: PathBuf,
-    log: PathBuf,
-}
-
-impl RigNode {
-    /// Pid of the running sshd listener, if the node is started.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// This node's sshd_config.
-    pub fn sshd_config(&self) -> &Path {
-        &self.sshd_config
-    }
-
-    /// This node's sshd log (stderr of every sshd run of the node, appended).
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The node's sshd_config, from the lab's one template
-    /// (`assets/sshd_config`, which keeps `SetEnv SHLVL=1`).
-    fn write_sshd_config(&self, authorized_keys: &Path) {
-        let text = imaging::lab::SshdConfig {
-            port: self.port,
-            address: "127.0.0.1",
-            host_key: &self.host_key,
-            authorized_keys,
-        }
-        .render();
-        fs::write(&self.sshd_config, text).expect("write sshd_config");
-    }
-
-    /// `[127.0.0.1]:PORT ssh-ed25519 AAAA…`
-    fn known_hosts_line(&self) -> String {
-        let pubkey = read(&self.host_key.with_extension("pub"));
-        let mut fields = pubkey.split_whitespace();
-        let (kind, key) = (fields.next(), fields.next());
-        let (Some(kind), Some(key)) = (kind, key) else {
-            panic!("malformed host public key for {}: {pubkey:?}", self.name);
-        };
-        format!("[127.0.0.1]:{} {kind} {key}\n", self.port)
-    }
-}
-
-/// Why one sshd start attempt failed.
-enum StartError {
-    /// sshd could not bind its port (someone else holds it).
-    PortClash(String),
+/// Every rig sshd gets its own process group and dies with the test's
+/// thread.
+fn rig_hook(cmd: &mut Command) {
+    cmd.process_group(0);
+    die_with_test(cmd);
 }
 
 impl Rig {
@@ -121,22 +58,8 @@ impl Rig {
     pub fn new(n: usize) -> Rig {
         let mut rig = Rig::prepare(n);
         for i in 0..n {
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                match rig.try_start(i) {
-                    Ok(()) => break,
-                    Err(StartError::PortClash(_)) if tries < PORT_TRIES => {
-                        let port = free_ports(1)[0];
-                        rig.nodes[i].port = port;
-                        rig.nodes[i].write_sshd_config(&rig.authorized_keys());
-                        rig.write_known_hosts();
-                    }
-                    Err(StartError::PortClash(log)) => panic!(
-                        "{}: port clash {tries} times in a row, giving up; last sshd log:\n{log}",
-                        rig.nodes[i].name
-                    ),
-                }
+            if let Err(e) = rig.lab.start_moving(i) {
+                panic!("{e}");
             }
         }
         rig.write_config("");
@@ -152,15 +75,15 @@ impl Rig {
         rig
     }
 
-    /// Keys, dirs, ports, sshd configs and known_hosts; no imaging.conf.
+    /// The lab (keys, ports, sshd configs, known_hosts) and the rig's dirs;
+    /// no imaging.conf.
     fn prepare(n: usize) -> Rig {
-        ensure_privsep_dir();
         let dir = tempfile::Builder::new()
             .prefix("rig")
             .tempdir()
             .expect("create rig temp dir");
         let root = dir.path().to_path_buf();
-        for sub in ["images", "targets", "hostkeys", "sshd", "home"] {
+        for sub in ["images", "home"] {
             mkdir(&root.join(sub));
         }
         for sub in ["config", "state", "data", "cache"] {
@@ -170,48 +93,14 @@ impl Rig {
         mkdir(&runtime);
         fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700))
             .expect("chmod runtime dir");
-
-        let client_key = root.join("client_key");
-        keygen(&client_key);
-        let authorized_keys = root.join("authorized_keys");
-        fs::write(
-            &authorized_keys,
-            read(&client_key.with_extension("pub")).as_bytes(),
-        )
-        .expect("write authorized_keys");
-
-        let ports = free_ports(n);
-        let nodes: Vec<RigNode> = ports
-            .into_iter()
-            .enumerate()
-            .map(|(i, port)| {
-                let name = format!("node{:02}", i + 1);
-                let host_key = root.join("hostkeys").join(format!("{name}_ed25519"));
-                keygen(&host_key);
-                RigNode {
-                    target: root.join("targets").join(format!("{name}.img")),
-                    sshd_config: root.join("sshd").join(format!("{name}.sshd_config")),
-                    log: root.join("sshd").join(format!("{name}.log")),
-                    name,
-                    port,
-                    child: None,
-                    host_key,
-                }
-            })
-            .collect();
-        for node in &nodes {
-            node.write_sshd_config(&authorized_keys);
-        }
-
-        let rig = Rig {
-            client_key,
-            known_hosts: root.join("known_hosts"),
+        let names: Vec<String> = (1..=n).map(|i| format!("node{i:02}")).collect();
+        let mut lab = Lab::prepare(&root, &names).unwrap_or_else(|e| panic!("{e}"));
+        lab.set_hook(rig_hook);
+        Rig {
+            lab,
             config: root.join("imaging.conf"),
-            nodes,
             dir,
-        };
-        rig.write_known_hosts();
-        rig
+        }
     }
 
     /// The rig's temp dir.
@@ -220,7 +109,7 @@ impl Rig {
     }
 
     pub fn nodes(&self) -> &[RigNode] {
-        &self.nodes
+        self.lab.nodes()
     }
 
     /// The imaging.conf the rig wrote.
@@ -230,108 +119,32 @@ impl Rig {
 
     /// Private key authorized on every node.
     pub fn client_key(&self) -> &Path {
-        &self.client_key
+        self.lab.client_key()
     }
 
     /// known_hosts holding every node's host key.
     pub fn known_hosts(&self) -> &Path {
-        &self.known_hosts
-    }
-
-    fn authorized_keys(&self) -> PathBuf {
-        self.dir().join("authorized_keys")
+        self.lab.known_hosts()
     }
 
     /// (Re)start node `i`'s sshd on its port and wait for its banner. A
     /// running node is killed first. Panics (with the sshd log) when sshd
     /// does not come up within 10 s or its port stays taken.
     pub fn start(&mut self, i: usize) {
-        if self.nodes[i].is_running() {
-            self.kill(i);
-        }
         // The port is fixed once handed out: retry it briefly if taken.
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.try_start(i) {
+            match self.lab.start_node(i) {
                 Ok(()) => return,
-                Err(StartError::PortClash(log)) => {
+                Err(LabError::PortTaken { node, port, log }) => {
                     if tries >= PORT_TRIES {
-                        panic!(
-                            "{}: port {} stays taken; sshd log:\n{log}",
-                            self.nodes[i].name, self.nodes[i].port
-                        );
+                        panic!("{node}: port {port} stays taken; sshd log:\n{log}");
                     }
                     thread::sleep(Duration::from_millis(200));
                 }
+                Err(e) => panic!("{e}"),
             }
-        }
-    }
-
-    /// One attempt: spawn sshd, wait until it owns its listening socket and
-    /// sends its banner.
-    fn try_start(&mut self, i: usize) -> Result<(), StartError> {
-        let node = &mut self.nodes[i];
-        assert!(node.child.is_none(), "{} is already running", node.name);
-        let log_offset = fs::metadata(&node.log).map(|m| m.len()).unwrap_or(0);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("open sshd log");
-        let mut cmd = Command::new(SSHD);
-        cmd.arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(&node.sshd_config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup sshd log"))
-            .stderr(log)
-            .process_group(0);
-        die_with_test(&mut cmd);
-        let child = cmd.spawn().expect("spawn sshd");
-        let pid = child.id();
-        node.child = Some(child);
-
-        let new_log = |node: &RigNode| {
-            let all = fs::read(&node.log).unwrap_or_default();
-            let start = (log_offset as usize).min(all.len());
-            String::from_utf8_lossy(&all[start..]).into_owned()
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let exited = node
-                .child
-                .as_mut()
-                .expect("child")
-                .try_wait()
-                .expect("try_wait sshd");
-            if let Some(status) = exited {
-                node.child = None;
-                let log = new_log(node);
-                if log.contains("Address already in use") {
-                    return Err(StartError::PortClash(log));
-                }
-                panic!(
-                    "{}: sshd exited ({status}) before accepting connections on port {}; log:\n{log}",
-                    node.name, node.port
-                );
-            }
-            // Only probe once sshd itself listens: otherwise another process
-            // holding the port could answer in its place.
-            if listens_on(pid, node.port) && banner_ok(node.port) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let name = node.name.clone();
-                let port = node.port;
-                self.kill(i);
-                panic!(
-                    "{name}: sshd did not send an SSH-2.0 banner on port {port} within {START_TIMEOUT:?}; log:\n{}",
-                    new_log(&self.nodes[i])
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -341,9 +154,7 @@ impl Rig {
     /// the listener. Existing connections to the node are cut. A stopped node
     /// is left alone.
     pub fn kill(&mut self, i: usize) {
-        if let Some(child) = self.nodes[i].child.take() {
-            kill_tree(child);
-        }
+        self.lab.kill(i);
     }
 
     /// Rewrite imaging.conf, appending `extra` TOML (e.g. more `[[node]]`
@@ -365,15 +176,15 @@ impl Rig {
              target = {}\n\
              \n\
              [nodes]\n",
-            toml_str(&self.client_key),
-            toml_str(&self.known_hosts),
+            toml_str(self.client_key()),
+            toml_str(self.known_hosts()),
             toml_str(&dir.join("images")),
             toml_str(&dir.join("targets").join("{name}.img")),
         );
-        if !self.nodes.is_empty() {
-            text.push_str(&format!("all = \"1-{}\"\n", self.nodes.len()));
+        if !self.nodes().is_empty() {
+            text.push_str(&format!("all = \"1-{}\"\n", self.nodes().len()));
         }
-        for node in &self.nodes {
+        for node in self.nodes() {
             text.push_str(&format!(
                 "\n[[node]]\nname = \"{}\"\naddress = \"127.0.0.1\"\nport = {}\n",
                 node.name, node.port
@@ -387,11 +198,6 @@ impl Rig {
             }
         }
         fs::write(&self.config, text).expect("write imaging.conf");
-    }
-
-    fn write_known_hosts(&self) {
-        let text: String = self.nodes.iter().map(RigNode::known_hosts_line).collect();
-        fs::write(&self.known_hosts, text).expect("write known_hosts");
     }
 
     /// A command running the imaging binary inside the rig: current dir is
@@ -417,14 +223,6 @@ impl Rig {
             .env_remove("NODES")
             .env("NO_COLOR", "1");
         cmd
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
-        }
     }
 }
 
@@ -493,52 +291,14 @@ pub fn silent_listener() -> (u16, SilentListener) {
 
 /// A 127.0.0.1 port with nothing listening on it.
 pub fn closed_port() -> u16 {
-    free_ports(1)[0]
+    imaging::lab::free_ports(1).expect("a free port")[0]
 }
 
 // ---------------------------------------------------------------------------
 // helpers
 
-/// `n` distinct free ports: all are bound at once, then released.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local_addr").port())
-        .collect()
-}
-
-fn ensure_privsep_dir() {
-    match fs::DirBuilder::new().mode(0o755).create(PRIVSEP_DIR) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => panic!("create {PRIVSEP_DIR}: {e}"),
-    }
-}
-
 fn mkdir(path: &Path) {
     fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-fn keygen(path: &Path) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "rig", "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ssh-keygen");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A TOML basic string holding `path`.
@@ -563,147 +323,7 @@ fn toml_str(path: &Path) -> String {
 /// for sshd; tests may opt in for other long-lived children (the imaging
 /// binary, ssh clients) when they spawn and wait on the same thread.
 pub fn die_with_test(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and
-    // exec, and no allocation.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Does process `pid` own a socket listening on 127.0.0.1:`port`?
-fn listens_on(pid: u32, port: u16) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: HashSet<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st ... uid timeout inode
-            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
-        })
-        .collect();
-    if inodes.is_empty() {
-        return false;
-    }
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        fs::read_link(fd.path())
-            .ok()
-            .and_then(|t| t.to_str().map(str::to_owned))
-            .and_then(|t| {
-                t.strip_prefix("socket:[")
-                    .and_then(|r| r.strip_suffix(']'))
-                    .map(str::to_owned)
-            })
-            .is_some_and(|inode| inodes.contains(&inode))
-    })
-}
-
-/// Does 127.0.0.1:`port` accept TCP and send an "SSH-2.0" banner?
-fn banner_ok(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 256];
-    while !buf.contains(&b'\n') && buf.len() < 1024 {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-        }
-    }
-    buf.starts_with(b"SSH-2.0")
-}
-
-/// Parent pid of every process, from `/proc/*/stat`.
-fn process_parents() -> HashMap<i32, i32> {
-    let mut parents = HashMap::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return parents;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may hold spaces and parens.
-        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            parents.insert(pid, ppid);
-        }
-    }
-    parents
-}
-
-fn descendants(root: i32) -> HashSet<i32> {
-    let parents = process_parents();
-    let mut found = HashSet::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for (&child, &parent) in &parents {
-            if parent == p && found.insert(child) {
-                frontier.push(child);
-            }
-        }
-    }
-    found
-}
-
-/// Freeze the listener and all its descendants (stopped processes cannot
-/// fork, so the walk converges), SIGKILL them and the listener's process
-/// group, then reap the listener.
-fn kill_tree(mut child: Child) {
-    let pid = child.id() as i32;
-    // SAFETY: plain kill(2) on a pid we have not reaped yet (so not reused)
-    // and on processes just found as its descendants.
-    unsafe {
-        libc::kill(pid, libc::SIGSTOP);
-        let mut frozen: HashSet<i32> = HashSet::new();
-        for _ in 0..50 {
-            let fresh: Vec<i32> = descendants(pid)
-                .into_iter()
-                .filter(|p| !frozen.contains(p))
-                .collect();
-            if fresh.is_empty() {
-                break;
-            }
-            for p in fresh {
-                libc::kill(p, libc::SIGSTOP);
-                frozen.insert(p);
-            }
-        }
-        for &p in &frozen {
-            libc::kill(p, libc::SIGKILL);
-        }
-        libc::kill(-pid, libc::SIGKILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    imaging::lab::die_with_this_thread(cmd);
 }
 
 // ---- Reading a run's output ---------------------------------------------

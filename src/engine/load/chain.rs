@@ -22,7 +22,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::job::LoadJob;
 use super::refusals::Refusals;
-use super::session::{AttemptError, Counters, Plan, begin, open_link};
+use super::session::{Counters, Plan, begin, open_link};
+use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::source::WireChunk;
@@ -458,7 +459,7 @@ pub(super) async fn member(
     report: &Reporter,
     counters: &Arc<Counters>,
     coord: mpsc::UnboundedSender<ToCoord>,
-) -> Result<NodeState, String> {
+) -> Result<NodeState, NodeError> {
     let (result, end) = member_inner(i, job, report, counters, &coord).await;
     // Tell the coordinator first: it drops its handle on the agent's stdin,
     // so the agent sees the end and the link closes at once.
@@ -467,22 +468,9 @@ pub(super) async fn member(
         Err(_) => ToCoord::Gone { node: i },
     });
     if let Some(end) = end {
-        let stderr = end.close().await;
-        if let Err(e) = &result
-            && let Some(last) = stderr
-                .lines()
-                .rev()
-                .find(|l| l.starts_with("imaging agent:"))
-            && !e.starts_with("agent:")
-        {
-            return Err(format!("{e} ({})", last.trim()));
-        }
+        end.close().await;
     }
     result
-}
-
-fn attempt_text(e: AttemptError) -> String {
-    e.to_string()
 }
 
 async fn member_inner(
@@ -492,21 +480,22 @@ async fn member_inner(
     counters: &Arc<Counters>,
     coord: &mpsc::UnboundedSender<ToCoord>,
 ) -> (
-    Result<NodeState, String>,
+    Result<NodeState, NodeError>,
     Option<crate::node::agent_link::LinkEnd>,
 ) {
-    let out = |r: Result<NodeState, String>| {
+    let out = |r: Result<NodeState, NodeError>| {
         let _ = coord.send(ToCoord::Out { node: i });
         r
     };
     let mut link = match open_link(i, job, report, false).await {
         Ok(link) => link,
-        Err(e) => return (out(Err(attempt_text(e))), None),
+        Err(e) => return (out(Err(e)), None),
     };
     let (needed, base, total) = match begin(i, job, report, counters, &mut link).await {
         Err(e) => {
+            let e = e.explained(&mut link.rx).await;
             let end = close_pipes(link);
-            return (out(Err(attempt_text(e))), Some(end));
+            return (out(Err(e)), Some(end));
         }
         Ok(Plan::UpToDate) => {
             let end = close_pipes(link);
@@ -539,7 +528,7 @@ async fn member_inner(
     if needed.is_empty() {
         finish_sent = true;
         if let Err(e) = send_direct(job, &tx, &[], counters).await {
-            return (Err(e), Some(end));
+            return (Err(e.explained(&mut rx).await), Some(end));
         }
     }
     let mut cut_open = true;
@@ -547,7 +536,7 @@ async fn member_inner(
     let result = loop {
         tokio::select! {
             why = &mut cut_rx, if cut_open => match why {
-                Ok(why) => break Err(format!("cut out of the relay chain: {why}")),
+                Ok(why) => break Err(NodeError::Cut(why)),
                 Err(_) => cut_open = false,
             },
             msg = proto::read_msg(&mut rx) => match msg {
@@ -591,15 +580,19 @@ async fn member_inner(
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     break Ok(NodeState::Done);
                 }
-                Ok(Msg::Error { message, .. }) => break Err(format!("agent: {message}")),
-                Ok(other) => break Err(format!("agent sent {} during the relay", other.name())),
-                Err(e) => break Err(format!("agent connection lost ({e})")),
+                Ok(Msg::Error { kind, message }) => break Err(NodeError::Agent { kind, message }),
+                Ok(other) => break Err(NodeError::Protocol(format!("agent sent {} during the relay", other.name()))),
+                Err(e) => break Err(NodeError::Lost(format!("agent connection lost ({e})"))),
             },
         }
     };
     for line in refusals.rest() {
         report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
     }
+    let result = match result {
+        Err(e) => Err(e.explained(&mut rx).await),
+        ok => ok,
+    };
     drop(tx);
     drop(rx);
     (result, Some(end))
@@ -636,19 +629,21 @@ async fn send_direct(
     tx: &SharedTx,
     chunks: &[usize],
     counters: &Counters,
-) -> Result<(), String> {
+) -> Result<(), NodeError> {
     for &c in chunks {
-        let chunk = job.source.get(c).await?;
+        let chunk = job.source.get(c).await.map_err(NodeError::Image)?;
         job.on_wire(chunk.data.len() as u64).await;
         let mut tx = tx.lock().await;
         proto::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
             .await
-            .map_err(|e| format!("sending chunk {c}: {e}"))?;
+            .map_err(|e| NodeError::Lost(format!("sending chunk {c}: {e}")))?;
         counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
     }
     let mut tx = tx.lock().await;
     proto::write_msg(&mut *tx, &Msg::Finish)
         .await
-        .map_err(|e| format!("sending Finish: {e}"))?;
-    tx.flush().await.map_err(|e| format!("sending Finish: {e}"))
+        .map_err(|e| NodeError::Lost(format!("sending Finish: {e}")))?;
+    tx.flush()
+        .await
+        .map_err(|e| NodeError::Lost(format!("sending Finish: {e}")))
 }

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::engine::cancel::Cancel;
+use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::node::hooks;
@@ -104,13 +105,17 @@ async fn load_node(
     let target = &job.targets[i];
     let counters = Arc::new(Counters::default());
     let mut before_ran = false;
-    let mut outcome: Result<NodeState, (NodeState, String)> = Ok(NodeState::Done);
+    let mut outcome: Result<NodeState, (NodeState, NodeError)> = Ok(NodeState::Done);
     if !job.before.is_empty() {
         report.state(i, NodeState::Preparing, Some("before hook".into()));
         before_ran = true;
         let command = hooks::expand(&job.before, node, &job.image_name, target);
         if let Err(e) = hooks::run(&command).await {
-            outcome = Err((NodeState::Failed, format!("before hook: {e}")));
+            let e = NodeError::Hook {
+                which: "before",
+                message: e,
+            };
+            outcome = Err((e.state(), e));
         }
     }
     if outcome.is_err()
@@ -154,8 +159,8 @@ async fn load_node(
                     match r {
                         Ok(Ok(state)) => Ok(state),
                         // Gave up because the deadline came (SSH never answered): a timeout.
-                        Ok(Err(reason)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, reason)),
-                        Ok(Err(reason)) => Err((NodeState::Failed, reason)),
+                        Ok(Err(e)) if Instant::now() >= job.deadline => Err((NodeState::Timeout, e)),
+                        Ok(Err(e)) => Err((e.state(), e)),
                         Err(e) => {
                             if let Some(coord) = &gone {
                                 let _ = coord.send(chain::ToCoord::Gone { node: i });
@@ -164,9 +169,9 @@ async fn load_node(
                         }
                     }
                 }
-                Err(_) => Err((NodeState::Timeout, "deadline reached".into())),
+                Err(_) => Err((NodeState::Timeout, NodeError::Deadline)),
             },
-            _ = cancel.cancelled() => Err((NodeState::Cancelled, "interrupted".into())),
+            _ = cancel.cancelled() => Err((NodeState::Cancelled, NodeError::Cancelled)),
         };
         if !ended {
             // Stop the node's work before its after hook runs.
@@ -179,9 +184,13 @@ async fn load_node(
     if before_ran && !job.after.is_empty() {
         let command = hooks::expand(&job.after, node, &job.image_name, target);
         if let Err(e) = hooks::run(&command).await {
-            report.log(Some(i), format!("{}: after hook: {e}", node.name));
+            let e = NodeError::Hook {
+                which: "after",
+                message: e,
+            };
+            report.log(Some(i), format!("{}: {e}", node.name));
             if outcome.is_ok() {
-                outcome = Err((NodeState::Failed, format!("after hook: {e}")));
+                outcome = Err((e.state(), e));
             }
         }
     }
@@ -190,14 +199,14 @@ async fn load_node(
     report.progress(i, counters.sent.load(Ordering::Relaxed), written, 0);
     match outcome {
         Ok(state) => report.state(i, state, None),
-        Err((state, reason)) => report.state(i, state, Some(reason)),
+        Err((state, reason)) => report.state(i, state, Some(reason.to_string())),
     }
 }
 
 /// Why a node's task ended without an answer: a panic (a bug), in words.
-fn task_failure(e: tokio::task::JoinError) -> String {
+fn task_failure(e: tokio::task::JoinError) -> NodeError {
     if !e.is_panic() {
-        return format!("internal error: the node's task ended: {e}");
+        return NodeError::Internal(format!("internal error: the node's task ended: {e}"));
     }
     let payload = e.into_panic();
     let what = payload
@@ -205,7 +214,7 @@ fn task_failure(e: tokio::task::JoinError) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".into());
-    format!("internal error: the node's task panicked: {what}")
+    NodeError::Internal(format!("internal error: the node's task panicked: {what}"))
 }
 
 /// Debug builds only: `IMAGING_TEST_PANIC_NODE=NAME` panics NAME's task,

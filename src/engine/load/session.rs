@@ -1,61 +1,20 @@
 //! The steps of one node's load session that the star and the chain share:
-//! open the agent link, begin the load, and the attempt's outcome.
+//! open the agent link and begin the load. What goes wrong is a
+//! [`NodeError`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
+use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::engine::wait;
 use crate::node::agent_link::AgentLink;
-use crate::proto::{self, ErrorKind, Msg, ProtocolError};
+use crate::proto::{self, Msg, ProtocolError};
 
 use super::job::LoadJob;
-
-/// Why an attempt ended without success.
-pub(super) enum AttemptError {
-    /// Worth another attempt: the connection dropped, SSH is not up yet.
-    Retry(String),
-    /// No use trying again here (SSH refused for good, a bad answer, …).
-    Fatal(String),
-    /// The agent said why it stopped, in an `Error` frame (target refused,
-    /// verification failed, …): final.
-    Agent { kind: ErrorKind, message: String },
-}
-
-impl AttemptError {
-    /// Worth another attempt: the link dropped (on our side, or the agent
-    /// says its input went away); anything else the node said stays so.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            AttemptError::Retry(_) => true,
-            AttemptError::Fatal(_) => false,
-            AttemptError::Agent { kind, .. } => *kind == ErrorKind::Closed,
-        }
-    }
-}
-
-impl std::fmt::Display for AttemptError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AttemptError::Retry(r) | AttemptError::Fatal(r) => f.write_str(r),
-            AttemptError::Agent { message, .. } => write!(f, "agent: {message}"),
-        }
-    }
-}
-
-impl From<ProtocolError> for AttemptError {
-    fn from(e: ProtocolError) -> Self {
-        match e {
-            ProtocolError::Closed | ProtocolError::Io(_) => {
-                AttemptError::Retry(format!("connection lost ({e})"))
-            }
-            other => AttemptError::Fatal(other.to_string()),
-        }
-    }
-}
 
 /// Byte counters of one node, over all its attempts.
 #[derive(Default)]
@@ -70,11 +29,11 @@ pub(super) async fn open_link(
     job: &LoadJob,
     report: &Reporter,
     retry: bool,
-) -> Result<AgentLink, AttemptError> {
+) -> Result<AgentLink, NodeError> {
     let node = &job.nodes[i];
     if node.local {
         report.state(i, NodeState::Connecting, Some("local agent".into()));
-        return AgentLink::local_ready().await.map_err(AttemptError::Fatal);
+        return AgentLink::local_ready().await.map_err(NodeError::from);
     }
     report.state(i, NodeState::WaitingForSsh, None);
     // The first connection may wait for a node booting into its imaging
@@ -90,13 +49,13 @@ pub(super) async fn open_link(
         .await
         .map_err(|e| {
             if retry {
-                AttemptError::Fatal(format!("did not come back: {e}"))
+                NodeError::NotBack(e)
             } else {
-                AttemptError::Fatal(e)
+                NodeError::Ssh(e)
             }
         })?;
     report.state(i, NodeState::Connecting, None);
-    job.agent.start(session).await.map_err(AttemptError::Retry)
+    job.agent.start(session).await.map_err(NodeError::from)
 }
 
 /// What a node needs, once its agent has checked the target.
@@ -118,7 +77,7 @@ pub(super) async fn begin(
     report: &Reporter,
     counters: &Counters,
     link: &mut AgentLink,
-) -> Result<Plan, AttemptError> {
+) -> Result<Plan, NodeError> {
     let m = job.source.manifest();
     report.state(i, NodeState::Checking, None);
     proto::write_msg(
@@ -148,9 +107,9 @@ pub(super) async fn begin(
             bytes_written,
             ..
         } => (bitmap, bytes_written),
-        Msg::Error { kind, message } => return Err(AttemptError::Agent { kind, message }),
+        Msg::Error { kind, message } => return Err(NodeError::Agent { kind, message }),
         other => {
-            return Err(AttemptError::Fatal(format!(
+            return Err(NodeError::Protocol(format!(
                 "agent answered {} to LoadBegin",
                 other.name()
             )));

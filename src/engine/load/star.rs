@@ -10,13 +10,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::engine::backoff::Backoff;
+use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
 use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
 use super::job::LoadJob;
-use super::session::{AttemptError, Counters, Plan, begin, open_link};
+use super::session::{Counters, Plan, begin, open_link};
 
 /// Chunks prepared ahead of the one being sent, per node.
 const LOOKAHEAD: usize = 3;
@@ -27,13 +28,13 @@ pub(super) async fn transfer(
     job: &LoadJob,
     report: &Reporter,
     counters: &Counters,
-) -> Result<NodeState, String> {
+) -> Result<NodeState, NodeError> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     let mut failures = 0;
     loop {
         match attempt(i, job, report, counters, failures > 0).await {
             Ok(state) => return Ok(state),
-            Err(e) if !e.is_retryable() => return Err(e.to_string()),
+            Err(e) if !e.is_retryable() => return Err(e),
             Err(e) => {
                 let reason = e.to_string();
                 failures += 1;
@@ -42,7 +43,10 @@ pub(super) async fn transfer(
                     .written_before
                     .fetch_add(written, Ordering::Relaxed);
                 if failures > job.retries {
-                    return Err(format!("{reason}; gave up after {} retries", job.retries));
+                    return Err(NodeError::GaveUp {
+                        last: Box::new(e),
+                        retries: job.retries,
+                    });
                 }
                 report.log(
                     Some(i),
@@ -68,23 +72,14 @@ async fn attempt(
     report: &Reporter,
     counters: &Counters,
     retry: bool,
-) -> Result<NodeState, AttemptError> {
+) -> Result<NodeState, NodeError> {
     let mut link = open_link(i, job, report, retry).await?;
-    let result = run_session(i, job, report, counters, &mut link).await;
-    let stderr = link.close().await;
-    result.map_err(|e| match e {
-        AttemptError::Retry(r) => match stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("imaging agent:"))
-        {
-            Some(last) => {
-                AttemptError::Fatal(last.trim_start_matches("imaging agent:").trim().to_string())
-            }
-            None => AttemptError::Retry(r),
-        },
-        other => other,
-    })
+    let result = match run_session(i, job, report, counters, &mut link).await {
+        Err(e) => Err(e.explained(&mut link.rx).await),
+        ok => ok,
+    };
+    link.close().await;
+    result
 }
 
 async fn run_session(
@@ -93,7 +88,7 @@ async fn run_session(
     report: &Reporter,
     counters: &Counters,
     link: &mut AgentLink,
-) -> Result<NodeState, AttemptError> {
+) -> Result<NodeState, NodeError> {
     let (needed, before, total) = match begin(i, job, report, counters, link).await? {
         Plan::UpToDate => return Ok(NodeState::UpToDate),
         Plan::Send {
@@ -122,8 +117,8 @@ async fn run_session(
             }
             let chunk = next
                 .await
-                .map_err(|e| AttemptError::Fatal(e.to_string()))?
-                .map_err(AttemptError::Fatal)?;
+                .map_err(|e| NodeError::Internal(e.to_string()))?
+                .map_err(NodeError::Image)?;
             job.on_wire(chunk.data.len() as u64).await;
             watch.sending(Instant::now());
             proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
@@ -132,7 +127,7 @@ async fn run_session(
         proto::write_msg(tx, &Msg::Finish).await?;
         tx.flush().await.map_err(ProtocolError::from)?;
         report.state(i, NodeState::Syncing, None);
-        Ok::<(), AttemptError>(())
+        Ok::<(), NodeError>(())
     };
     let receive = async {
         loop {
@@ -152,10 +147,10 @@ async fn run_session(
                     return Ok(());
                 }
                 Msg::Error { kind, message } => {
-                    return Err(AttemptError::Agent { kind, message });
+                    return Err(NodeError::Agent { kind, message });
                 }
                 other => {
-                    return Err(AttemptError::Fatal(format!(
+                    return Err(NodeError::Protocol(format!(
                         "agent sent {} during the transfer",
                         other.name()
                     )));
@@ -174,16 +169,15 @@ async fn run_session(
             r = &mut receive => { r?; break; }
             _ = tick.tick() => {
                 if watch.stalled(Instant::now(), job.stall_timeout) {
-                    return Err(AttemptError::Retry(format!(
-                        "stalled: the agent took no data for {} s",
-                        job.stall_timeout.as_secs()
-                    )));
+                    return Err(NodeError::Stalled {
+                        secs: job.stall_timeout.as_secs(),
+                    });
                 }
             }
         }
     }
     if !sent {
-        return Err(AttemptError::Fatal(
+        return Err(NodeError::Protocol(
             "agent finished before all chunks were sent".into(),
         ));
     }

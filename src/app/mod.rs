@@ -482,19 +482,21 @@ pub(crate) async fn run_load(
         data_size: manifest.data_size(),
         cap,
     };
-    let job = load::LoadJob {
-        image_name,
+    let image = load::ImageLoad {
+        name: image_name,
         source: source::ChunkSource::new(
             file,
             std::sync::Arc::new(manifest),
             config.load.compression,
         ),
         targets,
+        is_image,
+    };
+    let run = load::LoadRun {
         ssh,
         agent,
         force: args.force,
         verify: args.verify,
-        is_image,
         retries: config.load.retries,
         concurrency: config.load.concurrency,
         rate: source::RateLimit::new(cap),
@@ -509,10 +511,10 @@ pub(crate) async fn run_load(
         relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
         nodes,
     };
-    if !run_check("[load] check", &config.load.check, &job.nodes).await? {
+    if !run_check("[load] check", &config.load.check, &run.nodes).await? {
         return Ok(Exit::Interrupted);
     }
-    let info = run_info(cli, "load", &job.nodes, true, Some(header));
+    let info = run_info(cli, "load", &run.nodes, true, Some(header));
     let mode = output_mode(cli);
     if mode == ui::Mode::Bars
         && let Some(line) = &origin
@@ -524,7 +526,7 @@ pub(crate) async fn run_load(
         if let Some(line) = origin {
             report.log(None, line);
         }
-        load::load_all(job, report, cancel)
+        load::load_all(run, vec![image], report, cancel)
     })
     .await)
 }

@@ -255,6 +255,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_part_of_the_run_reports_on_its_own_rows() {
+        // Two nodes × two images, node by node: image 1 is rows 1 and 3.
+        let names: Vec<String> = ["n1", "n1", "n2", "n2"].map(String::from).to_vec();
+        let board = Board::new(&names);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let report = Reporter::new("load", board.clone(), tx);
+        let second = report.rows(vec![1, 3]);
+        second.state(1, NodeState::Done, None);
+        second.progress(0, 10, 20, 30);
+        second.log(Some(1), "n2");
+        second.image(0, "b.img");
+        assert_eq!(board.read(3).state, NodeState::Done);
+        assert_eq!(board.read(2).state, NodeState::Queued);
+        assert_eq!(board.read(1).bytes_written, 20);
+        assert_eq!(board.read(0).bytes_written, 0);
+        assert!(matches!(rx.try_recv(), Ok(Event::State { node: 3, .. })));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Event::Log { node: Some(3), .. })
+        ));
+        // A part of a part: its node 0 is the part's node 1, row 3.
+        report
+            .rows(vec![1, 3])
+            .rows(vec![1])
+            .state(0, NodeState::Failed, None);
+        assert_eq!(board.read(3).state, NodeState::Failed);
+        report.close_unfinished(NodeState::Cancelled, "interrupted");
+        let summary = report.finish();
+        let states: Vec<_> = summary.nodes.iter().map(|n| n.state).collect();
+        assert_eq!(
+            states,
+            [
+                NodeState::Cancelled,
+                NodeState::Cancelled,
+                NodeState::Cancelled,
+                NodeState::Failed
+            ]
+        );
+        assert_eq!(summary.nodes[1].image.as_deref(), Some("b.img"));
+    }
+
+    #[test]
     fn each_node_keeps_the_time_it_reached_its_final_state() {
         let board = Board::new(&["fast".into(), "slow".into(), "open".into()]);
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

@@ -75,6 +75,9 @@ pub struct View {
     /// smoothed rate: what the bandwidth cap limits.
     pub wire_bytes: u64,
     pub wire_rate: f64,
+    /// `load` of several images: how many (a row per node and image);
+    /// 0 otherwise.
+    pub images: usize,
 }
 
 impl View {
@@ -100,6 +103,26 @@ impl View {
             log_path: None,
             wire_bytes: 0,
             wire_rate: 0.0,
+            images: 0,
+        }
+    }
+
+    /// What the rows are: `nodes`, or `node images` (a row per node and image).
+    pub fn rows_word(&self) -> &'static str {
+        if self.images > 1 {
+            "node images"
+        } else {
+            "nodes"
+        }
+    }
+
+    /// ` · 12 nodes`, or ` · 12 nodes × 2 images`.
+    pub fn scope(&self) -> String {
+        let rows = self.nodes.len();
+        if self.images > 1 {
+            format!(" · {} nodes × {} images", rows / self.images, self.images)
+        } else {
+            format!(" · {rows} node{}", if rows == 1 { "" } else { "s" })
         }
     }
 

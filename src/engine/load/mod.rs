@@ -126,6 +126,20 @@ pub async fn load_all(mut run: LoadRun, images: Vec<ImageLoad>, report: Reporter
         handle.abort();
         let _ = handle.await;
     }
+    // Each chunk is read (and compressed) once for all nodes, unless the
+    // nodes drift further apart than the source's cache holds.
+    for job in jobs.iter() {
+        let reads = job.source.reads.load(Ordering::Relaxed);
+        report.log(
+            None,
+            format!(
+                "image {}: {reads} chunk{} read from its file for {n} node{}",
+                job.image_name,
+                if reads == 1 { "" } else { "s" },
+                if n == 1 { "" } else { "s" },
+            ),
+        );
+    }
 }
 
 type Coord = tokio::sync::mpsc::UnboundedSender<chain::ToCoord>;

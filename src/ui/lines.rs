@@ -111,9 +111,10 @@ impl Lines {
             .unwrap_or_default();
         writeln!(
             out,
-            "{} progress: {done}/{} nodes finished, {} of {} written, {}{wire}{eta}",
+            "{} progress: {done}/{} {} finished, {} of {} written, {}{wire}{eta}",
             now(),
             view.nodes.len(),
+            view.rows_word(),
             human_bytes(written),
             human_bytes(total),
             human_rate(rate),

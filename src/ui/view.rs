@@ -323,4 +323,36 @@ mod tests {
         assert!(view.log.back().unwrap().is_error);
         assert!(view.log.back().unwrap().text.contains("disk full"));
     }
+
+    #[test]
+    fn rows_per_node_and_image_are_counted_as_such() {
+        let info = crate::ui::RunInfo {
+            command: "load".into(),
+            names: ["n1", "n1", "n2", "n2"].map(String::from).to_vec(),
+            row_images: ["a.img", "b.img", "a.img", "b.img"]
+                .map(String::from)
+                .to_vec(),
+            verbose: true,
+            image: None,
+            log_path: None,
+            no_wait: false,
+        };
+        assert_eq!(info.image_count(), 2);
+        assert_eq!(info.label(3), "n2:b.img");
+        let mut view = View::new("load", &info.labels(), None);
+        view.images = info.image_count();
+        assert_eq!(view.scope(), " · 2 nodes × 2 images");
+        assert_eq!(view.rows_word(), "node images");
+        view.apply(&Event::State {
+            node: 1,
+            state: NodeState::Done,
+            message: None,
+        });
+        assert_eq!(view.log.back().unwrap().text, "n1:b.img: done");
+        let one = View::new("load", &["n1".to_string()], None);
+        assert_eq!(
+            (one.scope().as_str(), one.rows_word()),
+            (" · 1 node", "nodes")
+        );
+    }
 }

@@ -346,7 +346,7 @@ pub struct LoadArgs {
     /// star, chain or auto (default: [load] fanout)
     #[arg(long, value_name = "MODE", help_heading = "Transfer")]
     pub fanout: Option<crate::config::Fanout>,
-    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object)
+    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object per image)
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
 }

@@ -16,6 +16,9 @@ Examples:
   imaging load -i ubuntu-24.04.img 1-12     write the image onto nodes 1 to 12
   imaging load -c -a ~7                    the default image on every node but 7, with the dashboard
   imaging load -n -i base.qcow2 hv-west    the plan only: targets, reachability, fan-out
+  imaging load -i base.qcow2 -i web.qcow2 hv-west hv-east
+                                           both images onto both hosts, into targets
+                                           templated with {image}: /var/lib/libvirt/images/{image}
   imaging load -b 40M --json 1-4           cap the controller's links at 40 MiB/s; JSON lines
 
 Exit codes:
@@ -317,14 +320,16 @@ pub enum Command {
 pub struct LoadArgs {
     #[command(flatten)]
     pub nodes: NodeArgs,
-    /// Image name in the repository, or a path (default: [repository] default_image)
+    /// Image name in the repository, or a path (default: [repository] default_image);
+    /// repeat for several images in one run, each into its own target: the
+    /// target must then contain {image} (the image's file name)
     #[arg(
         short = 'i',
         long = "image",
         value_name = "IMAGE",
         help_heading = "Transfer"
     )]
-    pub image: Option<String>,
+    pub image: Vec<String>,
     /// Give up after SECS seconds; 0: no deadline (default: [load] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -341,7 +346,7 @@ pub struct LoadArgs {
     /// star, chain or auto (default: [load] fanout)
     #[arg(long, value_name = "MODE", help_heading = "Transfer")]
     pub fanout: Option<crate::config::Fanout>,
-    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object)
+    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object per image)
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
 }

@@ -26,6 +26,7 @@ mod relay;
 mod save;
 mod session;
 mod stamp;
+mod status;
 mod target;
 #[cfg(test)]
 mod testkit;

@@ -8,6 +8,7 @@ pub mod plan;
 pub mod power;
 mod repo_cmds;
 pub mod shell;
+mod status;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -118,6 +119,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
         Command::InstallLinks { .. } => reject_display_flags(&cli, "install-links", false)?,
         Command::Completions { .. } => reject_display_flags(&cli, "completions", false)?,
         Command::Man { .. } => reject_display_flags(&cli, "man", false)?,
+        Command::Status(_) => status::reject_flags(&cli)?,
         _ => {}
     }
     let loaded = || config::load(cli.global.config.as_deref());
@@ -141,6 +143,7 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::Status(args) => status::run_status(&cli, args, &loaded()?).await,
         Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
         Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
         Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,

@@ -11,4 +11,5 @@ pub mod power;
 pub mod report;
 pub mod save;
 pub mod source;
+pub mod status;
 pub mod wait;

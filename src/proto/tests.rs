@@ -126,7 +126,7 @@ fn older_forms(m: &Msg) -> Vec<Msg> {
             zero,
             image,
             user,
-            host,
+            host: _,
         } => {
             let with = |image: &str, user: &str| Msg::LoadBegin {
                 target: target.clone(),

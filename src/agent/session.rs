@@ -114,6 +114,7 @@ pub(super) fn session<R: Read + Send, W: Write>(
             holder,
         } => save(out, env, &target, chunk_size, level, &holder, raw),
         Msg::StatusBegin { targets } => crate::agent::status::status(input, out, env, &targets),
+        Msg::CleanBegin(req) => crate::agent::clean::clean(out, env, &req),
         Msg::Error { message, .. } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
             "expected LoadBegin, SaveBegin or StatusBegin, got {}",

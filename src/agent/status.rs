@@ -116,6 +116,12 @@ pub(super) fn matching_files(query: &str) -> Result<Vec<String>, String> {
     Ok(paths)
 }
 
+/// The part of `path` that `{image}` stands for in `pattern`.
+pub(super) fn image_part<'a>(pattern: &str, path: &'a str) -> Option<&'a str> {
+    let (prefix, suffix) = pattern.split_once(IMAGE_PLACEHOLDER)?;
+    path.strip_prefix(prefix)?.strip_suffix(suffix)
+}
+
 /// One target, from `stat` and its stamp: never opened.
 pub(super) fn look(env: &AgentEnv, query: u32, path: &str) -> TargetStatus {
     let mut status = TargetStatus {

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod cancel;
 pub mod check;
+pub mod clean;
 pub mod events;
 pub mod holder;
 pub mod load;

@@ -230,18 +230,14 @@ async fn probe(
     status: &mut NodeStatus,
     progress: &Option<UnboundedSender<Progress>>,
 ) -> Result<(), String> {
-    let node = &job.nodes[i];
-    let mut link = if node.local {
-        status.ssh_up = true;
-        AgentLink::local_ready().await?
-    } else {
-        let remaining = job.deadline.saturating_duration_since(Instant::now());
-        let session = ssh::connect(&job.ssh, node, Some(remaining))
-            .await
-            .map_err(|e| e.to_string())?;
-        status.ssh_up = true;
-        job.agent.start(session).await?
-    };
+    let mut link = connect_agent(
+        &job.ssh,
+        &job.agent,
+        &job.nodes[i],
+        job.deadline,
+        &mut status.ssh_up,
+    )
+    .await?;
     let outcome = converse(job, i, &mut link, status, progress).await;
     let stderr = link.close().await;
     outcome.map_err(
@@ -252,7 +248,37 @@ async fn probe(
     )
 }
 
-async fn send(link: &mut AgentLink, msg: &Msg) -> Result<(), String> {
+/// One SSH login (no retry: a node that does not answer is down, and the
+/// error says why) and the agent, Hellos exchanged; a local node's agent
+/// without SSH. `ssh_up` turns true once the login succeeded.
+pub async fn connect_agent(
+    ssh: &SshSettings,
+    agent: &AgentSource,
+    node: &Node,
+    deadline: Instant,
+    ssh_up: &mut bool,
+) -> Result<AgentLink, String> {
+    if node.local {
+        *ssh_up = true;
+        return AgentLink::local_ready().await;
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let session = ssh::connect(ssh, node, Some(remaining))
+        .await
+        .map_err(|e| e.to_string())?;
+    *ssh_up = true;
+    agent.start(session).await
+}
+
+/// The agent's last stderr line added to `e`, when it says more.
+pub fn with_stderr(e: String, stderr: &str) -> String {
+    match stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(last) if !e.contains(last.trim()) => format!("{e} ({})", last.trim()),
+        _ => e,
+    }
+}
+
+pub async fn send(link: &mut AgentLink, msg: &Msg) -> Result<(), String> {
     proto::write_msg(&mut link.tx, msg)
         .await
         .map_err(|e| format!("agent: {e}"))?;

@@ -14,6 +14,7 @@
 //!        targets' stamps and file state, none of them read); then, for each
 //!        target to verify, C→A VerifyBegin, A→C VerifyProgress…, A→C
 //!        VerifyResult; the controller closes when done.
+//! Clean:  C→A Hello, A→C Hello, C→A CleanBegin, A→C CleanReport.
 //! Either side may send Error instead of its next message and then stop.
 //!
 //! Relay (a load's chain, after Needed): C→A RelayListen, A→C RelayPort;
@@ -40,7 +41,8 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
 /// 4: Error carries its kind.
 /// 5: LoadBegin carries the controller's user and host (for the stamp);
-/// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult.
+/// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
+/// CleanBegin, CleanReport.
 pub const VERSION: u16 = 5;
 
 /// What an `Error` frame is about, so the other side acts on it without
@@ -233,6 +235,10 @@ pub enum Msg {
         bytes_checked: u64,
     },
     VerifyResult(status::VerifyResult),
+    /// Remove the stamped image files of a target pattern's directory that
+    /// are not kept.
+    CleanBegin(status::CleanBegin),
+    CleanReport(status::CleanReport),
 }
 
 /// The image a target was last loaded with, from its stamp.
@@ -284,6 +290,8 @@ impl Msg {
             Msg::VerifyBegin(_) => "VerifyBegin",
             Msg::VerifyProgress { .. } => "VerifyProgress",
             Msg::VerifyResult(_) => "VerifyResult",
+            Msg::CleanBegin(_) => "CleanBegin",
+            Msg::CleanReport(_) => "CleanReport",
         }
     }
 
@@ -316,6 +324,8 @@ impl Msg {
             Msg::VerifyBegin(_) => 42,
             Msg::VerifyProgress { .. } => 43,
             Msg::VerifyResult(_) => 44,
+            Msg::CleanBegin(_) => 45,
+            Msg::CleanReport(_) => 46,
         }
     }
 
@@ -471,6 +481,8 @@ impl Msg {
                 b.extend_from_slice(&bytes_checked.to_le_bytes())
             }
             Msg::VerifyResult(r) => r.encode(&mut b),
+            Msg::CleanBegin(c) => c.encode(&mut b),
+            Msg::CleanReport(r) => r.encode(&mut b),
         }
         b
     }
@@ -630,6 +642,8 @@ impl Msg {
                 bytes_checked: r.u64("bytes_checked")?,
             },
             44 => Msg::VerifyResult(status::VerifyResult::decode(&mut r)?),
+            45 => Msg::CleanBegin(status::CleanBegin::decode(&mut r)?),
+            46 => Msg::CleanReport(status::CleanReport::decode(&mut r)?),
             other => {
                 return Err(ProtocolError::Malformed(format!(
                     "unknown message tag {other}"

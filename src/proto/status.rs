@@ -1,5 +1,6 @@
 //! The bodies of the status messages (`imaging status`): what a target
-//! holds according to its stamp and its metadata, and a verify's result.
+//! holds according to its stamp and its metadata, and a verify's result;
+//! and of `imaging clean`'s request and report.
 
 use super::{ProtocolError, Reader, put_bytes};
 
@@ -93,6 +94,135 @@ pub struct VerifyResult {
     pub mismatched: u64,
     /// As in StatusReport, after the verify.
     pub rchar: Option<u64>,
+}
+
+/// Remove, from the directory of `pattern` (a target holding `{image}`),
+/// the files imaging stamped whose image is not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanBegin {
+    pub pattern: String,
+    /// Image names to keep (matched against the file's `{image}` part and
+    /// the stamp's image name, with or without `.img`).
+    pub keep: Vec<String>,
+    /// Report what would go, touch nothing.
+    pub dry_run: bool,
+    /// Who asks, for the lock record.
+    pub holder: String,
+}
+
+/// What clean did (or would do) with one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleanAction {
+    Removed = 0,
+    WouldRemove = 1,
+    Kept = 2,
+    /// Not removed although not kept: imaging did not write it, or it is
+    /// in use, or removing it failed (the reason says which).
+    Skipped = 3,
+}
+
+impl CleanAction {
+    pub fn label(self) -> &'static str {
+        match self {
+            CleanAction::Removed => "removed",
+            CleanAction::WouldRemove => "would remove",
+            CleanAction::Kept => "kept",
+            CleanAction::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanEntry {
+    pub path: String,
+    /// The stamp's image name ("" without a stamp, or an older one).
+    pub image: String,
+    pub action: CleanAction,
+    /// Disk space the file takes (what removing it frees).
+    pub bytes: u64,
+    /// Why it was skipped ("" otherwise).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanReport {
+    pub entries: Vec<CleanEntry>,
+}
+
+impl CleanBegin {
+    pub(super) fn encode(&self, b: &mut Vec<u8>) {
+        put_bytes(b, self.pattern.as_bytes());
+        b.extend_from_slice(&(self.keep.len() as u32).to_le_bytes());
+        for k in &self.keep {
+            put_bytes(b, k.as_bytes());
+        }
+        b.push(self.dry_run as u8);
+        put_bytes(b, self.holder.as_bytes());
+    }
+
+    pub(super) fn decode(r: &mut Reader<'_>) -> Result<CleanBegin, ProtocolError> {
+        let pattern = r.string("pattern")?;
+        let n = r.u32("keep count")? as usize;
+        if n > r.remaining() / 4 {
+            return Err(ProtocolError::Malformed(format!(
+                "CleanBegin announces {n} kept images but the frame holds fewer"
+            )));
+        }
+        let mut keep = Vec::with_capacity(n);
+        for _ in 0..n {
+            keep.push(r.string("kept image")?);
+        }
+        Ok(CleanBegin {
+            pattern,
+            keep,
+            dry_run: r.bool("dry_run")?,
+            holder: r.string("holder")?,
+        })
+    }
+}
+
+impl CleanReport {
+    pub(super) fn encode(&self, b: &mut Vec<u8>) {
+        b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            put_bytes(b, e.path.as_bytes());
+            put_bytes(b, e.image.as_bytes());
+            b.push(e.action as u8);
+            put_u64(b, e.bytes);
+            put_bytes(b, e.reason.as_bytes());
+        }
+    }
+
+    pub(super) fn decode(r: &mut Reader<'_>) -> Result<CleanReport, ProtocolError> {
+        let n = r.u32("entry count")? as usize;
+        // Each entry takes at least 21 bytes.
+        if n > r.remaining() / 21 {
+            return Err(ProtocolError::Malformed(format!(
+                "CleanReport announces {n} entries but the frame holds fewer"
+            )));
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(CleanEntry {
+                path: r.string("path")?,
+                image: r.string("image")?,
+                action: match r.u8("action")? {
+                    0 => CleanAction::Removed,
+                    1 => CleanAction::WouldRemove,
+                    2 => CleanAction::Kept,
+                    3 => CleanAction::Skipped,
+                    v => {
+                        return Err(ProtocolError::Malformed(format!(
+                            "unknown clean action {v}"
+                        )));
+                    }
+                },
+                bytes: r.u64("bytes")?,
+                reason: r.string("reason")?,
+            });
+        }
+        Ok(CleanReport { entries })
+    }
 }
 
 fn put_u64(b: &mut Vec<u8>, v: u64) {
@@ -318,6 +448,30 @@ mod tests {
                 mismatched: 1,
                 rchar: Some(3 << 20),
             }),
+            Msg::CleanBegin(CleanBegin {
+                pattern: "/var/lib/libvirt/images/{image}".into(),
+                keep: vec!["base.qcow2".into(), "web".into()],
+                dry_run: true,
+                holder: "controller x".into(),
+            }),
+            Msg::CleanReport(CleanReport {
+                entries: vec![
+                    CleanEntry {
+                        path: "/i/old.img".into(),
+                        image: "old.img".into(),
+                        action: CleanAction::Removed,
+                        bytes: 4096,
+                        reason: String::new(),
+                    },
+                    CleanEntry {
+                        path: "/i/other.img".into(),
+                        image: String::new(),
+                        action: CleanAction::Skipped,
+                        bytes: 0,
+                        reason: "not written by imaging".into(),
+                    },
+                ],
+            }),
         ]
     }
 
@@ -337,7 +491,7 @@ mod tests {
 
     #[test]
     fn huge_counts_are_refused_before_allocating() {
-        for tag in [40u8, 41] {
+        for tag in [40u8, 41, 46] {
             let body = [vec![tag], u32::MAX.to_le_bytes().to_vec()].concat();
             let e = Msg::decode(&body).unwrap_err().to_string();
             assert!(e.contains("announces"), "{e}");

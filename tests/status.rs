@@ -256,3 +256,38 @@ fn status_refuses_the_dashboard_and_bad_specs() {
     let out = run(&rig, &cfg, &["status", "-t", "-3", "1"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+#[test]
+fn a_node_that_never_speaks_ssh_is_down_at_the_deadline() {
+    let rig = Rig::new(1);
+    let (mute_port, _mute) = common::silent_listener();
+    rig.write_config(&format!(
+        "[[node]]\nname = \"mute\"\naddress = \"127.0.0.1\"\nport = {mute_port}\n"
+    ));
+    let cfg = layer(&rig);
+    let started = Instant::now();
+    let out = run(
+        &rig,
+        &cfg,
+        &["status", "--json", "-t", "3", "node01", "mute"],
+    );
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // The deadline really ends it (generous margin for a busy machine).
+    assert!(took.as_secs_f64() < 10.0, "{took:?}");
+    let s = summary(&out);
+    let mute = node(&s, "mute");
+    assert_eq!(mute["ssh"], "down", "{mute}");
+    let why = mute["error"].as_str().unwrap();
+    assert!(
+        why.contains("timed out") || why.contains("timeout"),
+        "{mute}"
+    );
+    // The node that answered is reported all the same: up, its target missing.
+    let up = node(&s, "node01");
+    assert_eq!(
+        (&up["ssh"], &up["error"]),
+        (&"up".into(), &serde_json::Value::Null)
+    );
+    assert_eq!(up["targets"][0]["state"], "missing");
+}

@@ -291,3 +291,24 @@ fn a_node_that_never_speaks_ssh_is_down_at_the_deadline() {
     );
     assert_eq!(up["targets"][0]["state"], "missing");
 }
+
+#[test]
+fn with_power_status_configured_each_node_says_its_power() {
+    // No sshd runs: both nodes are down, and the power command says why.
+    let rig = Rig::new_stopped(2);
+    let cfg = rig.dir().join("power.conf");
+    fs::write(
+        &cfg,
+        "[power]\nstatus = \"if [ {number} = 1 ]; then echo on; else echo off; fi\"\n",
+    )
+    .unwrap();
+    let out = run(&rig, &cfg, &["status", "--json", "-t", "5", "1-2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(node_event(&out, "node01")["power"], "on");
+    assert_eq!(node_event(&out, "node02")["power"], "off");
+    assert_eq!(node(&summary(&out), "node02")["ssh"], "down");
+    let out = run(&rig, &cfg, &["status", "-t", "5", "1-2"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("NODE    SSH   POWER"), "{table}");
+    assert!(table.contains("node02  down  off"), "{table}");
+}

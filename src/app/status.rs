@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::{Exit, UsageError, select};
 use crate::app::cli::{Cli, StatusArgs};
 use crate::config::Loaded;
+use crate::engine::power::{self, NodePower, PowerAction, PowerJob};
 use crate::engine::status::{self, Catalog, NodeStatus, Progress, StatusJob, TargetInfo};
 use crate::node::hooks;
 use crate::ui::{RunInfo, logfile};
@@ -53,6 +54,17 @@ pub(crate) async fn run_status(
         DEFAULT_TIMEOUT
     });
     let deadline = super::deadline(Some(secs), 0)?;
+    // With `[power] status` configured, each node's power too (a node that
+    // is down may be off).
+    let power_job = if config.power.status.trim().is_empty() {
+        None
+    } else {
+        let timeout = super::timeout_secs(config.power.timeout as f64)?;
+        Some(
+            PowerJob::new(PowerAction::Status, &config.power, timeout, &nodes)
+                .map_err(UsageError::Other)?,
+        )
+    };
     let (ssh, agent) = super::ssh_and_agent(loaded, &nodes)?;
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let job = StatusJob {
@@ -72,8 +84,17 @@ pub(crate) async fn run_status(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let shown = tokio::spawn(show_progress(rx, names.clone(), json, bars));
     let started = std::time::Instant::now();
-    let results = tokio::select! {
-        results = status::run(job, args.verify.then_some(tx)) => results,
+    let both = async {
+        let power = async {
+            match &power_job {
+                Some(job) => Some(power::run(job).await),
+                None => None,
+            }
+        };
+        tokio::join!(status::run(job, args.verify.then_some(tx)), power)
+    };
+    let (results, powers) = tokio::select! {
+        both = both => both,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("imaging: interrupted");
             return Ok(Exit::Interrupted);
@@ -81,7 +102,12 @@ pub(crate) async fn run_status(
     };
     let _ = shown.await;
     let ok = results.iter().all(|r| r.ssh_up && r.error.is_none());
-    let mut events: Vec<Value> = results.iter().map(node_event).collect();
+    let powers = powers.unwrap_or_default();
+    let mut events: Vec<Value> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| node_event(r, powers.get(i)))
+        .collect();
     events.push(summary(&results, ok, args.verify));
     let log_path = cli.global.log.clone().or_else(logfile::default_path);
     let mut log = log_path.as_deref().and_then(logfile::LogFile::open);
@@ -103,7 +129,7 @@ pub(crate) async fn run_status(
             crate::outln!("{e}");
         }
     } else {
-        crate::ui::stdout::write(&table(&results, args.verify));
+        crate::ui::stdout::write(&table(&results, &powers, args.verify));
         let down: Vec<&str> = results
             .iter()
             .filter(|r| !r.ssh_up || r.error.is_some())
@@ -170,8 +196,8 @@ fn verify_json(t: &TargetInfo) -> Value {
 
 /// Everything known of one node, before the summary (for scripts that
 /// want more than the summary's fields, and the log).
-fn node_event(r: &NodeStatus) -> Value {
-    json!({
+fn node_event(r: &NodeStatus, power: Option<&NodePower>) -> Value {
+    let mut v = json!({
         "event": "node",
         "name": r.name,
         "ssh": if r.ssh_up { "up" } else { "down" },
@@ -182,11 +208,22 @@ fn node_event(r: &NodeStatus) -> Value {
             "agent_rchar": r.agent_rchar,
             "agent_rchar_after_verify": r.agent_rchar_after_verify,
         },
-    })
+    });
+    if let (Some(p), Some(obj)) = (power, v.as_object_mut()) {
+        obj.insert("power".into(), json!(power_word(p)));
+        obj.insert("power_error".into(), json!(p.error));
+    }
+    v
+}
+
+/// `on`, `off` or `unknown` (also when the status command failed).
+fn power_word(p: &NodePower) -> &'static str {
+    p.power.unwrap_or(power::PowerState::Unknown).label()
 }
 
 /// One row per target (a node without targets, or down, gets one row).
-fn table(results: &[NodeStatus], verify: bool) -> String {
+/// A POWER column after SSH when `[power] status` answered.
+fn table(results: &[NodeStatus], powers: &[NodePower], verify: bool) -> String {
     let mut rows: Vec<Vec<String>> = vec![
         [
             "NODE", "SSH", "TARGET", "IMAGE", "IDENTITY", "LOADED", "BY", "STATE", "CURRENT",
@@ -198,21 +235,36 @@ fn table(results: &[NodeStatus], verify: bool) -> String {
     if verify {
         rows[0].push("VERIFY".into());
     }
+    let with_power = !powers.is_empty();
+    if with_power {
+        rows[0].insert(2, "POWER".into());
+    }
     let mut notes = Vec::new();
-    for r in results {
-        let ssh = if r.ssh_up { "up" } else { "down" };
+    for (i, r) in results.iter().enumerate() {
+        // The cells every row of the node starts with.
+        let mut lead = vec![
+            r.name.clone(),
+            (if r.ssh_up { "up" } else { "down" }).into(),
+        ];
+        if with_power {
+            lead.push(powers.get(i).map(power_word).unwrap_or("unknown").into());
+            if let Some(e) = powers.get(i).and_then(|p| p.error.as_ref()) {
+                notes.push(format!("{} power: {e}", r.name));
+            }
+        }
         if !r.ssh_up || r.targets.is_empty() {
             let why = match &r.error {
                 Some(e) => e.clone(),
                 None => "no target file matches".into(),
             };
-            rows.push(vec![r.name.clone(), ssh.into(), why]);
+            let mut row = lead.clone();
+            row.push(why);
+            rows.push(row);
             continue;
         }
         for t in &r.targets {
-            let mut row = vec![
-                r.name.clone(),
-                ssh.into(),
+            let mut row = lead.clone();
+            row.extend([
                 t.path.clone(),
                 t.image.clone().unwrap_or_else(|| "-".into()),
                 t.image_id
@@ -227,7 +279,7 @@ fn table(results: &[NodeStatus], verify: bool) -> String {
                     Some(false) => "outdated".into(),
                     None => "-".into(),
                 },
-            ];
+            ]);
             if verify {
                 row.push(match &t.verified {
                     Some(v) => format!("{} of {} chunks differ", v.mismatched, v.chunks),

@@ -636,14 +636,14 @@ impl Msg {
                 }
                 Msg::StatusBegin { targets }
             }
-            41 => Msg::StatusReport(status::StatusReport::decode(&mut r)?),
-            42 => Msg::VerifyBegin(status::VerifyBegin::decode(&mut r)?),
+            41 => Msg::StatusReport(status::StatusReport::decode(&mut r.cur)?),
+            42 => Msg::VerifyBegin(status::VerifyBegin::decode(&mut r.cur)?),
             43 => Msg::VerifyProgress {
                 bytes_checked: r.u64("bytes_checked")?,
             },
-            44 => Msg::VerifyResult(status::VerifyResult::decode(&mut r)?),
-            45 => Msg::CleanBegin(status::CleanBegin::decode(&mut r)?),
-            46 => Msg::CleanReport(status::CleanReport::decode(&mut r)?),
+            44 => Msg::VerifyResult(status::VerifyResult::decode(&mut r.cur)?),
+            45 => Msg::CleanBegin(status::CleanBegin::decode(&mut r.cur)?),
+            46 => Msg::CleanReport(status::CleanReport::decode(&mut r.cur)?),
             other => {
                 return Err(ProtocolError::Malformed(format!(
                     "unknown message tag {other}"
@@ -697,6 +697,12 @@ impl<'a> std::ops::Deref for Reader<'a> {
 impl std::ops::DerefMut for Reader<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.cur
+    }
+}
+
+impl From<status::Malformed> for ProtocolError {
+    fn from(m: status::Malformed) -> ProtocolError {
+        ProtocolError::Malformed(m.0)
     }
 }
 

@@ -2,7 +2,40 @@
 //! holds according to its stamp and its metadata, and a verify's result;
 //! and of `imaging clean`'s request and report.
 
-use super::{ProtocolError, Reader, put_bytes};
+use crate::proto::cursor::{Cursor, Truncated};
+
+/// A body that does not decode (the protocol module makes it a malformed
+/// frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(pub String);
+
+impl From<Truncated> for Malformed {
+    fn from(t: Truncated) -> Malformed {
+        Malformed(t.to_string())
+    }
+}
+
+fn put_bytes(b: &mut Vec<u8>, data: &[u8]) {
+    b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    b.extend_from_slice(data);
+}
+
+fn bool(r: &mut Cursor<'_>, what: &str) -> Result<bool, Malformed> {
+    match r.u8(what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(Malformed(format!("{what} is {v}, not 0 or 1"))),
+    }
+}
+
+fn bytes(r: &mut Cursor<'_>, what: &str) -> Result<Vec<u8>, Malformed> {
+    let n = r.u32(what)? as usize;
+    Ok(r.take(n, what)?.to_vec())
+}
+
+fn string(r: &mut Cursor<'_>, what: &str) -> Result<String, Malformed> {
+    String::from_utf8(bytes(r, what)?).map_err(|_| Malformed(format!("{what} is not UTF-8")))
+}
 
 /// What kind of file a target is, from `stat` (never opened).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,14 +48,14 @@ pub enum FileKind {
 }
 
 impl FileKind {
-    fn from_u8(v: u8) -> Result<FileKind, ProtocolError> {
+    fn from_u8(v: u8) -> Result<FileKind, Malformed> {
         Ok(match v {
             0 => FileKind::Missing,
             1 => FileKind::File,
             2 => FileKind::Block,
             3 => FileKind::Other,
             v => {
-                return Err(ProtocolError::Malformed(format!("unknown file kind {v}")));
+                return Err(Malformed(format!("unknown file kind {v}")));
             }
         })
     }
@@ -160,23 +193,23 @@ impl CleanBegin {
         put_bytes(b, self.holder.as_bytes());
     }
 
-    pub(super) fn decode(r: &mut Reader<'_>) -> Result<CleanBegin, ProtocolError> {
-        let pattern = r.string("pattern")?;
+    pub(super) fn decode(r: &mut Cursor<'_>) -> Result<CleanBegin, Malformed> {
+        let pattern = string(r, "pattern")?;
         let n = r.u32("keep count")? as usize;
         if n > r.remaining() / 4 {
-            return Err(ProtocolError::Malformed(format!(
+            return Err(Malformed(format!(
                 "CleanBegin announces {n} kept images but the frame holds fewer"
             )));
         }
         let mut keep = Vec::with_capacity(n);
         for _ in 0..n {
-            keep.push(r.string("kept image")?);
+            keep.push(string(r, "kept image")?);
         }
         Ok(CleanBegin {
             pattern,
             keep,
-            dry_run: r.bool("dry_run")?,
-            holder: r.string("holder")?,
+            dry_run: bool(r, "dry_run")?,
+            holder: string(r, "holder")?,
         })
     }
 }
@@ -193,32 +226,30 @@ impl CleanReport {
         }
     }
 
-    pub(super) fn decode(r: &mut Reader<'_>) -> Result<CleanReport, ProtocolError> {
+    pub(super) fn decode(r: &mut Cursor<'_>) -> Result<CleanReport, Malformed> {
         let n = r.u32("entry count")? as usize;
         // Each entry takes at least 21 bytes.
         if n > r.remaining() / 21 {
-            return Err(ProtocolError::Malformed(format!(
+            return Err(Malformed(format!(
                 "CleanReport announces {n} entries but the frame holds fewer"
             )));
         }
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
             entries.push(CleanEntry {
-                path: r.string("path")?,
-                image: r.string("image")?,
+                path: string(r, "path")?,
+                image: string(r, "image")?,
                 action: match r.u8("action")? {
                     0 => CleanAction::Removed,
                     1 => CleanAction::WouldRemove,
                     2 => CleanAction::Kept,
                     3 => CleanAction::Skipped,
                     v => {
-                        return Err(ProtocolError::Malformed(format!(
-                            "unknown clean action {v}"
-                        )));
+                        return Err(Malformed(format!("unknown clean action {v}")));
                     }
                 },
                 bytes: r.u64("bytes")?,
-                reason: r.string("reason")?,
+                reason: string(r, "reason")?,
             });
         }
         Ok(CleanReport { entries })
@@ -239,8 +270,8 @@ fn put_opt_u64(b: &mut Vec<u8>, v: Option<u64>) {
     }
 }
 
-fn opt_u64(r: &mut Reader<'_>, what: &str) -> Result<Option<u64>, ProtocolError> {
-    Ok(if r.bool(what)? {
+fn opt_u64(r: &mut Cursor<'_>, what: &str) -> Result<Option<u64>, Malformed> {
+    Ok(if bool(r, what)? {
         Some(r.u64(what)?)
     } else {
         None
@@ -276,33 +307,33 @@ impl StatusReport {
         put_opt_u64(b, self.rchar);
     }
 
-    pub(super) fn decode(r: &mut Reader<'_>) -> Result<StatusReport, ProtocolError> {
+    pub(super) fn decode(r: &mut Cursor<'_>) -> Result<StatusReport, Malformed> {
         let n = r.u32("target count")? as usize;
         // Each entry takes at least 23 bytes.
         if n > r.remaining() / 23 {
-            return Err(ProtocolError::Malformed(format!(
+            return Err(Malformed(format!(
                 "StatusReport announces {n} targets but the frame holds fewer"
             )));
         }
         let mut targets = Vec::with_capacity(n);
         for _ in 0..n {
             let query = r.u32("query")?;
-            let path = r.string("path")?;
+            let path = string(r, "path")?;
             let kind = FileKind::from_u8(r.u8("kind")?)?;
             let size = r.u64("size")?;
-            let stamp = if r.bool("stamp")? {
+            let stamp = if bool(r, "stamp")? {
                 Some(StampInfo {
                     identity: r.u128("identity")?,
-                    image: r.string("image")?,
-                    loaded_at: r.string("loaded_at")?,
-                    host: r.string("host")?,
-                    user: r.string("user")?,
-                    tool: r.string("tool")?,
+                    image: string(r, "image")?,
+                    loaded_at: string(r, "loaded_at")?,
+                    host: string(r, "host")?,
+                    user: string(r, "user")?,
+                    tool: string(r, "tool")?,
                     size: r.u64("stamp size")?,
                     mtime_ns: r.u128("mtime_ns")? as i128,
                     inode: r.u64("inode")?,
                     dev: r.u64("dev")?,
-                    target: r.string("stamp target")?,
+                    target: string(r, "stamp target")?,
                 })
             } else {
                 None
@@ -313,8 +344,8 @@ impl StatusReport {
                 kind,
                 size,
                 stamp,
-                intact: r.bool("intact")?,
-                error: r.string("error")?,
+                intact: bool(r, "intact")?,
+                error: string(r, "error")?,
             });
         }
         Ok(StatusReport {
@@ -338,15 +369,15 @@ impl VerifyBegin {
         put_bytes(b, &self.zero);
     }
 
-    pub(super) fn decode(r: &mut Reader<'_>) -> Result<VerifyBegin, ProtocolError> {
-        let target = r.string("target")?;
+    pub(super) fn decode(r: &mut Cursor<'_>) -> Result<VerifyBegin, Malformed> {
+        let target = string(r, "target")?;
         let size = r.u64("size")?;
         let chunk_size = r.u32("chunk_size")?;
         let identity = r.u128("identity")?;
-        let holder = r.string("holder")?;
+        let holder = string(r, "holder")?;
         let n = r.u32("digest count")? as usize;
         if n > r.remaining() / 16 {
-            return Err(ProtocolError::Malformed(format!(
+            return Err(Malformed(format!(
                 "VerifyBegin announces {n} digests but the frame holds fewer"
             )));
         }
@@ -361,7 +392,7 @@ impl VerifyBegin {
             identity,
             holder,
             digests,
-            zero: r.bytes("zero bitmap")?,
+            zero: bytes(r, "zero bitmap")?,
         })
     }
 }
@@ -373,7 +404,7 @@ impl VerifyResult {
         put_opt_u64(b, self.rchar);
     }
 
-    pub(super) fn decode(r: &mut Reader<'_>) -> Result<VerifyResult, ProtocolError> {
+    pub(super) fn decode(r: &mut Cursor<'_>) -> Result<VerifyResult, Malformed> {
         Ok(VerifyResult {
             chunks: r.u64("chunks")?,
             mismatched: r.u64("mismatched")?,

@@ -191,6 +191,15 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
         );
     }
 
+    // The identity depends on the chunk size: a status under another
+    // configured chunk size still compares at the size of the load.
+    let other = rig.dir().join("other-chunks.conf");
+    fs::write(&other, "[load]\nchunk_size = 4194304\n").unwrap();
+    let out = run(&rig, &other, &["status", "--json", "3"]);
+    let s = summary(&out);
+    let target = &targets(&s, "node03")[0];
+    assert_eq!(target["current"], true, "{target}");
+
     // Unknown, missing, down: exit 1 for the node that is down.
     let out = run(&rig, &cfg, &["status", "--json", "4-6"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));

@@ -30,6 +30,9 @@ pub(super) struct Stamp {
     /// written before these fields existed). None is part of what makes a
     /// stamp match.
     pub(super) origin: Origin,
+    /// The chunk size the identity was computed with (0: not recorded):
+    /// `status` compares it with the repository's image at that size.
+    pub(super) chunk_size: u64,
 }
 
 /// When and from where a load came: the stamp's provenance fields.
@@ -46,7 +49,7 @@ pub(super) struct Origin {
 }
 
 /// The optional `key value` lines after `target`, in this order.
-const OPTIONAL: [&str; 5] = ["image", "loaded_at", "host", "user", "tool"];
+const OPTIONAL: [&str; 6] = ["image", "loaded_at", "host", "user", "tool", "chunk_size"];
 
 /// One line per field: a value that cannot be one line is not kept.
 fn one_line(value: &str) -> String {
@@ -68,6 +71,7 @@ impl Stamp {
             target: target.to_string(),
             image: one_line(image),
             origin: Origin::default(),
+            chunk_size: 0,
         }
     }
 
@@ -97,9 +101,21 @@ impl Stamp {
         self.same_state(&Stamp::of(meta, self.identity, &self.target, ""))
     }
 
-    fn optional(&self) -> [&str; 5] {
+    fn optional(&self) -> [String; 6] {
         let o = &self.origin;
-        [&self.image, &o.loaded_at, &o.host, &o.user, &o.tool]
+        let chunk_size = if self.chunk_size == 0 {
+            String::new()
+        } else {
+            self.chunk_size.to_string()
+        };
+        [
+            self.image.clone(),
+            o.loaded_at.clone(),
+            o.host.clone(),
+            o.user.clone(),
+            o.tool.clone(),
+            chunk_size,
+        ]
     }
 
     pub(super) fn encode(&self) -> String {
@@ -137,9 +153,10 @@ impl Stamp {
             target: field("target")?.to_string(),
             image: String::new(),
             origin: Origin::default(),
+            chunk_size: 0,
         };
         // Optional, in order (stamps written before they existed lack them).
-        let mut values: [String; 5] = Default::default();
+        let mut values: [String; 6] = Default::default();
         let mut next = 0;
         let mut last = lines.next()?;
         while last != "end" {
@@ -149,7 +166,10 @@ impl Stamp {
             next = k + 1;
             last = lines.next()?;
         }
-        let [image, loaded_at, host, user, tool] = values;
+        let [image, loaded_at, host, user, tool, chunk_size] = values;
+        if !chunk_size.is_empty() {
+            stamp.chunk_size = chunk_size.parse().ok().filter(|&c| c > 0)?;
+        }
         stamp.image = image;
         stamp.origin = Origin {
             loaded_at,
@@ -247,6 +267,7 @@ impl StampFile {
             user: one_line(&req.origin.user),
             tool: one_line(&req.origin.tool),
         };
+        stamp.chunk_size = req.layout.chunk_size;
         crate::image::fileio::replace_atomically(&self.path, stamp.encode().as_bytes(), true)
     }
 }
@@ -288,6 +309,7 @@ mod tests {
                 user: "alice smith".into(),
                 tool: "imaging 0.1.0".into(),
             },
+            chunk_size: 1 << 22,
         };
         assert_eq!(Stamp::decode(&stamp.encode()), Some(stamp.clone()));
         let text = stamp.encode();
@@ -300,9 +322,16 @@ mod tests {
         let older = text
             .lines()
             .filter(|l| {
-                !["image ", "loaded_at ", "host ", "user ", "tool "]
-                    .iter()
-                    .any(|k| l.starts_with(k))
+                ![
+                    "image ",
+                    "loaded_at ",
+                    "host ",
+                    "user ",
+                    "tool ",
+                    "chunk_size ",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
             })
             .map(|l| format!("{l}\n"))
             .collect::<String>();
@@ -331,6 +360,7 @@ mod tests {
                 .replace("end\n", "image x\nend\n"),
             text.replace("host gateway\n", "host gateway\nhost again\n"),
             text.replace("host gateway\n", "colour blue\n"),
+            text.replace("chunk_size 4194304", "chunk_size many"),
         ] {
             assert_eq!(Stamp::decode(&bad), None, "{bad}");
         }

@@ -167,6 +167,7 @@ pub(super) fn look(env: &AgentEnv, query: u32, path: &str) -> TargetStatus {
                 inode: stamp.inode,
                 dev: stamp.dev,
                 target: stamp.target,
+                chunk_size: stamp.chunk_size,
             });
         }
     }
@@ -349,6 +350,7 @@ mod tests {
         assert!(stamp.tool.starts_with("imaging "), "{stamp:?}");
         assert!(stamp.loaded_at.ends_with('Z'), "{stamp:?}");
         assert!(chrono::DateTime::parse_from_rfc3339(&stamp.loaded_at).is_ok());
+        assert_eq!(stamp.chunk_size, u64::from(CS));
         assert!(b.stamp.is_none() && b.kind == FileKind::File && !b.intact);
         assert!(c.stamp.is_none() && c.kind == FileKind::Missing);
 

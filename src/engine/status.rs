@@ -41,12 +41,15 @@ pub struct StatusJob {
     pub catalog: Arc<Catalog>,
 }
 
+/// An image's manifest, or why there is none.
+type Found = Result<Arc<Manifest>, String>;
+
 /// The repository's current images, by name, as `status` compares them:
 /// each manifest read (or built) once per run.
 pub struct Catalog {
     repos: Repos,
     chunk_size: u64,
-    cache: tokio::sync::Mutex<HashMap<String, Result<Arc<Manifest>, String>>>,
+    cache: tokio::sync::Mutex<HashMap<(String, u64), Found>>,
 }
 
 impl Catalog {
@@ -58,17 +61,21 @@ impl Catalog {
         }
     }
 
-    /// The manifest of the image `name` resolves to now, or why there is none.
-    pub async fn lookup(&self, name: &str) -> Result<Arc<Manifest>, String> {
+    /// The manifest of the image `name` resolves to now, at `chunk_size`
+    /// (0: the configured one), or why there is none.
+    pub async fn lookup(&self, name: &str, chunk_size: u64) -> Result<Arc<Manifest>, String> {
+        // A stamp's number is the node's word: only a valid chunk size counts.
+        let valid = u32::try_from(chunk_size).is_ok_and(crate::image::chunk_size_ok);
+        let chunk_size = if valid { chunk_size } else { self.chunk_size };
+        let key = (name.to_string(), chunk_size);
         let mut cache = self.cache.lock().await;
-        if let Some(found) = cache.get(name) {
+        if let Some(found) = cache.get(&key) {
             return found.clone();
         }
         let found = match self.repos.resolve(name) {
             Err(e) => Err(e),
             Ok(resolved) => {
                 let file: PathBuf = resolved.file;
-                let chunk_size = self.chunk_size;
                 tokio::task::spawn_blocking(move || {
                     manifest::load_or_build(&file, chunk_size)
                         .map(Arc::new)
@@ -78,7 +85,7 @@ impl Catalog {
                 .unwrap_or_else(|e| Err(format!("reading the image failed: {e}")))
             }
         };
-        cache.insert(name.to_string(), found.clone());
+        cache.insert(key, found.clone());
         found
     }
 }
@@ -434,7 +441,9 @@ async fn describe(job: &StatusJob, t: &TargetStatus) -> (TargetInfo, Option<Arc<
     };
     let mut found = None;
     if let (Some(stamp), Some(name)) = (stamp, info.image.clone()) {
-        match job.catalog.lookup(&name).await {
+        // At the chunk size of the load that stamped it: the identity
+        // depends on it.
+        match job.catalog.lookup(&name, stamp.chunk_size).await {
             Ok(m) => {
                 info.current = Some(m.identity == stamp.identity);
                 found = Some(m);

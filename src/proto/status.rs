@@ -78,6 +78,8 @@ pub struct StampInfo {
     pub dev: u64,
     /// The canonical path the stamp was written for.
     pub target: String,
+    /// The chunk size of `identity` (0: not recorded).
+    pub chunk_size: u64,
 }
 
 /// One target in a StatusReport.
@@ -299,6 +301,7 @@ impl StatusReport {
                     put_u64(b, s.inode);
                     put_u64(b, s.dev);
                     put_bytes(b, s.target.as_bytes());
+                    put_u64(b, s.chunk_size);
                 }
             }
             b.push(t.intact as u8);
@@ -334,6 +337,7 @@ impl StatusReport {
                     inode: r.u64("inode")?,
                     dev: r.u64("dev")?,
                     target: string(r, "stamp target")?,
+                    chunk_size: r.u64("chunk_size")?,
                 })
             } else {
                 None
@@ -431,6 +435,7 @@ mod tests {
             inode: 7,
             dev: 2049,
             target: "/t/a.img".into(),
+            chunk_size: 1 << 20,
         };
         vec![
             Msg::StatusBegin {

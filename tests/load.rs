@@ -473,3 +473,37 @@ fn bad_image_and_missing_nodes_are_usage_errors() {
     assert!(err.contains("-o"), "{err}");
     assert!(!rig.dir().join("escape.img").exists());
 }
+
+#[test]
+fn chunks_half_data_half_zeros_take_half_the_space_on_file_targets() {
+    // Default chunk size: the zero blocks are inside chunks, not whole chunks.
+    let rig = Rig::new(2);
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut image = vec![0u8; 32 * MIB];
+    for block in image.chunks_mut(8192) {
+        rng.fill(&mut block[..4096]);
+    }
+    std::fs::write(rig.dir().join("images/half.img"), &image).unwrap();
+    // The old targets are full of data where the image has zeros.
+    for n in rig.nodes() {
+        std::fs::write(&n.target, vec![0xa5u8; 32 * MIB]).unwrap();
+    }
+    let cfg = rig.dir().join("defaults.conf");
+    std::fs::write(&cfg, "").unwrap();
+
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "half.img", "1-2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    for n in rig.nodes() {
+        assert_same(&n.target, &image);
+        let used =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&n.target).unwrap()) * 512;
+        assert!(
+            used <= 17 * MIB as u64,
+            "{}: {used} bytes on disk for 16 MiB of data",
+            n.name
+        );
+    }
+}

@@ -14,7 +14,7 @@ use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
 use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, closed_as, malformed};
 use crate::image::digest::{chunk_digest, is_zero};
 use crate::proto::{
-    Codec, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit, write_msg_sync,
+    Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit, write_msg_sync,
     write_stream_chunk_sync,
 };
 
@@ -244,6 +244,7 @@ pub(super) fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
             msg,
             Ok(Msg::Chunk { .. }
                 | Msg::StreamChunk { .. }
+                | Msg::StreamPiece { .. }
                 | Msg::StreamEnd
                 | Msg::RelayListen { .. }
                 | Msg::RelayConnect { .. })
@@ -274,6 +275,7 @@ pub(super) fn receive<W: Write>(
         req,
         outstanding,
         bytes_written,
+        assembly: None,
     };
     loop {
         let event = rx
@@ -317,6 +319,23 @@ pub(super) fn receive<W: Write>(
                 let i = load.chunk_index(index).map_err(malformed)?;
                 load.stream_chunk(out, relay, &mut unpacker, FROM_CONTROLLER, i, codec, &data)?;
             }
+            Msg::StreamPiece {
+                index,
+                codec,
+                offset,
+                total,
+                data,
+            } => {
+                let i = load.chunk_index(index).map_err(malformed)?;
+                let piece = Piece {
+                    i,
+                    codec,
+                    offset,
+                    total,
+                    data: &data,
+                };
+                load.stream_piece(out, relay, &mut unpacker, FROM_CONTROLLER, piece)?;
+            }
             Msg::StreamEnd => load.stream_end(out, relay)?,
             Msg::RelayListen {
                 secret,
@@ -358,6 +377,25 @@ pub(super) struct Loading<'a> {
     /// Bit i set: chunk i is needed and not yet written.
     pub(super) outstanding: Vec<u8>,
     pub(super) bytes_written: u64,
+    /// The pieces received so far of the chunk being streamed in pieces.
+    pub(super) assembly: Option<Assembly>,
+}
+
+/// A chunk arriving in [`Msg::StreamPiece`]s, in order.
+pub(super) struct Assembly {
+    i: usize,
+    codec: Codec,
+    total: u32,
+    data: Vec<u8>,
+}
+
+/// One [`Msg::StreamPiece`], its index checked.
+pub(super) struct Piece<'a> {
+    pub(super) i: usize,
+    pub(super) codec: Codec,
+    pub(super) offset: u32,
+    pub(super) total: u32,
+    pub(super) data: &'a [u8],
 }
 
 impl Loading<'_> {
@@ -380,7 +418,7 @@ impl Loading<'_> {
         i: usize,
         bytes: &[u8],
     ) -> Result<(), AgentError> {
-        self.target.write_at(bytes, self.req.layout.offset(i))?;
+        self.target.write_data(bytes, self.req.layout.offset(i))?;
         self.bytes_written += bytes.len() as u64;
         if let Some(b) = self.outstanding.get_mut(i / 8) {
             *b &= !(1 << (i % 8));
@@ -408,6 +446,25 @@ impl Loading<'_> {
         match msg {
             Msg::StreamChunk { index, codec, data } => match self.chunk_index(index) {
                 Ok(i) => self.stream_chunk(out, relay, unpacker, peer, i, codec, &data),
+                Err(reason) => out.reply(&refuse(reason)),
+            },
+            Msg::StreamPiece {
+                index,
+                codec,
+                offset,
+                total,
+                data,
+            } => match self.chunk_index(index) {
+                Ok(i) => {
+                    let piece = Piece {
+                        i,
+                        codec,
+                        offset,
+                        total,
+                        data: &data,
+                    };
+                    self.stream_piece(out, relay, unpacker, peer, piece)
+                }
                 Err(reason) => out.reply(&refuse(reason)),
             },
             Msg::StreamEnd => self.stream_end(out, relay),
@@ -450,12 +507,82 @@ impl Loading<'_> {
         // Forward first: the successor's work overlaps with this write.
         // i came from a u32.
         let index = i as u32;
-        if let Some(lost) = relay.forward(|s| write_stream_chunk_sync(s, index, codec, data)) {
+        if let Some(lost) = relay.forward(|s| write_stream_chunk_sync(s, index, codec, None, data))
+        {
             out.reply(&lost)?;
         }
         match bytes {
             Some(bytes) => self.write(out, i, bytes),
             None => Ok(()),
+        }
+    }
+
+    /// Cut-through: forward a piece at once, before its chunk is complete
+    /// (each node verifies its own copy); keep it if this node needs the
+    /// chunk, and write the chunk once its last piece came and it verifies.
+    /// Pieces that do not follow on (a relink mid-chunk) drop the chunk:
+    /// it stays missing and comes directly from the controller later.
+    pub(super) fn stream_piece<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+        unpacker: &mut Unpacker,
+        source: &str,
+        piece: Piece<'_>,
+    ) -> Result<(), AgentError> {
+        let Piece {
+            i,
+            codec,
+            offset,
+            total,
+            data,
+        } = piece;
+        let refuse = |reason: String| Msg::RelayRefused {
+            peer: source.to_string(),
+            reason,
+        };
+        let end = u64::from(offset) + data.len() as u64;
+        if end > u64::from(total) || total > MAX_FRAME {
+            self.assembly = None;
+            return out.reply(&refuse(format!(
+                "piece of chunk {i} out of bounds: bytes {offset}..{end} of {total}"
+            )));
+        }
+        // i came from a u32.
+        let place = Some((offset, total));
+        let forward = |s: &mut _| write_stream_chunk_sync(s, i as u32, codec, place, data);
+        if let Some(lost) = relay.forward(forward) {
+            out.reply(&lost)?;
+        }
+        if !bit(&self.outstanding, i) {
+            return Ok(());
+        }
+        if offset == 0 {
+            self.assembly = Some(Assembly {
+                i,
+                codec,
+                total,
+                data: Vec::with_capacity(total as usize),
+            });
+        }
+        let follows = self.assembly.as_ref().is_some_and(|a| {
+            a.i == i && a.codec == codec && a.total == total && a.data.len() == offset as usize
+        });
+        let Some(assembly) = self.assembly.as_mut().filter(|_| follows) else {
+            self.assembly = None;
+            return Ok(());
+        };
+        assembly.data.extend_from_slice(data);
+        if assembly.data.len() < total as usize {
+            return Ok(());
+        }
+        let Some(whole) = self.assembly.take() else {
+            return Ok(());
+        };
+        match unpacker.unpack(self.req, i, whole.codec, &whole.data) {
+            Ok(bytes) => self.write(out, i, bytes),
+            Err(AgentError::Verify(reason)) => out.reply(&refuse(reason)),
+            Err(e) => Err(e),
         }
     }
 
@@ -609,6 +736,30 @@ mod tests {
             meta.len()
         );
         assert_eq!(stamps(&env), 1);
+    }
+
+    #[test]
+    fn zero_blocks_inside_chunks_become_holes_even_over_old_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let target = dir.path().join("disk.img");
+        // Half of every chunk is zero 4 KiB blocks; the old file is all 0xff,
+        // so a block left alone instead of zeroed would show.
+        let image = Image::new("hhhhhhhh", 0, 3);
+        std::fs::write(&target, vec![0xffu8; image.data.len()]).unwrap();
+        let data = image.data_chunks();
+        assert_eq!(data.len(), 8);
+
+        let (result, _) = run(&env, &image.load(&target, false, &data));
+        result.unwrap();
+
+        assert!(std::fs::read(&target).unwrap() == image.data);
+        let used = std::fs::metadata(&target).unwrap().blocks() * 512;
+        let half = image.data.len() as u64 / 2;
+        assert!(
+            used >= half && used <= half + 64 * 1024,
+            "{used} bytes allocated for {half} bytes of data"
+        );
     }
 
     #[test]

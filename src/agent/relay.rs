@@ -461,8 +461,8 @@ pub(super) fn wait_readable(listener: &TcpListener, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut fd, 1, millis) > 0 }
 }
 
-/// One incoming connection: authenticate it, then pass its StreamChunk and
-/// StreamEnd frames to the main loop until it ends.
+/// One incoming connection: authenticate it, then pass its StreamChunk,
+/// StreamPiece and StreamEnd frames to the main loop until it ends.
 pub(super) fn relay_predecessor(
     stream: &TcpStream,
     peer: &str,
@@ -491,7 +491,7 @@ pub(super) fn relay_predecessor(
     let mut input = BufReader::with_capacity(RELAY_READ_BUFFER, stream);
     loop {
         match read_msg_sync(&mut input) {
-            Ok(msg @ (Msg::StreamChunk { .. } | Msg::StreamEnd)) => {
+            Ok(msg @ (Msg::StreamChunk { .. } | Msg::StreamPiece { .. } | Msg::StreamEnd)) => {
                 let relayed = Event::Relayed {
                     peer: peer.to_string(),
                     msg,
@@ -619,6 +619,62 @@ mod tests {
             assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
         }
         assert_eq!(stamps(&env), 3);
+    }
+
+    #[test]
+    fn pieces_are_forwarded_as_they_come_and_a_broken_or_bad_chunk_is_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rtrtr", 0, 23);
+        let data = image.data_chunks();
+        let targets = ["a", "b", "c"].map(|n| dir.path().join(format!("{n}.img")));
+        std::thread::scope(|s| {
+            let mut nodes = targets
+                .iter()
+                .enumerate()
+                .map(|(k, t)| Driven::start(s, &env, ["a", "b", "c"][k], image.begin(t, false)).0)
+                .collect::<Vec<_>>();
+            let (b_port, c_port) = (nodes[1].listen(), nodes[2].listen());
+            nodes[0].link(b_port);
+            nodes[1].link(c_port);
+            for &i in &data {
+                let mut sent = pieces(image.chunk(i), 10_000);
+                match i {
+                    // A piece lost (as in a relink mid-chunk): no node
+                    // writes chunk 1 from the stream.
+                    1 => drop(sent.remove(2)),
+                    // A bad piece: every node refuses the chunk.
+                    3 => {
+                        if let Msg::StreamPiece { data, .. } = &mut sent[4] {
+                            data[7] ^= 1;
+                        }
+                    }
+                    _ => {}
+                }
+                for piece in &sent {
+                    nodes[0].send(piece);
+                }
+            }
+            nodes[0].send(&Msg::StreamEnd);
+            for node in &mut nodes {
+                let missing = node.missing();
+                assert_eq!(
+                    bits(&missing, image.layout().chunks),
+                    vec![1, 3],
+                    "{}",
+                    node.name
+                );
+                assert!(node.refused().1.contains("chunk 3"), "{}", node.name);
+                // The catch-up, directly from the controller.
+                node.send(&image.chunk(1));
+                node.send(&image.chunk(3));
+                assert_eq!(node.finish(), image.bytes_of(&data), "{}", node.name);
+                assert_eq!(node.count("RelayLost"), 0, "{}", node.name);
+            }
+        });
+        for target in &targets {
+            assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use crate::agent::mounts::refuse_if_in_use;
 use crate::agent::{AgentError, check_chunk_size, malformed};
-use crate::image::digest::ChunkDigest;
+use crate::image::digest::{ChunkDigest, is_zero};
+use crate::image::fileio::HOLE_BLOCK;
 use crate::image::geometry::Geometry;
 use crate::image::sparse;
 use crate::proto::bitmap_len;
@@ -162,6 +163,42 @@ impl Target {
     pub(super) fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), AgentError> {
         crate::image::fileio::write_all_at(&self.file, buf, offset)
             .map_err(|e| self.io_error("write", offset, e))
+    }
+
+    /// Write a chunk's verified data at `offset`. On a file target, runs of
+    /// all-zero [`HOLE_BLOCK`]s become holes (punched, so that data the file
+    /// held there before is gone too): a file takes the space of its data,
+    /// not of its chunks. A device gets every byte.
+    pub(super) fn write_data(&self, buf: &[u8], offset: u64) -> Result<(), AgentError> {
+        if self.kind != TargetKind::File {
+            return self.write_at(buf, offset);
+        }
+        let mut run_start = 0;
+        let mut run_zero = None;
+        for (k, block) in buf.chunks(HOLE_BLOCK).enumerate() {
+            let zero = is_zero(block);
+            let at = k * HOLE_BLOCK;
+            match run_zero {
+                Some(z) if z != zero => {
+                    self.write_run(&buf[run_start..at], offset + run_start as u64, z)?;
+                    run_start = at;
+                }
+                _ => {}
+            }
+            run_zero = Some(zero);
+        }
+        match run_zero {
+            Some(z) => self.write_run(&buf[run_start..], offset + run_start as u64, z),
+            None => Ok(()),
+        }
+    }
+
+    fn write_run(&self, run: &[u8], offset: u64, zero: bool) -> Result<(), AgentError> {
+        if zero {
+            self.zero_region(offset, run)
+        } else {
+            self.write_at(run, offset)
+        }
     }
 
     /// True if `[offset, offset+len)` is a hole, known without reading.

@@ -20,7 +20,8 @@ pub(super) const CS: u32 = MIN_CHUNK_SIZE;
 pub(super) const CSU: usize = CS as usize;
 
 /// A test image: one letter per full chunk (`z` zeros, `r` random,
-/// `t` compressible text), then `tail` random bytes.
+/// `h` random and zero 4 KiB blocks in turn, `t` compressible text), then
+/// `tail` random bytes.
 pub(super) struct Image {
     pub(super) data: Vec<u8>,
 }
@@ -34,6 +35,11 @@ impl Image {
             match c {
                 'z' => {}
                 'r' => rng.fill(&mut chunk),
+                'h' => {
+                    for block in chunk.chunks_mut(8192) {
+                        rng.fill(&mut block[..4096]);
+                    }
+                }
                 _ => {
                     let text: Vec<u8> = (0..)
                         .flat_map(|n| format!("line {n} of chunk {i} seed {seed}\n").into_bytes())
@@ -415,6 +421,24 @@ pub(super) fn streamed(chunk: Msg) -> Msg {
         Msg::Chunk { index, codec, data } => Msg::StreamChunk { index, codec, data },
         other => other,
     }
+}
+
+/// A chunk as the controller streams a large one: pieces of `size` bytes.
+pub(super) fn pieces(chunk: Msg, size: usize) -> Vec<Msg> {
+    let Msg::Chunk { index, codec, data } = chunk else {
+        panic!("not a chunk: {chunk:?}")
+    };
+    let total = data.len() as u32;
+    data.chunks(size)
+        .enumerate()
+        .map(|(k, piece)| Msg::StreamPiece {
+            index,
+            codec,
+            offset: (k * size) as u32,
+            total,
+            data: piece.to_vec(),
+        })
+        .collect()
 }
 
 pub(super) fn no_bits(bitmap: &[u8]) -> bool {

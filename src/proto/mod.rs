@@ -40,10 +40,11 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// LoadBegin names the image and SaveInfo says what the target held.
 /// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
 /// 4: Error carries its kind.
-/// 5: LoadBegin carries the controller's user and host (for the stamp);
+/// 5: StreamPiece (a relay chain forwards a chunk's pieces as they come).
+/// 6: LoadBegin carries the controller's user and host (for the stamp);
 /// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
 /// CleanBegin, CleanReport.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.
@@ -217,6 +218,18 @@ pub enum Msg {
     },
     /// The end of the stream: forwarded, then answered with Missing.
     StreamEnd,
+    /// A piece of a chunk's wire data (`data` is bytes `offset..` of the
+    /// `total` the chunk takes in `codec`): a relay forwards it as it
+    /// arrives (cut-through) and writes the chunk once all of it came and
+    /// verified. The controller streams chunks larger than [`STREAM_PIECE`]
+    /// this way, so the chain's fill time does not grow with chunk size.
+    StreamPiece {
+        index: u32,
+        codec: Codec,
+        offset: u32,
+        total: u32,
+        data: Vec<u8>,
+    },
     /// Bit i set: chunk i is needed and not yet verified and written.
     Missing {
         bitmap: Vec<u8>,
@@ -284,6 +297,7 @@ impl Msg {
             Msg::RelayRefused { .. } => "RelayRefused",
             Msg::StreamChunk { .. } => "StreamChunk",
             Msg::StreamEnd => "StreamEnd",
+            Msg::StreamPiece { .. } => "StreamPiece",
             Msg::Missing { .. } => "Missing",
             Msg::StatusBegin { .. } => "StatusBegin",
             Msg::StatusReport(_) => "StatusReport",
@@ -318,14 +332,15 @@ impl Msg {
             Msg::RelayRefused { .. } => 35,
             Msg::StreamChunk { .. } => STREAM_CHUNK_TAG,
             Msg::StreamEnd => 37,
+            Msg::StreamPiece { .. } => STREAM_PIECE_TAG,
             Msg::Missing { .. } => 38,
-            Msg::StatusBegin { .. } => 40,
-            Msg::StatusReport(_) => 41,
-            Msg::VerifyBegin(_) => 42,
-            Msg::VerifyProgress { .. } => 43,
-            Msg::VerifyResult(_) => 44,
-            Msg::CleanBegin(_) => 45,
-            Msg::CleanReport(_) => 46,
+            Msg::StatusBegin { .. } => 50,
+            Msg::StatusReport(_) => 51,
+            Msg::VerifyBegin(_) => 52,
+            Msg::VerifyProgress { .. } => 53,
+            Msg::VerifyResult(_) => 54,
+            Msg::CleanBegin(_) => 55,
+            Msg::CleanReport(_) => 56,
         }
     }
 
@@ -390,6 +405,19 @@ impl Msg {
             Msg::Chunk { index, codec, data } | Msg::StreamChunk { index, codec, data } => {
                 b.extend_from_slice(&index.to_le_bytes());
                 b.push(*codec as u8);
+                put_bytes(&mut b, data);
+            }
+            Msg::StreamPiece {
+                index,
+                codec,
+                offset,
+                total,
+                data,
+            } => {
+                b.extend_from_slice(&index.to_le_bytes());
+                b.push(*codec as u8);
+                b.extend_from_slice(&offset.to_le_bytes());
+                b.extend_from_slice(&total.to_le_bytes());
                 put_bytes(&mut b, data);
             }
             Msg::Written {
@@ -619,10 +647,17 @@ impl Msg {
                 data: r.bytes("data")?,
             },
             37 => Msg::StreamEnd,
+            STREAM_PIECE_TAG => Msg::StreamPiece {
+                index: r.u32("index")?,
+                codec: r.codec()?,
+                offset: r.u32("offset")?,
+                total: r.u32("total")?,
+                data: r.bytes("data")?,
+            },
             38 => Msg::Missing {
                 bitmap: r.bytes("bitmap")?,
             },
-            40 => {
+            50 => {
                 let n = r.u32("target count")? as usize;
                 // Each takes at least its 4-byte length.
                 if n > r.remaining() / 4 {
@@ -636,14 +671,14 @@ impl Msg {
                 }
                 Msg::StatusBegin { targets }
             }
-            41 => Msg::StatusReport(status::StatusReport::decode(&mut r.cur)?),
-            42 => Msg::VerifyBegin(status::VerifyBegin::decode(&mut r.cur)?),
-            43 => Msg::VerifyProgress {
+            51 => Msg::StatusReport(status::StatusReport::decode(&mut r.cur)?),
+            52 => Msg::VerifyBegin(status::VerifyBegin::decode(&mut r.cur)?),
+            53 => Msg::VerifyProgress {
                 bytes_checked: r.u64("bytes_checked")?,
             },
-            44 => Msg::VerifyResult(status::VerifyResult::decode(&mut r.cur)?),
-            45 => Msg::CleanBegin(status::CleanBegin::decode(&mut r.cur)?),
-            46 => Msg::CleanReport(status::CleanReport::decode(&mut r.cur)?),
+            54 => Msg::VerifyResult(status::VerifyResult::decode(&mut r.cur)?),
+            55 => Msg::CleanBegin(status::CleanBegin::decode(&mut r.cur)?),
+            56 => Msg::CleanReport(status::CleanReport::decode(&mut r.cur)?),
             other => {
                 return Err(ProtocolError::Malformed(format!(
                     "unknown message tag {other}"
@@ -662,6 +697,11 @@ impl Msg {
 }
 
 const STREAM_CHUNK_TAG: u8 = 36;
+const STREAM_PIECE_TAG: u8 = 45;
+
+/// The size of the pieces a chunk is streamed in down a relay chain: each
+/// hop adds about one piece's transfer time, not one chunk's.
+pub const STREAM_PIECE: usize = 256 << 10;
 
 fn put_bytes(b: &mut Vec<u8>, data: &[u8]) {
     b.extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -849,21 +889,40 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The length prefix and the fields of a `StreamChunk` frame before its data.
-fn stream_chunk_head(index: u32, codec: Codec, len: usize) -> Result<[u8; 14], ProtocolError> {
-    let body_len = 1 + 4 + 1 + 4 + len;
+/// Where a streamed frame's data sits in its chunk: `None` for a whole
+/// chunk (`StreamChunk`), else `(offset, total)` (`StreamPiece`).
+pub type PiecePlace = Option<(u32, u32)>;
+
+/// The length prefix and the fields of a `StreamChunk` or `StreamPiece`
+/// frame before its data.
+fn stream_head(
+    index: u32,
+    codec: Codec,
+    piece: PiecePlace,
+    len: usize,
+) -> Result<Vec<u8>, ProtocolError> {
+    let fields = if piece.is_some() { 8 } else { 0 };
+    let body_len = 1 + 4 + 1 + fields + 4 + len;
     let too_large = || ProtocolError::TooLarge(u32::try_from(body_len).unwrap_or(u32::MAX));
     let body_len = u32::try_from(body_len).map_err(|_| too_large())?;
     if body_len > MAX_FRAME {
         return Err(too_large());
     }
-    let mut head = [0u8; 14];
-    head[..4].copy_from_slice(&body_len.to_le_bytes());
-    head[4] = STREAM_CHUNK_TAG;
-    head[5..9].copy_from_slice(&index.to_le_bytes());
-    head[9] = codec as u8;
+    let mut head = Vec::with_capacity(22);
+    head.extend_from_slice(&body_len.to_le_bytes());
+    head.push(if piece.is_some() {
+        STREAM_PIECE_TAG
+    } else {
+        STREAM_CHUNK_TAG
+    });
+    head.extend_from_slice(&index.to_le_bytes());
+    head.push(codec as u8);
+    if let Some((offset, total)) = piece {
+        head.extend_from_slice(&offset.to_le_bytes());
+        head.extend_from_slice(&total.to_le_bytes());
+    }
     // At most MAX_FRAME: fits.
-    head[10..].copy_from_slice(&(len as u32).to_le_bytes());
+    head.extend_from_slice(&(len as u32).to_le_bytes());
     Ok(head)
 }
 
@@ -873,9 +932,10 @@ pub async fn write_stream_chunk<W: AsyncWrite + Unpin>(
     w: &mut W,
     index: u32,
     codec: Codec,
+    piece: PiecePlace,
     data: &[u8],
 ) -> Result<(), ProtocolError> {
-    let head = stream_chunk_head(index, codec, data.len())?;
+    let head = stream_head(index, codec, piece, data.len())?;
     w.write_all(&head).await?;
     w.write_all(data).await?;
     Ok(())
@@ -887,9 +947,10 @@ pub fn write_stream_chunk_sync<W: io::Write>(
     w: &mut W,
     index: u32,
     codec: Codec,
+    piece: PiecePlace,
     data: &[u8],
 ) -> Result<(), ProtocolError> {
-    let head = stream_chunk_head(index, codec, data.len())?;
+    let head = stream_head(index, codec, piece, data.len())?;
     let (mut head, mut data): (&[u8], &[u8]) = (&head, data);
     while !head.is_empty() || !data.is_empty() {
         let written = if head.is_empty() {

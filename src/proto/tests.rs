@@ -97,6 +97,13 @@ fn samples() -> Vec<Msg> {
             data: vec![8; 50],
         },
         Msg::StreamEnd,
+        Msg::StreamPiece {
+            index: 4,
+            codec: Codec::Zstd,
+            offset: 262144,
+            total: 300000,
+            data: vec![9; 30],
+        },
         Msg::Missing {
             bitmap: vec![0, 0b100],
         },
@@ -256,7 +263,7 @@ async fn borrowed_chunk_frame_equals_the_encoded_message() {
 async fn borrowed_stream_chunk_frame_equals_the_encoded_message() {
     let data = vec![6u8; 1000];
     let mut a = Vec::new();
-    write_stream_chunk(&mut a, 11, Codec::Raw, &data)
+    write_stream_chunk(&mut a, 11, Codec::Raw, None, &data)
         .await
         .unwrap();
     let mut b = Vec::new();
@@ -285,11 +292,30 @@ async fn borrowed_stream_chunk_frame_equals_the_encoded_message() {
         }
     }
     let mut c = Vec::new();
-    write_stream_chunk_sync(&mut c, 11, Codec::Raw, &data).unwrap();
+    write_stream_chunk_sync(&mut c, 11, Codec::Raw, None, &data).unwrap();
     assert_eq!(c, b);
     let mut d = Dribble(Vec::new());
-    write_stream_chunk_sync(&mut d, 11, Codec::Raw, &data).unwrap();
+    write_stream_chunk_sync(&mut d, 11, Codec::Raw, None, &data).unwrap();
     assert_eq!(d.0, b);
+
+    // A piece of a chunk.
+    let piece = Msg::StreamPiece {
+        index: 11,
+        codec: Codec::Zstd,
+        offset: 500,
+        total: 1500,
+        data: data.clone(),
+    };
+    let mut e = Vec::new();
+    write_msg(&mut e, &piece).await.unwrap();
+    let mut f = Vec::new();
+    write_stream_chunk(&mut f, 11, Codec::Zstd, Some((500, 1500)), &data)
+        .await
+        .unwrap();
+    assert_eq!(f, e);
+    let mut g = Dribble(Vec::new());
+    write_stream_chunk_sync(&mut g, 11, Codec::Zstd, Some((500, 1500)), &data).unwrap();
+    assert_eq!(g.0, e);
 }
 
 #[test]

@@ -25,6 +25,7 @@ use super::refusals::Refusals;
 use super::session::{AttemptError, Counters, Plan, begin, open_link};
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
+use crate::engine::source::WireChunk;
 use crate::node::agent_link::{AgentLink, Tx};
 use crate::proto::{self, Msg};
 
@@ -393,7 +394,7 @@ impl Coordinator {
                 let (node, tx) = (head.node, head.tx.clone());
                 let sent = tokio::time::timeout(STALL, async {
                     let mut tx = tx.lock().await;
-                    proto::write_stream_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
+                    stream_chunk(&mut tx, &chunk)
                         .await
                         .map_err(|e| e.to_string())?;
                     tx.flush().await.map_err(|e| e.to_string())
@@ -602,6 +603,23 @@ async fn member_inner(
     drop(tx);
     drop(rx);
     (result, Some(end))
+}
+
+/// Send one chunk down the stream: whole if it is small, else in
+/// [`proto::STREAM_PIECE`]s that each hop forwards as they arrive.
+async fn stream_chunk(tx: &mut Tx, chunk: &WireChunk) -> Result<(), proto::ProtocolError> {
+    let data = &chunk.data;
+    if data.len() <= proto::STREAM_PIECE {
+        return proto::write_stream_chunk(tx, chunk.index, chunk.codec, None, data).await;
+    }
+    let total = u32::try_from(data.len()).map_err(|_| proto::ProtocolError::TooLarge(u32::MAX))?;
+    for (k, piece) in data.chunks(proto::STREAM_PIECE).enumerate() {
+        // Within `total`, a u32.
+        let offset = (k * proto::STREAM_PIECE) as u32;
+        proto::write_stream_chunk(tx, chunk.index, chunk.codec, Some((offset, total)), piece)
+            .await?;
+    }
+    Ok(())
 }
 
 fn close_pipes(link: AgentLink) -> crate::node::agent_link::LinkEnd {

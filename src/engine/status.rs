@@ -145,6 +145,9 @@ pub struct TargetInfo {
     /// target could not be looked at, or why its verify failed.
     pub note: Option<String>,
     pub verified: Option<Verified>,
+    /// The stamp's identity and chunk size, to compare with the repository.
+    #[serde(skip)]
+    stamped: Option<(u128, u64)>,
 }
 
 /// One node's answer.
@@ -203,6 +206,11 @@ pub async fn run(job: StatusJob, progress: Option<UnboundedSender<Progress>>) ->
                 Err(_) => status.error = Some("timeout: no SSH login in time".into()),
             }
             status.elapsed_s = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+            for info in &mut status.targets {
+                if info.current.is_none() && info.verified.is_none() {
+                    set_current(&job.catalog, info).await;
+                }
+            }
             (i, status)
         });
     }
@@ -314,13 +322,17 @@ async fn converse(
     };
     status.agent_rchar = report.rchar;
     for t in &report.targets {
-        let (info, manifest) = describe(job, t).await;
-        status.targets.push(info);
+        status.targets.push(describe(t));
         let verify = job.verify && t.kind != FileKind::Missing && t.error.is_empty();
-        let Some(manifest) = manifest.filter(|_| verify) else {
+        if !verify {
+            // `current` is looked up after the probe: building a manifest
+            // is the controller's time, not the node's.
+            continue;
+        }
+        let k = status.targets.len() - 1;
+        let Some(manifest) = set_current(&job.catalog, &mut status.targets[k]).await else {
             continue;
         };
-        let k = status.targets.len() - 1;
         let result = verify_one(i, link, &t.path, &manifest, progress).await;
         let info = &mut status.targets[k];
         match result {
@@ -402,9 +414,9 @@ async fn verify_one(
     }
 }
 
-/// A target as the user sees it, and the repository's image of the name
-/// its stamp records (if there is one).
-async fn describe(job: &StatusJob, t: &TargetStatus) -> (TargetInfo, Option<Arc<Manifest>>) {
+/// A target as the user sees it, from the agent's report alone (`current`
+/// comes from [`set_current`]).
+fn describe(t: &TargetStatus) -> TargetInfo {
     let stamp = t.stamp.as_ref();
     let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let state = match t.kind {
@@ -417,7 +429,7 @@ async fn describe(job: &StatusJob, t: &TargetStatus) -> (TargetInfo, Option<Arc<
         },
         FileKind::Block | FileKind::Other => TargetState::Unknown,
     };
-    let mut info = TargetInfo {
+    TargetInfo {
         path: t.path.clone(),
         image: stamp.and_then(|s| nonempty(&s.image)),
         image_id: stamp.map(|s| format!("{:032x}", s.identity)),
@@ -438,18 +450,24 @@ async fn describe(job: &StatusJob, t: &TargetStatus) -> (TargetInfo, Option<Arc<
         size: t.size,
         note: nonempty(&t.error),
         verified: None,
-    };
-    let mut found = None;
-    if let (Some(stamp), Some(name)) = (stamp, info.image.clone()) {
-        // At the chunk size of the load that stamped it: the identity
-        // depends on it.
-        match job.catalog.lookup(&name, stamp.chunk_size).await {
-            Ok(m) => {
-                info.current = Some(m.identity == stamp.identity);
-                found = Some(m);
-            }
-            Err(e) => info.note = Some(format!("current unknown: {e}")),
+        stamped: stamp.map(|s| (s.identity, s.chunk_size)),
+    }
+}
+
+/// Compare the target's stamp with the repository's image of the name it
+/// records, at the chunk size of the load that stamped it (the identity
+/// depends on it); returns that image's manifest.
+async fn set_current(catalog: &Catalog, info: &mut TargetInfo) -> Option<Arc<Manifest>> {
+    let (identity, chunk_size) = info.stamped?;
+    let name = info.image.clone()?;
+    match catalog.lookup(&name, chunk_size).await {
+        Ok(m) => {
+            info.current = Some(m.identity == identity);
+            Some(m)
+        }
+        Err(e) => {
+            info.note = Some(format!("current unknown: {e}"));
+            None
         }
     }
-    (info, found)
 }

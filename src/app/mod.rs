@@ -1,6 +1,7 @@
 //! The program: parse argv, resolve CLI over config, run a command, map
 //! its outcome to an exit code.
 
+mod clean;
 pub mod cli;
 pub mod demo;
 mod guard;
@@ -9,6 +10,7 @@ pub mod plan;
 pub mod power;
 mod repo_cmds;
 pub mod shell;
+mod status;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -121,6 +123,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
         Command::InstallLinks { .. } => reject_display_flags(&cli, "install-links", false)?,
         Command::Completions { .. } => reject_display_flags(&cli, "completions", false)?,
         Command::Man { .. } => reject_display_flags(&cli, "man", false)?,
+        Command::Status(_) => status::reject_flags(&cli)?,
+        Command::Clean(_) => reject_display_flags(&cli, "clean", true)?,
         _ => {}
     }
     let loaded = || config::load(cli.global.config.as_deref());
@@ -144,6 +148,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::Status(args) => status::run_status(&cli, args, &loaded()?).await,
+        Command::Clean(args) => clean::run_clean(&cli, args, &loaded()?).await,
         Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
         Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
         Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,

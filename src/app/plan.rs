@@ -488,4 +488,111 @@ mod tests {
         assert_eq!(parse_probe("missing\n").kind, "missing");
         assert_eq!(shell_quote("a'b"), "'a'\\''b'");
     }
+
+    /// 4 chunks of 1 MiB and a last one of 100 bytes; chunk 1 is zeros.
+    fn manifest() -> Manifest {
+        Manifest::from_parts(1 << 20, (4 << 20) + 100, vec![1, 2, 3, 4, 5], vec![0b10])
+    }
+
+    fn stamped(m: &Manifest, identity: u128, intact: bool) -> Probed {
+        Probed {
+            reachable: true,
+            status: Some(TargetStatus {
+                query: 0,
+                path: "/t/a.img".into(),
+                kind: FileKind::File,
+                size: m.size,
+                stamp: Some(crate::proto::status::StampInfo {
+                    identity,
+                    image: "b.img".into(),
+                    loaded_at: String::new(),
+                    host: String::new(),
+                    user: String::new(),
+                    tool: String::new(),
+                    size: m.size,
+                    mtime_ns: 0,
+                    inode: 1,
+                    dev: 1,
+                    target: "/t/a.img".into(),
+                    chunk_size: m.chunk_size,
+                }),
+                intact,
+                error: String::new(),
+            }),
+            ..Probed::default()
+        }
+    }
+
+    #[test]
+    fn only_an_intact_stamp_of_this_image_says_nothing_to_send() {
+        let m = manifest();
+        let data = (3 << 20) + 100;
+        assert_eq!(m.data_size(), data);
+        let p = stamped(&m, m.identity, true);
+        assert_eq!(assess(&m, &p, false, false), (0, Basis::Stamp, None, None));
+        // --force sends everything, stamp or not.
+        assert_eq!(assess(&m, &p, false, true).1, Basis::Force);
+        let (bytes, basis, why, _) = assess(&m, &stamped(&m, m.identity, false), false, false);
+        assert_eq!((bytes, basis), (data, Basis::UpperBound));
+        assert_eq!(why.as_deref(), Some("changed since its stamp"));
+        let (_, basis, why, _) = assess(&m, &stamped(&m, 77, true), false, false);
+        assert_eq!(basis, Basis::UpperBound);
+        assert_eq!(
+            why.as_deref(),
+            Some("the stamp is of another image (b.img)")
+        );
+        let mut none = stamped(&m, m.identity, false);
+        none.status.as_mut().unwrap().stamp = None;
+        assert_eq!(
+            assess(&m, &none, false, false).2.as_deref(),
+            Some("no stamp")
+        );
+        let mut missing = none.clone();
+        missing.status.as_mut().unwrap().kind = FileKind::Missing;
+        assert_eq!(
+            assess(&m, &missing, false, false),
+            (data, Basis::Missing, None, None)
+        );
+        let down = Probed {
+            error: Some("connection refused".into()),
+            ..Probed::default()
+        };
+        assert_eq!(
+            assess(&m, &down, true, false),
+            (data, Basis::UpperBound, Some("unreachable".into()), None)
+        );
+    }
+
+    #[test]
+    fn a_verify_counts_the_differing_data_chunks_not_the_zero_ones() {
+        let m = manifest();
+        // Chunks 1 (zeros: zeroed on the node), 2 and 4 (100 bytes) differ.
+        let r = VerifyResult {
+            chunks: 5,
+            mismatched: 3,
+            rchar: None,
+            differing: vec![0b10110],
+        };
+        assert_eq!(differing_bytes(&m, &r), Some((1 << 20) + 100));
+        let mut p = stamped(&m, m.identity, true);
+        p.verified = Some(Ok(r.clone()));
+        // With --verify the digests decide, not the intact stamp.
+        assert_eq!(
+            assess(&m, &p, true, false),
+            ((1 << 20) + 100, Basis::Digests, None, Some(3))
+        );
+        // An answer of another shape is not believed.
+        let short = VerifyResult {
+            differing: vec![],
+            ..r.clone()
+        };
+        assert_eq!(differing_bytes(&m, &short), None);
+        p.verified = Some(Ok(short));
+        assert_eq!(assess(&m, &p, true, false).1, Basis::UpperBound);
+        p.verified = Some(Err("busy".into()));
+        assert_eq!(
+            assess(&m, &p, true, false).2.as_deref(),
+            Some("verify failed: busy")
+        );
+    }
 }

@@ -389,7 +389,8 @@ fn receive_cell(n: &NodePlan, chunks: usize) -> String {
 pub fn format(plan: &Plan) -> String {
     let mut out = format!(
         "would load {} ({}, {} of data, {} chunk{} of {}) onto {} node{}\n\
-         fan-out {}, bandwidth cap {}; {}; nothing is written\n",
+         fan-out {}, bandwidth cap {}; nothing is written\n\
+         what each node would receive: {}\n",
         plan.image,
         human_bytes(plan.size),
         human_bytes(plan.data_size),
@@ -401,9 +402,9 @@ pub fn format(plan: &Plan) -> String {
         plan.fanout,
         human_cap(plan.bandwidth),
         if plan.verify {
-            "each node compared its target's chunks with the image's digests"
+            "exactly, from each node's digest compare of its target"
         } else {
-            "each node's stamp asked (--verify: compare digests)"
+            "from each node's stamp (--verify: exactly, from a digest compare)"
         },
     );
     let rows: Vec<[String; 5]> = plan

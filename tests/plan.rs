@@ -206,3 +206,34 @@ fn dry_run_says_what_each_node_would_receive_from_stamps_and_digests_and_writes_
     assert_eq!(after[1][0]["state"], "modified", "{:?}", after[1]);
     assert_eq!(after[2][0]["state"], "unknown", "{:?}", after[2]);
 }
+
+#[test]
+fn a_node_that_never_answers_is_reported_within_the_timeout() {
+    let rig = Rig::new(1);
+    let (mute_port, _mute) = common::silent_listener();
+    rig.write_config(&format!(
+        "[[node]]\nname = \"mute\"\naddress = \"127.0.0.1\"\nport = {mute_port}\n"
+    ));
+    let cfg = layer(&rig);
+    write_image(&rig.dir().join("images/a.img"), 2);
+    let started = std::time::Instant::now();
+    let p = plan(
+        &rig,
+        &cfg,
+        &[
+            "load", "-n", "--json", "-t", "3", "-i", "a.img", "node01", "mute",
+        ],
+    );
+    let took = started.elapsed();
+    // Generous: 3 s and a busy machine.
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    let mute = entry(&p, "mute");
+    assert_eq!(mute["reachable"], false, "{mute}");
+    assert_eq!(mute["reason"], "unreachable", "{mute}");
+    let n1 = entry(&p, "node01");
+    assert_eq!(
+        (&n1["basis"], &n1["reachable"]),
+        (&"missing".into(), &true.into()),
+        "{n1}"
+    );
+}

@@ -44,7 +44,8 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 6: LoadBegin carries the controller's user and host (for the stamp);
 /// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
 /// CleanBegin, CleanReport.
-pub const VERSION: u16 = 6;
+/// 8: VerifyResult carries the bitmap of the chunks that differ.
+pub const VERSION: u16 = 8;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.

@@ -539,7 +539,8 @@ async fn run_import(
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
     let repo_dir = repository(loaded)?;
-    let source = repo::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
+    let source =
+        crate::image::manage::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
     let name = import::output_name(&source, args.output.as_deref())
         .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
     if !cli.global.json {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{LabError, SSHD, SshdConfig, keygen};
+use super::sshd::{LabError, SSHD, SshdConfig, keygen};
 
 /// How long a node may take to accept TCP and send its banner.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);

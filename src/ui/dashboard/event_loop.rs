@@ -10,7 +10,7 @@ use ratatui::backend::Backend;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::engine::events::{Event, Summary};
-use crate::ui::Feed;
+use crate::ui::feed::Feed;
 use crate::ui::lines::{self, Lines};
 use crate::ui::logfile::LogFile;
 use crate::ui::view::View;

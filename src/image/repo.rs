@@ -352,21 +352,24 @@ pub fn with_img(name: &str) -> String {
 
 /// A name usable as a repository entry (aliases, `share --as`).
 pub fn check_name(name: &str) -> Result<(), String> {
+    check_name_for(name, "manifests and saves in progress")
+}
+
+/// A name usable as a repository entry; a refused hidden name is told what
+/// such names are `hidden_for`.
+pub(crate) fn check_name_for(name: &str, hidden_for: &str) -> Result<(), String> {
     let why = if name.is_empty() {
-        Some("it is empty")
+        "it is empty".to_string()
     } else if name.contains(['/', '\0']) {
-        Some("it contains '/' or a NUL byte")
+        "it contains '/' or a NUL byte".to_string()
     } else if name.contains("..") {
-        Some("it contains \"..\"")
+        "it contains \"..\"".to_string()
     } else if name.starts_with('.') {
-        Some("it starts with '.' (hidden names are for manifests and saves in progress)")
+        format!("it starts with '.' (hidden names are for {hidden_for})")
     } else {
-        None
+        return Ok(());
     };
-    match why {
-        Some(why) => Err(format!("image name {name:?} is not usable: {why}")),
-        None => Ok(()),
-    }
+    Err(format!("image name {name:?} is not usable: {why}"))
 }
 
 /// The images a node-spec token probably meant, when it is not a node:

@@ -1,5 +1,5 @@
 //! Front ends. Each consumes the run's [`Event`] stream and samples the
-//! run's [`Board`] at its own pace; none of them is known to the engines.
+//! run's [`Board`](crate::engine::report::Board) at its own pace; none of them is known to the engines.
 //! One [`Mode`] is chosen per run.
 
 use std::io::IsTerminal;

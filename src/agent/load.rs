@@ -7,11 +7,13 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use std::os::unix::fs::FileTypeExt;
 
+use crate::agent::env::{AgentEnv, RECEIVE_QUEUE, WORKERS};
+use crate::agent::error::{AgentError, closed_as, malformed};
 use crate::agent::lock::{Mode, TargetLock};
 use crate::agent::relay::{Event, Relay};
+use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
-use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, closed_as, malformed};
 use crate::image::digest::{chunk_digest, is_zero};
 use crate::proto::{
     Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit, write_msg_sync,
@@ -684,7 +686,7 @@ mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
     use std::os::unix::net::UnixStream;
 
-    use crate::agent::AgentError;
+    use crate::agent::error::AgentError;
     use crate::agent::session::serve;
 
     use crate::agent::testkit::*;

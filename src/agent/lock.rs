@@ -16,7 +16,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::{AgentEnv, AgentError};
+use crate::agent::env::AgentEnv;
+use crate::agent::error::AgentError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {

@@ -11,11 +11,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::agent::env::{AgentEnv, WORKERS};
+use crate::agent::error::{AgentError, malformed};
 use crate::agent::load::chunk_matches;
 use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::target::{LoadRequest, Target, TargetKind, not_usable};
-use crate::agent::{AgentEnv, AgentError, Replies, WORKERS, malformed};
 use crate::image::sparse;
 use crate::proto::status::{
     FileKind, StampInfo, StatusReport, TargetStatus, VerifyBegin, VerifyResult,

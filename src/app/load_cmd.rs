@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cli::{self, Cli};
-use super::{
-    Exit, UsageError, deadline, drive, guard, hooks_have_values, output_mode, plan, repo_cmds,
-    repository, run_check, run_info, ssh_and_agent,
-};
+use crate::app::cli::{self, Cli};
+use crate::app::drive::{drive, hooks_have_values, run_check, run_info};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::settings::{deadline, output_mode, repository, select, ssh_and_agent};
+use crate::app::{guard, plan, repo_cmds};
 use crate::config::{self, Loaded};
 use crate::engine::{load, source};
 use crate::image::manifest::Manifest;
@@ -50,7 +50,7 @@ pub(crate) async fn run_load(
     loaded: &Loaded,
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
-    let nodes = super::select(loaded, &args.nodes)?;
+    let nodes = select(loaded, &args.nodes)?;
     let wanted = if args.image.is_empty() {
         vec![config.repository.default_image.clone()]
     } else {
@@ -137,7 +137,7 @@ pub(crate) async fn run_load(
             agent,
             verify: args.verify,
             force: args.force,
-            deadline: super::deadline(Some(secs), 0)?,
+            deadline: crate::app::settings::deadline(Some(secs), 0)?,
             chain,
             cap,
             chunk_size,

@@ -29,6 +29,8 @@ pub mod pipes;
 pub mod relay;
 pub mod status;
 
+pub use relay::RELAY_SECRET_LEN;
+
 use std::io;
 
 use cursor::{Cursor, Truncated};
@@ -262,9 +264,6 @@ pub struct HeldImage {
     /// "" when the load that stamped it did not say.
     pub image: String,
 }
-
-/// Length of the per-run relay secret (a blake3 key).
-pub const RELAY_SECRET_LEN: usize = 32;
 
 impl Msg {
     pub fn hello() -> Msg {

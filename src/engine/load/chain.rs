@@ -404,7 +404,7 @@ impl Coordinator {
             }
             let chunk = match next.await {
                 Ok(Ok(chunk)) => chunk,
-                Ok(Err(e)) => return self.abandon(e).await,
+                Ok(Err(e)) => return self.abandon(e.to_string()).await,
                 Err(e) => return self.abandon(e.to_string()).await,
             };
             self.job.on_wire(chunk.data.len() as u64).await;
@@ -649,7 +649,7 @@ async fn send_direct(
     counters: &Counters,
 ) -> Result<(), NodeError> {
     for &c in chunks {
-        let chunk = job.source.get(c).await.map_err(NodeError::Image)?;
+        let chunk = job.source.get(c).await.map_err(NodeError::from)?;
         job.on_wire(chunk.data.len() as u64).await;
         let mut tx = tx.lock().await;
         proto::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)

@@ -118,7 +118,7 @@ async fn run_session(
             let chunk = next
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))?
-                .map_err(NodeError::Image)?;
+                .map_err(NodeError::from)?;
             job.on_wire(chunk.data.len() as u64).await;
             watch.sending(Instant::now());
             proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;

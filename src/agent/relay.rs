@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use crate::agent::{AgentError, malformed};
 use crate::proto::relay::{accept_handshake_within, connect_handshake, time_left};
-use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync};
+use crate::proto::{
+    Codec, Msg, PiecePlace, ProtocolError, RELAY_SECRET_LEN, read_msg_sync, write_msg_sync,
+    write_stream_chunk_sync,
+};
 
 //
 // Threads, all scoped to the load and all feeding the one bounded queue the
@@ -93,7 +96,10 @@ pub(super) struct Relay<'scope, 'env> {
     pub(super) listening: bool,
     /// RelayConnects so far: only the latest one's outcome counts.
     pub(super) attempt: u64,
+    /// Whether the latest RelayConnect asked for a lossy successor.
+    pub(super) lossy: bool,
     pub(super) successor: Option<Successor>,
+    pub(super) stats: Stats,
 }
 
 impl<'scope, 'env> Relay<'scope, 'env> {
@@ -104,7 +110,14 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             connections: Arc::default(),
             listening: false,
             attempt: 0,
+            lossy: false,
             successor: None,
+            stats: Stats {
+                forwarded: 0,
+                blocked: Duration::ZERO,
+                reported: 0,
+                last: Instant::now(),
+            },
         }
     }
 
@@ -141,10 +154,12 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         secret: &[u8],
         addr: String,
         port: u16,
+        lossy: bool,
     ) -> Result<(), AgentError> {
         let secret = relay_secret(secret)?;
         self.successor = None;
         self.attempt += 1;
+        self.lossy = lossy;
         let attempt = self.attempt;
         let connections = Arc::clone(&self.connections);
         let events = self.events.clone();
@@ -203,6 +218,9 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             stream,
             attempt,
             peer,
+            lossy: self.lossy,
+            pending: Vec::new(),
+            skipping: None,
         });
         Ok(())
     }
@@ -219,13 +237,32 @@ impl<'scope, 'env> Relay<'scope, 'env> {
     }
 
     /// Send a frame to the successor, if any. On failure the successor is
-    /// dropped and the RelayLost for the controller returned.
-    pub(super) fn forward(
-        &mut self,
-        write: impl FnOnce(&mut TcpStream) -> Result<(), ProtocolError>,
-    ) -> Option<Msg> {
+    /// dropped and the RelayLost for the controller returned. A lossy
+    /// successor is never waited for (but for the end of the stream): a
+    /// chunk it cannot take at once is skipped.
+    pub(super) fn forward(&mut self, frame: Frame<'_>) -> Option<Msg> {
         let successor = self.successor.as_mut()?;
-        let e = write(&mut successor.stream).err()?;
+        let started = Instant::now();
+        let result = if successor.lossy {
+            successor.forward_lossy(&frame)
+        } else {
+            let sent = match frame {
+                Frame::Stream {
+                    index,
+                    codec,
+                    place,
+                    data,
+                } => write_stream_chunk_sync(&mut successor.stream, index, codec, place, data),
+                Frame::End => write_msg_sync(&mut successor.stream, &Msg::StreamEnd),
+            };
+            if sent.is_ok() {
+                self.stats.blocked += started.elapsed();
+                self.stats.forwarded += frame.len() as u64;
+            }
+            sent
+        };
+        let e = result.err()?;
+        let successor = self.successor.as_ref()?;
         let peer = successor.peer.clone();
         self.successor = None;
         let reason = match e {
@@ -240,6 +277,58 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             e => format!("successor link failed: {e}"),
         };
         Some(Msg::RelayLost { peer, reason })
+    }
+
+    /// Whether the successor is fed lossily (see [`Relay::forward`]).
+    pub(super) fn lossy(&self) -> bool {
+        self.successor.as_ref().is_some_and(|s| s.lossy)
+    }
+
+    /// A RelayStats for the controller, at most every [`STATS_EVERY`] and
+    /// only if something was forwarded since the last one.
+    pub(super) fn stats_due(&mut self) -> Option<Msg> {
+        let stats = &mut self.stats;
+        if stats.forwarded == stats.reported || stats.last.elapsed() < STATS_EVERY {
+            return None;
+        }
+        stats.last = Instant::now();
+        stats.reported = stats.forwarded;
+        Some(Msg::RelayStats {
+            forwarded: stats.forwarded,
+            blocked_ms: u64::try_from(stats.blocked.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// How often at most an agent sends RelayStats while it forwards.
+pub(super) const STATS_EVERY: Duration = Duration::from_millis(250);
+
+/// What an agent forwarded and how long it waited on its successor.
+pub(super) struct Stats {
+    pub(super) forwarded: u64,
+    pub(super) blocked: Duration,
+    /// `forwarded` in the last RelayStats, and when it went.
+    pub(super) reported: u64,
+    pub(super) last: Instant,
+}
+
+/// One frame of the stream, for the successor.
+pub(super) enum Frame<'a> {
+    Stream {
+        index: u32,
+        codec: Codec,
+        place: PiecePlace,
+        data: &'a [u8],
+    },
+    End,
+}
+
+impl Frame<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Frame::Stream { data, .. } => data.len(),
+            Frame::End => 0,
+        }
     }
 }
 
@@ -258,6 +347,79 @@ pub(super) struct Successor {
     pub(super) attempt: u64,
     /// `addr:port`, named in RelayLost.
     pub(super) peer: String,
+    /// Fed without waiting (see [`Relay::forward`]).
+    pub(super) lossy: bool,
+    /// A lossy successor's frame that did not go through at once: the
+    /// rest goes before anything else.
+    pub(super) pending: Vec<u8>,
+    /// A lossy successor's chunk whose start was skipped: its other
+    /// pieces are skipped too.
+    pub(super) skipping: Option<u32>,
+}
+
+impl Successor {
+    /// Forward without waiting: finish the pending frame if the socket takes
+    /// it; then send this one if nothing is pending, else skip its chunk.
+    /// The end of the stream waits (bounded by the write timeout).
+    fn forward_lossy(&mut self, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let sent = send_now(&self.stream, &self.pending)?;
+        self.pending.drain(..sent);
+        let Frame::Stream {
+            index,
+            codec,
+            place,
+            data,
+        } = *frame
+        else {
+            io::Write::write_all(&mut self.stream, &self.pending)?;
+            self.pending.clear();
+            return write_msg_sync(&mut self.stream, &Msg::StreamEnd);
+        };
+        let starts = place.is_none_or(|(offset, _)| offset == 0);
+        if !starts && self.skipping == Some(index) {
+            return Ok(());
+        }
+        if !self.pending.is_empty() {
+            self.skipping = Some(index);
+            return Ok(());
+        }
+        self.skipping = None;
+        let mut bytes = Vec::with_capacity(data.len() + 32);
+        write_stream_chunk_sync(&mut bytes, index, codec, place, data)?;
+        let sent = send_now(&self.stream, &bytes)?;
+        bytes.drain(..sent);
+        self.pending = bytes;
+        Ok(())
+    }
+}
+
+/// Write what the socket takes without waiting; how much that was.
+fn send_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        let rest = &buf[sent..];
+        // SAFETY: a valid buffer for the call, on a socket we own.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => sent += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => {}
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(sent)
 }
 
 impl Drop for Successor {
@@ -492,6 +654,7 @@ pub(super) fn relay_predecessor(
     loop {
         match read_msg_sync(&mut input) {
             Ok(msg @ (Msg::StreamChunk { .. } | Msg::StreamPiece { .. } | Msg::StreamEnd)) => {
+                crate::agent::throttle_input(&msg);
                 let relayed = Event::Relayed {
                     peer: peer.to_string(),
                     msg,
@@ -575,7 +738,7 @@ mod tests {
 
     use super::{RELAY_TIMEOUT, Secret};
     use crate::agent::testkit::*;
-    use crate::proto::relay::{RELAY_MAGIC, RELAY_VERSION, proof};
+    use crate::proto::relay::{RELAY_MAGIC, RELAY_VERSION, accept_handshake_within, proof};
     use crate::proto::write_msg_sync;
     use crate::proto::{Codec, Msg, ProtocolError, RELAY_SECRET_LEN, bitmap_len};
 
@@ -790,6 +953,83 @@ mod tests {
         for target in [&a_target, &c_target] {
             assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
         }
+    }
+
+    #[test]
+    fn a_lossy_successor_is_never_waited_for_and_gets_what_it_takes_and_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        // 16 MiB of random chunks: more than the socket buffers hold.
+        let image = Image::new(&"r".repeat(256), 0, 27);
+        let data = image.data_chunks();
+        let target = dir.path().join("a.img");
+        // A successor that authenticates, then reads nothing for a while.
+        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::scope(|s| {
+            let slow = s.spawn(|| {
+                let (stream, _) = listener.accept().unwrap();
+                accept_handshake_within(&stream, &SECRET, Duration::from_secs(5)).unwrap();
+                stream
+            });
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            assert!(matches!(
+                a.connect_fed(port, &SECRET, true),
+                Msg::RelayLinked { .. }
+            ));
+            let stream = slow.join().unwrap();
+            let started = Instant::now();
+            for &i in &data {
+                for piece in pieces(image.chunk(i), 20_000) {
+                    a.send(&piece);
+                }
+            }
+            a.send(&Msg::StreamEnd);
+            // Its own load does not wait for the successor.
+            assert!(no_bits(&a.missing()));
+            assert!(started.elapsed() < RELAY_TIMEOUT, "{:?}", started.elapsed());
+            assert_eq!(a.written(), data);
+            assert_eq!(a.count("RelayLost"), 0);
+            // What went through: whole chunks only, then the end.
+            stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+            let mut input = std::io::BufReader::new(&stream);
+            let mut got: Vec<(u32, Vec<u8>)> = Vec::new();
+            loop {
+                match crate::proto::read_msg_sync(&mut input).unwrap() {
+                    Msg::StreamPiece {
+                        index,
+                        offset,
+                        data,
+                        ..
+                    } => match got.last_mut() {
+                        Some((i, bytes)) if *i == index && offset as usize == bytes.len() => {
+                            bytes.extend(data)
+                        }
+                        _ => {
+                            assert_eq!(offset, 0, "chunk {index} starts mid-way");
+                            got.push((index, data));
+                        }
+                    },
+                    Msg::StreamEnd => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(a.count("RelayLost"), 0);
+            let wire = |i: u32| match image.chunk(i as usize) {
+                Msg::Chunk { data, .. } => data,
+                _ => unreachable!(),
+            };
+            let whole = got.iter().filter(|(i, bytes)| *bytes == wire(*i)).count();
+            assert!(whole > 0 && whole < data.len(), "{whole} of {}", data.len());
+            // A chunk whose frame did not go through at once is skipped
+            // from there: the rest of it never follows what went out.
+            for (i, bytes) in &got {
+                assert!(wire(*i).starts_with(bytes), "chunk {i}");
+            }
+            a.finish();
+            a_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
     }
 
     #[test]

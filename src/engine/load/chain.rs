@@ -11,6 +11,11 @@
 //! lacks (lost while the chain was repaired) and gets them directly.
 //! A node that dies or stalls is cut out: its predecessor is linked to its
 //! successor. Nothing already verified is sent again.
+//!
+//! A member that holds the chain back (see [`super::slow`]) is moved to the
+//! tail, once, and fed from there without waiting: what it cannot take as
+//! the stream passes comes directly from the controller after the stream,
+//! so the others go at their own pace and it at its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use super::job::LoadJob;
 use super::refusals::Refusals;
 use super::session::{Counters, Plan, begin, open_link};
+use super::slow::{Reading, Sample, Verdict, Watch};
 use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
@@ -72,6 +78,13 @@ pub(super) enum ToCoord {
     Finished {
         node: usize,
     },
+    /// What the member forwarded so far and how long it waited on its
+    /// successor (its agent's RelayStats).
+    Stats {
+        node: usize,
+        forwarded: u64,
+        blocked_ms: u64,
+    },
 }
 
 struct Member {
@@ -80,6 +93,9 @@ struct Member {
     cut: Option<oneshot::Sender<String>>,
     port: Option<u16>,
     counters: Arc<Counters>,
+    /// Its latest RelayStats.
+    forwarded: u64,
+    blocked_ms: u64,
 }
 
 pub(super) struct Coordinator {
@@ -94,6 +110,11 @@ pub(super) struct Coordinator {
     stream_ended: bool,
     /// Members whose link to their successor is up.
     linked: std::collections::HashSet<usize>,
+    /// Members found slow and moved to the tail: fed without waiting.
+    slow: std::collections::HashSet<usize>,
+    /// How many members may still be moved in this stream.
+    moves_left: usize,
+    watch: Watch,
 }
 
 /// The run's relay secret: it only has to be unguessable by other hosts
@@ -120,6 +141,9 @@ impl Coordinator {
             successor_of: HashMap::new(),
             stream_ended: false,
             linked: std::collections::HashSet::new(),
+            slow: std::collections::HashSet::new(),
+            moves_left: 0,
+            watch: Watch::default(),
         }
     }
 
@@ -222,11 +246,13 @@ impl Coordinator {
         };
         let addr = self.address(to);
         self.linked.remove(&from);
+        self.watch.reset();
         self.successor_of.insert(from, format!("{addr}:{port}"));
         let msg = Msg::RelayConnect {
             secret: self.secret.clone(),
             addr,
             port,
+            lossy: self.slow.contains(&to),
         };
         if !self.send(from, &msg).await {
             self.report.log(
@@ -269,6 +295,16 @@ impl Coordinator {
             Some(ToCoord::Linked { node }) => {
                 self.linked.insert(node);
             }
+            Some(ToCoord::Stats {
+                node,
+                forwarded,
+                blocked_ms,
+            }) => {
+                if let Some(p) = self.position(node) {
+                    self.chain[p].forwarded = forwarded;
+                    self.chain[p].blocked_ms = blocked_ms;
+                }
+            }
             Some(ToCoord::Out { .. } | ToCoord::Joined { .. }) => {}
         }
         true
@@ -296,6 +332,8 @@ impl Coordinator {
                         cut: Some(cut),
                         port: None,
                         counters,
+                        forwarded: 0,
+                        blocked_ms: 0,
                     });
                 }
                 Some(ToCoord::Out { node }) => {
@@ -310,6 +348,7 @@ impl Coordinator {
             }
         }
         self.chain.sort_by_key(|m| m.node);
+        self.moves_left = (self.chain.len() / 4).max(1);
         if self.chain.is_empty() {
             return self.drain().await;
         }
@@ -439,6 +478,7 @@ impl Coordinator {
             if self.chain.is_empty() {
                 break;
             }
+            self.route_around_slow().await;
         }
         self.stream_ended = true;
         while let Some(head) = self.chain.first().map(|m| m.node) {
@@ -448,6 +488,70 @@ impl Coordinator {
             self.cut(head, None).await;
         }
         self.drain().await;
+    }
+
+    /// Look at the chain's waits; move a member that holds it back to the
+    /// tail. Between chunks, so no relink waits on the head's stream.
+    async fn route_around_slow(&mut self) {
+        if self.moves_left == 0 {
+            return;
+        }
+        // Members already moved are fed without waiting: they hold nobody back.
+        let members = self
+            .chain
+            .iter()
+            .filter(|m| !self.slow.contains(&m.node))
+            .map(|m| Reading {
+                node: m.node,
+                forwarded: m.forwarded,
+                blocked_ms: m.blocked_ms,
+            })
+            .collect();
+        let sample = Sample {
+            at: std::time::Instant::now(),
+            members,
+        };
+        if let Some(verdict) = self.watch.observe(sample) {
+            self.move_to_tail(verdict).await;
+        }
+    }
+
+    /// Move a slow member to the tail of the chain: its predecessor is
+    /// linked to its successor and the tail to it, without waiting for it.
+    /// One already at the tail stays there, fed without waiting.
+    async fn move_to_tail(&mut self, verdict: Verdict) {
+        let node = verdict.node;
+        let Some(p) = self.position(node) else { return };
+        if p == 0 || !self.slow.insert(node) {
+            return;
+        }
+        self.moves_left -= 1;
+        let mib = |rate: f64| rate / f64::from(1u32 << 20);
+        let last = self.chain.len() - 1;
+        let what = if p == last {
+            "fed without waiting at the tail of the chain"
+        } else {
+            "moved to the tail of the chain"
+        };
+        self.report.log(
+            Some(node),
+            format!(
+                "{}: slow ({:.1} MiB/s against a median of {:.1} MiB/s): {what}",
+                self.name(node),
+                mib(verdict.rate),
+                mib(verdict.median)
+            ),
+        );
+        let pred = self.chain[p - 1].node;
+        if p == last {
+            return self.link(pred, node).await;
+        }
+        let member = self.chain.remove(p);
+        let tail = self.chain[last - 1].node;
+        let succ = self.chain[p].node;
+        self.chain.push(member);
+        self.link(tail, node).await;
+        self.link(pred, succ).await;
     }
 
     /// The image cannot be read: every member fails with the reason.
@@ -567,6 +671,9 @@ async fn member_inner(
                 }
                 Ok(Msg::RelayLinked { .. }) => {
                     let _ = coord.send(ToCoord::Linked { node: i });
+                }
+                Ok(Msg::RelayStats { forwarded, blocked_ms }) => {
+                    let _ = coord.send(ToCoord::Stats { node: i, forwarded, blocked_ms });
                 }
                 Ok(Msg::RelayLost { peer, reason }) => {
                     let _ = coord.send(ToCoord::Lost { node: i, peer, reason });

@@ -229,3 +229,98 @@ fn a_relay_peer_with_a_wrong_secret_is_refused_and_the_run_succeeds() {
     });
     assert!(refused, "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// A member behind a slow link (its agent takes its input at 2 MiB/s, set
+/// by the debug-only IMAGING_TEST_INPUT_RATE through a wrapper that only
+/// node02's sshd runs it with) is moved to the tail: the healthy nodes go
+/// at the controller's 8 MiB/s and are done long before it; it still
+/// finishes, byte exact.
+#[test]
+fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
+    let rig = Rig::new(5);
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut image = vec![0u8; 32 * MIB];
+    rng.fill(&mut image);
+    std::fs::write(rig.dir().join("images/lab.img"), &image).unwrap();
+    let wrapper = rig.dir().join("agent-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$SSH_CONNECTION\" in *\" {}\") export IMAGING_TEST_INPUT_RATE=2097152 ;; esac\nexec '{}' \"$@\"\n",
+            rig.nodes()[1].port,
+            env!("CARGO_BIN_EXE_imaging")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cfg = layer(
+        &rig,
+        "slow.conf",
+        &format!(
+            "bandwidth = 8388608\nagent_path = \"{}\"",
+            wrapper.display()
+        ),
+    );
+    let mut child = imaging(&rig, &cfg)
+        .args(["load", "--json", "-t", "300", "-i", "lab.img", "1-5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // When each node's "done" line came.
+    let mut done = std::collections::HashMap::new();
+    let mut logs = Vec::new();
+    let mut text = String::new();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in std::io::BufRead::lines(stdout) {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "state" && v["state"] == "done" {
+            done.insert(v["node"].as_str().unwrap().to_string(), started.elapsed());
+        }
+        if v["event"] == "log" {
+            logs.push(v["text"].as_str().unwrap_or("").to_string());
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{text}\n{stderr}");
+    let moved = logs
+        .iter()
+        .find(|l| l.starts_with("node02: slow ("))
+        .unwrap_or_else(|| panic!("node02 was not found slow: {logs:?}"));
+    assert!(moved.ends_with("moved to the tail of the chain"), "{moved}");
+    assert_eq!(
+        logs.iter().filter(|l| l.contains(": slow (")).count(),
+        1,
+        "only node02 is slow: {logs:?}"
+    );
+    for n in rig.nodes() {
+        assert!(done.contains_key(&n.name), "{} not done: {text}", n.name);
+        assert_same(&n.target, &image);
+    }
+    let slow = done["node02"];
+    let healthy = ["node01", "node03", "node04", "node05"]
+        .iter()
+        .map(|n| done[*n])
+        .max()
+        .unwrap();
+    // Held to node02's pace, every node would take 16 s (32 MiB at 2 MiB/s).
+    assert!(
+        healthy.as_secs_f64() < 0.6 * slow.as_secs_f64(),
+        "healthy nodes done at {healthy:?}, node02 at {slow:?}: {logs:?}"
+    );
+}

@@ -13,9 +13,7 @@ use crate::agent::stamp::StampFile;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
 use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, closed_as, malformed};
 use crate::image::digest::{chunk_digest, is_zero};
-use crate::proto::{
-    Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit,
-};
+use crate::proto::{Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit};
 
 pub(super) fn load<R: Read + Send, W: Write>(
     input: &mut R,

@@ -207,13 +207,18 @@ pub(crate) fn throttle_input(msg: &Msg) {
         _ => return,
     };
     let link = LINK.get_or_init(|| {
-        let rate: u64 = std::env::var("IMAGING_TEST_INPUT_RATE").ok()?.parse().ok()?;
+        let rate: u64 = std::env::var("IMAGING_TEST_INPUT_RATE")
+            .ok()?
+            .parse()
+            .ok()?;
         (rate > 0).then(|| (rate as f64, Mutex::new(Instant::now())))
     });
     let Some((rate, free)) = link else { return };
     // When the link is free again: no credit for idle time.
     let until = {
-        let mut free = free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut free = free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *free = (*free).max(Instant::now()) + Duration::from_secs_f64(len as f64 / rate);
         *free
     };

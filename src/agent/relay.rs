@@ -160,6 +160,10 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         self.successor = None;
         self.attempt += 1;
         self.lossy = lossy;
+        if port == 0 {
+            // No successor any more (this node now ends the chain).
+            return Ok(());
+        }
         let attempt = self.attempt;
         let connections = Arc::clone(&self.connections);
         let events = self.events.clone();
@@ -669,6 +673,8 @@ pub(super) fn relay_predecessor(
             // The predecessor went away, or the load is over: a relink or
             // the end of the chain, nothing to report.
             Err(ProtocolError::Closed | ProtocolError::Io(_)) => return,
+            // It hung up mid-frame: relinked elsewhere while forwarding.
+            Err(ProtocolError::Malformed(m)) if m.starts_with("truncated frame") => return,
             Err(e) => return refuse(e.to_string()),
         }
     }

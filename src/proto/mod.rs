@@ -186,7 +186,8 @@ pub enum Msg {
     RelayPort {
         port: u16,
     },
-    /// Connect to the successor, replacing any previous one.
+    /// Connect to the successor, replacing any previous one; port 0: drop
+    /// the successor and forward to nobody (no reply).
     RelayConnect {
         /// Exactly [`RELAY_SECRET_LEN`] bytes.
         secret: Vec<u8>,

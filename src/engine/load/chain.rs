@@ -78,6 +78,11 @@ pub(super) enum ToCoord {
     Finished {
         node: usize,
     },
+    /// The member wrote chunk `index`.
+    Wrote {
+        node: usize,
+        index: usize,
+    },
     /// What the member forwarded so far and how long it waited on its
     /// successor (its agent's RelayStats).
     Stats {
@@ -96,6 +101,8 @@ struct Member {
     /// Its latest RelayStats.
     forwarded: u64,
     blocked_ms: u64,
+    /// The last chunk of the stream it wrote, if any.
+    wrote: Option<usize>,
 }
 
 pub(super) struct Coordinator {
@@ -281,6 +288,9 @@ impl Coordinator {
                 if current.as_deref() == Some(peer.as_str())
                     && let Some(p) = self.position(node)
                     && let Some(next) = self.chain.get(p + 1).map(|m| m.node)
+                    // Not a successor that finished and left meanwhile.
+                    && self.chain[p + 1].port.map(|port| format!("{}:{port}", self.address(next)))
+                        == current
                 {
                     self.successor_of.remove(&node);
                     let why = format!("{} could not forward to it: {reason}", self.name(node));
@@ -294,6 +304,12 @@ impl Coordinator {
             }
             Some(ToCoord::Linked { node }) => {
                 self.linked.insert(node);
+            }
+            Some(ToCoord::Wrote { node, index }) => {
+                if let Some(p) = self.position(node) {
+                    let wrote = &mut self.chain[p].wrote;
+                    *wrote = Some(wrote.map_or(index, |w| w.max(index)));
+                }
             }
             Some(ToCoord::Stats {
                 node,
@@ -334,6 +350,7 @@ impl Coordinator {
                         counters,
                         forwarded: 0,
                         blocked_ms: 0,
+                        wrote: None,
                     });
                 }
                 Some(ToCoord::Out { node }) => {
@@ -431,6 +448,8 @@ impl Coordinator {
                 ahead.push_back(tokio::spawn(async move { source.get(c).await }));
             }
         }
+        // Chunks streamed so far, in order.
+        let mut streamed = Vec::new();
         while let Some(next) = ahead.pop_front() {
             if let Some(c) = queue.next() {
                 let source = self.job.source.clone();
@@ -442,7 +461,10 @@ impl Coordinator {
                 }
             }
             let chunk = match next.await {
-                Ok(Ok(chunk)) => chunk,
+                Ok(Ok(chunk)) => {
+                    streamed.push(chunk.index as usize);
+                    chunk
+                }
                 Ok(Err(e)) => return self.abandon(e).await,
                 Err(e) => return self.abandon(e.to_string()).await,
             };
@@ -478,7 +500,16 @@ impl Coordinator {
             if self.chain.is_empty() {
                 break;
             }
-            self.route_around_slow().await;
+            // The members after a moved one lost what it had not passed
+            // on yet: the stream goes back to the oldest of that, once
+            // through the chain rather than to each of them after it.
+            if let Some(from) = self.route_around_slow().await {
+                let again: Vec<usize> = streamed.iter().copied().filter(|&c| c >= from).collect();
+                for &c in again.iter().rev() {
+                    let source = self.job.source.clone();
+                    ahead.push_front(tokio::spawn(async move { source.get(c).await }));
+                }
+            }
         }
         self.stream_ended = true;
         while let Some(head) = self.chain.first().map(|m| m.node) {
@@ -492,9 +523,10 @@ impl Coordinator {
 
     /// Look at the chain's waits; move a member that holds it back to the
     /// tail. Between chunks, so no relink waits on the head's stream.
-    async fn route_around_slow(&mut self) {
+    /// Returns the chunk to stream again from, after a move.
+    async fn route_around_slow(&mut self) -> Option<usize> {
         if self.moves_left == 0 {
-            return;
+            return None;
         }
         // Members already moved are fed without waiting: they hold nobody back.
         let members = self
@@ -511,19 +543,18 @@ impl Coordinator {
             at: std::time::Instant::now(),
             members,
         };
-        if let Some(verdict) = self.watch.observe(sample) {
-            self.move_to_tail(verdict).await;
-        }
+        let verdict = self.watch.observe(sample)?;
+        self.move_to_tail(verdict).await
     }
 
     /// Move a slow member to the tail of the chain: its predecessor is
     /// linked to its successor and the tail to it, without waiting for it.
     /// One already at the tail stays there, fed without waiting.
-    async fn move_to_tail(&mut self, verdict: Verdict) {
+    async fn move_to_tail(&mut self, verdict: Verdict) -> Option<usize> {
         let node = verdict.node;
-        let Some(p) = self.position(node) else { return };
+        let p = self.position(node)?;
         if p == 0 || !self.slow.insert(node) {
-            return;
+            return None;
         }
         self.moves_left -= 1;
         let mib = |rate: f64| rate / f64::from(1u32 << 20);
@@ -544,14 +575,36 @@ impl Coordinator {
         );
         let pred = self.chain[p - 1].node;
         if p == last {
-            return self.link(pred, node).await;
+            self.link(pred, node).await;
+            return None;
         }
+        // The oldest chunk a member after it may lack.
+        let from = self.chain[p + 1..]
+            .iter()
+            .filter(|m| !self.slow.contains(&m.node))
+            .map(|m| m.wrote.map_or(0, |w| w + 1))
+            .min();
         let member = self.chain.remove(p);
         let tail = self.chain[last - 1].node;
         let succ = self.chain[p].node;
         self.chain.push(member);
         self.link(tail, node).await;
         self.link(pred, succ).await;
+        self.unlink(node).await;
+        from
+    }
+
+    /// Tell `node` to forward to nobody: it ends the chain now.
+    async fn unlink(&mut self, node: usize) {
+        self.successor_of.remove(&node);
+        self.linked.remove(&node);
+        let msg = Msg::RelayConnect {
+            secret: self.secret.clone(),
+            addr: String::new(),
+            port: 0,
+            lossy: false,
+        };
+        self.send(node, &msg).await;
     }
 
     /// The image cannot be read: every member fails with the reason.
@@ -662,8 +715,9 @@ async fn member_inner(
                 Err(_) => cut_open = false,
             },
             msg = proto::read_msg(&mut rx) => match msg {
-                Ok(Msg::Written { bytes_written, .. }) => {
+                Ok(Msg::Written { index, bytes_written }) => {
                     counters.written.store(bytes_written, Ordering::Relaxed);
+                    let _ = coord.send(ToCoord::Wrote { node: i, index: index as usize });
                     report.progress(i, counters.sent.load(Ordering::Relaxed), base + bytes_written, total);
                 }
                 Ok(Msg::RelayPort { port }) => {

@@ -212,16 +212,28 @@ mod tests {
         let then = sample(t, &[(0, 0, 0), (1, 0, 0), (2, 0, 0)]);
         let none = |members: &[(usize, u64, u64)]| bottleneck(&then, &sample(later, members));
         // Nobody waits: the controller (or the head) sets the pace.
-        assert_eq!(none(&[(0, 30 * MIB, 100), (1, 30 * MIB, 50), (2, 0, 0)]), None);
+        assert_eq!(
+            none(&[(0, 30 * MIB, 100), (1, 30 * MIB, 50), (2, 0, 0)]),
+            None
+        );
         // Waiting a little, not most of the time.
-        assert_eq!(none(&[(0, 30 * MIB, 1400), (1, 30 * MIB, 0), (2, 0, 0)]), None);
+        assert_eq!(
+            none(&[(0, 30 * MIB, 1400), (1, 30 * MIB, 0), (2, 0, 0)]),
+            None
+        );
         // Too little data to judge.
         assert_eq!(none(&[(0, MIB, 2900), (1, MIB, 0), (2, 0, 0)]), None);
         // Waiting half the time: 3 MiB/s against 6 MiB/s is not below half.
-        assert_eq!(none(&[(0, 9 * MIB, 1500), (1, 9 * MIB, 0), (2, 0, 0)]), None);
+        assert_eq!(
+            none(&[(0, 9 * MIB, 1500), (1, 9 * MIB, 0), (2, 0, 0)]),
+            None
+        );
         assert!(none(&[(0, 9 * MIB, 1600), (1, 9 * MIB, 0), (2, 0, 0)]).is_some());
         // Another chain (a member moved in between): no comparison.
-        assert_eq!(none(&[(0, 6 * MIB, 2900), (2, 6 * MIB, 0), (1, 0, 0)]), None);
+        assert_eq!(
+            none(&[(0, 6 * MIB, 2900), (2, 6 * MIB, 0), (1, 0, 0)]),
+            None
+        );
         assert_eq!(none(&[(0, 6 * MIB, 2900), (1, 6 * MIB, 0)]), None);
         // A single member has no successor to wait on.
         let one = sample(t, &[(0, 0, 0)]);
@@ -240,7 +252,10 @@ mod tests {
         };
         // 2 MiB/s, node 0 waiting 90% of the time.
         for ms in (0..3000).step_by(500) {
-            assert_eq!(watch.observe(at(ms, ms * 2 * MIB / 1000, ms * 9 / 10)), None);
+            assert_eq!(
+                watch.observe(at(ms, ms * 2 * MIB / 1000, ms * 9 / 10)),
+                None
+            );
         }
         let v = watch.observe(at(3000, 6 * MIB, 2700)).unwrap();
         assert_eq!(v.node, 1);

@@ -8,8 +8,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::os::unix::fs::FileTypeExt;
 
 use crate::agent::lock::{Mode, TargetLock};
-use crate::agent::relay::{Event, Frame, Relay};
+use crate::agent::relay::{Event, Relay};
 use crate::agent::stamp::StampFile;
+use crate::agent::successor::Frame;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
 use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, closed_as, malformed};
 use crate::image::digest::{chunk_digest, is_zero};

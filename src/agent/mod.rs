@@ -28,6 +28,7 @@ mod save;
 mod session;
 mod stamp;
 mod status;
+mod successor;
 mod target;
 #[cfg(test)]
 mod testkit;

@@ -24,7 +24,7 @@ pub(super) enum Mode {
     Exclusive,
     /// A save: other saves may read alongside, no load may write.
     Shared,
-    /// `status --verify`: reads alongside saves, like one.
+    /// `status --verify`, `load -n --verify`: reads alongside saves, like one.
     Verify,
 }
 
@@ -71,7 +71,7 @@ impl TargetLock {
         let what = match mode {
             Mode::Exclusive => "load",
             Mode::Shared => "save",
-            Mode::Verify => "status --verify",
+            Mode::Verify => "verify (status --verify or load -n --verify)",
         };
         let text = format!(
             "{what} by {}, agent pid {}, since {}",

@@ -45,8 +45,10 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 6: LoadBegin carries the controller's user and host (for the stamp);
 /// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
 /// CleanBegin, CleanReport.
-/// 7: RelayConnect carries `lossy`; RelayStats.
-pub const VERSION: u16 = 7;
+/// 8: VerifyResult carries the bitmap of the chunks that differ.
+/// 9: RelayConnect carries `lossy` (and port 0 drops the successor);
+/// RelayStats.
+pub const VERSION: u16 = 9;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.

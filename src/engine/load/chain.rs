@@ -119,7 +119,7 @@ pub(super) struct Coordinator {
     linked: std::collections::HashSet<usize>,
     /// Members found slow and moved to the tail: fed without waiting.
     slow: std::collections::HashSet<usize>,
-    /// How many members may still be moved in this stream.
+    /// How many members may still be moved in this stream (one).
     moves_left: usize,
     watch: Watch,
 }
@@ -365,7 +365,10 @@ impl Coordinator {
             }
         }
         self.chain.sort_by_key(|m| m.node);
-        self.moves_left = (self.chain.len() / 4).max(1);
+        // One move per stream: after it, the stream goes back through the
+        // chain and the members after the moved one are busy catching up,
+        // which must not pass for another slow member.
+        self.moves_left = 1;
         if self.chain.is_empty() {
             return self.drain().await;
         }

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 /// How long the pattern must hold before a member is moved.
-pub(super) const WINDOW: Duration = Duration::from_secs(3);
+pub(super) const WINDOW: Duration = Duration::from_secs(2);
 /// A member waited on its successor at least this share of the window.
 pub(super) const WAITED: f64 = 0.5;
 /// A member is slow below this share of the median speed of the members
@@ -251,18 +251,18 @@ mod tests {
             )
         };
         // 2 MiB/s, node 0 waiting 90% of the time.
-        for ms in (0..3000).step_by(500) {
+        for ms in (0..2000).step_by(500) {
             assert_eq!(
                 watch.observe(at(ms, ms * 2 * MIB / 1000, ms * 9 / 10)),
                 None
             );
         }
-        let v = watch.observe(at(3000, 6 * MIB, 2700)).unwrap();
+        let v = watch.observe(at(2000, 4 * MIB, 1800)).unwrap();
         assert_eq!(v.node, 1);
         // After a reset it needs another full window.
         watch.reset();
-        assert_eq!(watch.observe(at(3500, 7 * MIB, 3150)), None);
-        assert_eq!(watch.observe(at(6000, 12 * MIB, 5400)), None);
-        assert!(watch.observe(at(6500, 13 * MIB, 5850)).is_some());
+        assert_eq!(watch.observe(at(2500, 5 * MIB, 2250)), None);
+        assert_eq!(watch.observe(at(4000, 8 * MIB, 3600)), None);
+        assert!(watch.observe(at(4500, 9 * MIB, 4050)).is_some());
     }
 }

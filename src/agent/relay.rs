@@ -224,7 +224,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             peer,
             lossy: self.lossy,
             pending: Vec::new(),
-            skipping: None,
+            passing: None,
         });
         Ok(())
     }

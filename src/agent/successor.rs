@@ -54,21 +54,22 @@ pub(super) struct Successor {
     pub(super) peer: String,
     /// Fed without waiting (see [`Relay::forward`]).
     pub(super) lossy: bool,
-    /// A lossy successor's frame that did not go through at once: the
-    /// rest goes before anything else.
+    /// What a lossy successor has still to take of the chunk being passed
+    /// on: it goes before anything else.
     pub(super) pending: Vec<u8>,
-    /// A lossy successor's chunk whose start was skipped: its other
-    /// pieces are skipped too.
-    pub(super) skipping: Option<u32>,
+    /// The chunk a lossy successor is being passed: all of it goes (a
+    /// chunk in part would be wasted on a slow link), the next chunk only
+    /// if nothing is pending when it starts.
+    pub(super) passing: Option<u32>,
 }
 
 impl Successor {
-    /// Forward without waiting: finish the pending frame if the socket takes
-    /// it; then send this one if nothing is pending, else skip its chunk.
-    /// The end of the stream waits (bounded by the write timeout).
+    /// Forward without waiting: whatever the socket takes now of what is
+    /// pending, then this frame: queued if it belongs to the chunk being
+    /// passed on, skipped if it starts a chunk while something is still
+    /// pending (that whole chunk is skipped then). The end of the stream
+    /// waits for what is pending (bounded by the write timeout).
     pub(super) fn forward_lossy(&mut self, frame: &Frame<'_>) -> Result<(), ProtocolError> {
-        let sent = send_now(&self.stream, &self.pending)?;
-        self.pending.drain(..sent);
         let Frame::Stream {
             index,
             codec,
@@ -80,20 +81,18 @@ impl Successor {
             self.pending.clear();
             return write_msg_sync(&mut self.stream, &Msg::StreamEnd);
         };
+        let sent = send_now(&self.stream, &self.pending)?;
+        self.pending.drain(..sent);
         let starts = place.is_none_or(|(offset, _)| offset == 0);
-        if !starts && self.skipping == Some(index) {
+        if starts {
+            self.passing = self.pending.is_empty().then_some(index);
+        }
+        if self.passing != Some(index) {
             return Ok(());
         }
-        if !self.pending.is_empty() {
-            self.skipping = Some(index);
-            return Ok(());
-        }
-        self.skipping = None;
-        let mut bytes = Vec::with_capacity(data.len() + 32);
-        write_stream_chunk_sync(&mut bytes, index, codec, place, data)?;
-        let sent = send_now(&self.stream, &bytes)?;
-        bytes.drain(..sent);
-        self.pending = bytes;
+        write_stream_chunk_sync(&mut self.pending, index, codec, place, data)?;
+        let sent = send_now(&self.stream, &self.pending)?;
+        self.pending.drain(..sent);
         Ok(())
     }
 }
@@ -197,7 +196,7 @@ mod tests {
     use crate::proto::relay::accept_handshake_within;
 
     #[test]
-    fn a_lossy_successor_is_never_waited_for_and_gets_what_it_takes_and_the_end() {
+    fn a_lossy_successor_is_never_waited_for_and_gets_whole_chunks_and_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let env = env(&dir);
         // 16 MiB of random chunks: more than the socket buffers hold.
@@ -262,11 +261,9 @@ mod tests {
             };
             let whole = got.iter().filter(|(i, bytes)| *bytes == wire(*i)).count();
             assert!(whole > 0 && whole < data.len(), "{whole} of {}", data.len());
-            // A chunk whose frame did not go through at once is skipped
-            // from there: the rest of it never follows what went out.
-            for (i, bytes) in &got {
-                assert!(wire(*i).starts_with(bytes), "chunk {i}");
-            }
+            // A chunk that starts going out goes whole: a chunk in part
+            // would be wasted on a slow link.
+            assert_eq!(whole, got.len(), "chunks that went out in part");
             a.finish();
             a_session.join().unwrap().unwrap();
         });

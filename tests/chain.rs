@@ -229,3 +229,81 @@ fn a_relay_peer_with_a_wrong_secret_is_refused_and_the_run_succeeds() {
     });
     assert!(refused, "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// A member behind a slow link (its agent takes its input at 2 MiB/s, set
+/// by the debug-only IMAGING_TEST_INPUT_RATE through a wrapper that only
+/// node02's sshd runs it with) is moved to the tail: the healthy nodes go
+/// at the controller's 8 MiB/s and are done long before it; it still
+/// finishes, byte exact.
+#[test]
+fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
+    let rig = Rig::new(5);
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut image = vec![0u8; 32 * MIB];
+    rng.fill(&mut image);
+    std::fs::write(rig.dir().join("images/lab.img"), &image).unwrap();
+    let wrapper = rig.dir().join("agent-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$SSH_CONNECTION\" in *\" {}\") export IMAGING_TEST_INPUT_RATE=2097152 ;; esac\nexec '{}' \"$@\"\n",
+            rig.nodes()[1].port,
+            env!("CARGO_BIN_EXE_imaging")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cfg = layer(
+        &rig,
+        "slow.conf",
+        &format!(
+            "bandwidth = 8388608\nagent_path = \"{}\"",
+            wrapper.display()
+        ),
+    );
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-t", "300", "-i", "lab.img", "1-5"])
+        .output()
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{s}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs: Vec<String> = lines(&out)
+        .iter()
+        .filter(|v| v["event"] == "log")
+        .map(|v| v["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    let moved = logs
+        .iter()
+        .find(|l| l.starts_with("node02: slow ("))
+        .unwrap_or_else(|| panic!("node02 was not found slow: {logs:?}"));
+    assert!(moved.ends_with("moved to the tail of the chain"), "{moved}");
+    assert_eq!(
+        logs.iter().filter(|l| l.contains(": slow (")).count(),
+        1,
+        "only node02 is slow: {logs:?}"
+    );
+    for n in rig.nodes() {
+        assert_eq!(node(&s, &n.name)["state"], "done", "{s}");
+        assert_same(&n.target, &image);
+    }
+    let elapsed = |name: &str| node(&s, name)["elapsed_s"].as_f64().unwrap();
+    let slow = elapsed("node02");
+    let healthy = ["node01", "node03", "node04", "node05"]
+        .map(elapsed)
+        .into_iter()
+        .fold(0.0, f64::max);
+    // Held to node02's pace, every node would take 16 s (32 MiB at 2 MiB/s).
+    assert!(
+        healthy < 0.6 * slow,
+        "healthy nodes done at {healthy} s, node02 at {slow} s: {logs:?}"
+    );
+}

@@ -13,12 +13,10 @@ use crate::agent::lock::{Mode, TargetLock};
 use crate::agent::relay::{Event, Relay};
 use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
+use crate::agent::successor::Frame;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
 use crate::image::digest::{chunk_digest, is_zero};
-use crate::proto::{
-    Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit, write_msg_sync,
-    write_stream_chunk_sync,
-};
+use crate::proto::{Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit};
 
 pub(super) fn load<R: Read + Send, W: Write>(
     input: &mut R,
@@ -240,6 +238,9 @@ pub(super) fn chunk_matches(
 pub(super) fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
     loop {
         let msg = read_msg_sync(input);
+        if let Ok(msg) = &msg {
+            crate::agent::throttle::throttle_input(msg);
+        }
         // After anything else the load ends: reading on would only wait for
         // a controller that waits for us.
         let more = matches!(
@@ -280,6 +281,9 @@ pub(super) fn receive<W: Write>(
         assembly: None,
     };
     loop {
+        if let Some(stats) = relay.stats_due() {
+            out.reply(&stats)?;
+        }
         let event = rx
             .recv()
             .map_err(|_| AgentError::Closed("before the load finished"))?;
@@ -348,7 +352,12 @@ pub(super) fn receive<W: Write>(
                 let port = relay.listen(&secret, &bind, port_min, port_max)?;
                 out.reply(&Msg::RelayPort { port })?;
             }
-            Msg::RelayConnect { secret, addr, port } => relay.connect(&secret, addr, port)?,
+            Msg::RelayConnect {
+                secret,
+                addr,
+                port,
+                lossy,
+            } => relay.connect(&secret, addr, port, lossy)?,
             Msg::Finish => {
                 let layout = req.layout;
                 let outstanding = &load.outstanding;
@@ -509,8 +518,13 @@ impl Loading<'_> {
         // Forward first: the successor's work overlaps with this write.
         // i came from a u32.
         let index = i as u32;
-        if let Some(lost) = relay.forward(|s| write_stream_chunk_sync(s, index, codec, None, data))
-        {
+        let frame = Frame::Stream {
+            index,
+            codec,
+            place: None,
+            data,
+        };
+        if let Some(lost) = relay.forward(frame) {
             out.reply(&lost)?;
         }
         match bytes {
@@ -552,8 +566,13 @@ impl Loading<'_> {
         }
         // i came from a u32.
         let place = Some((offset, total));
-        let forward = |s: &mut _| write_stream_chunk_sync(s, i as u32, codec, place, data);
-        if let Some(lost) = relay.forward(forward) {
+        let frame = Frame::Stream {
+            index: i as u32,
+            codec,
+            place,
+            data,
+        };
+        if let Some(lost) = relay.forward(frame) {
             out.reply(&lost)?;
         }
         if !bit(&self.outstanding, i) {
@@ -594,12 +613,19 @@ impl Loading<'_> {
         out: &mut Replies<W>,
         relay: &mut Relay<'_, '_>,
     ) -> Result<(), AgentError> {
-        if let Some(lost) = relay.forward(|s| write_msg_sync(s, &Msg::StreamEnd)) {
+        let missing = Msg::Missing {
+            bitmap: self.outstanding.clone(),
+        };
+        // A lossy successor (a slow node at the tail) may take a while to
+        // take the end: this node's own load does not wait for it.
+        let lossy = relay.lossy();
+        if lossy {
+            out.reply(&missing)?;
+        }
+        if let Some(lost) = relay.forward(Frame::End) {
             out.reply(&lost)?;
         }
-        out.reply(&Msg::Missing {
-            bitmap: self.outstanding.clone(),
-        })
+        if lossy { Ok(()) } else { out.reply(&missing) }
     }
 }
 

@@ -22,6 +22,7 @@
 mod clean;
 mod env;
 mod error;
+mod links;
 mod load;
 mod lock;
 mod mounts;
@@ -32,9 +33,11 @@ mod save;
 mod session;
 mod stamp;
 mod status;
+mod successor;
 mod target;
 #[cfg(test)]
 mod testkit;
+mod throttle;
 pub mod used;
 
 pub use env::AgentEnv;

@@ -1,22 +1,25 @@
 //! The agent's place in a relay chain: its listener, its predecessors'
 //! connections and its successor, all feeding the load's one queue.
 
-use std::io::Read;
-use std::net::ToSocketAddrs;
 use std::os::fd::AsRawFd;
 
-use std::collections::HashMap;
 use std::io;
 use std::io::BufReader;
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use crate::agent::error::{AgentError, malformed};
-use crate::proto::relay::{accept_handshake_within, connect_handshake, time_left};
-use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync};
+pub(super) use crate::agent::links::{Connections, Event, RELAY_TIMEOUT, Secret};
+use crate::agent::successor::{
+    Frame, STATS_EVERY, Stats, Successor, link_successor, watch_successor,
+};
+use crate::proto::relay::accept_handshake_within;
+use crate::proto::{
+    Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync, write_msg_sync, write_stream_chunk_sync,
+};
 
 //
 // Threads, all scoped to the load and all feeding the one bounded queue the
@@ -37,29 +40,6 @@ use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync};
 // shut down, so each of these threads ends.
 //
 
-/// What the load's main loop reads: every source merged into one bounded
-/// queue, so a fast sender waits for the disk and the successor.
-pub(super) enum Event {
-    /// A frame from the controller, or why its stream stopped.
-    Control(Result<Msg, ProtocolError>),
-    /// StreamChunk or StreamEnd from an authenticated predecessor.
-    Relayed { peer: String, msg: Msg },
-    /// An incoming relay connection was refused or dropped.
-    Refused { peer: String, reason: String },
-    /// The outcome of RelayConnect number `attempt`.
-    Linked {
-        attempt: u64,
-        addr: String,
-        port: u16,
-        result: Result<TcpStream, String>,
-    },
-    /// The link that RelayConnect number `attempt` made broke.
-    SuccessorGone { attempt: u64, reason: String },
-}
-
-/// How long a relay connect may take, a relay handshake as a whole, and one
-/// write to the successor without progress.
-pub(super) const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Authenticated incoming relay connections open at once; more are refused.
 pub(super) const MAX_RELAY_CONNECTIONS: usize = 16;
 /// Incoming connections still in their handshake, counted apart from the
@@ -72,8 +52,6 @@ pub(super) const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// Read buffer of a predecessor connection.
 pub(super) const RELAY_READ_BUFFER: usize = 256 << 10;
-
-pub(super) type Secret = [u8; RELAY_SECRET_LEN];
 
 pub(super) fn relay_secret(secret: &[u8]) -> Result<Secret, AgentError> {
     Secret::try_from(secret).map_err(|_| {
@@ -93,7 +71,10 @@ pub(super) struct Relay<'scope, 'env> {
     pub(super) listening: bool,
     /// RelayConnects so far: only the latest one's outcome counts.
     pub(super) attempt: u64,
+    /// Whether the latest RelayConnect asked for a lossy successor.
+    pub(super) lossy: bool,
     pub(super) successor: Option<Successor>,
+    pub(super) stats: Stats,
 }
 
 impl<'scope, 'env> Relay<'scope, 'env> {
@@ -104,7 +85,14 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             connections: Arc::default(),
             listening: false,
             attempt: 0,
+            lossy: false,
             successor: None,
+            stats: Stats {
+                forwarded: 0,
+                blocked: Duration::ZERO,
+                reported: 0,
+                last: Instant::now(),
+            },
         }
     }
 
@@ -141,10 +129,16 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         secret: &[u8],
         addr: String,
         port: u16,
+        lossy: bool,
     ) -> Result<(), AgentError> {
         let secret = relay_secret(secret)?;
         self.successor = None;
         self.attempt += 1;
+        self.lossy = lossy;
+        if port == 0 {
+            // No successor any more (this node now ends the chain).
+            return Ok(());
+        }
         let attempt = self.attempt;
         let connections = Arc::clone(&self.connections);
         let events = self.events.clone();
@@ -203,6 +197,9 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             stream,
             attempt,
             peer,
+            lossy: self.lossy,
+            pending: Vec::new(),
+            passing: None,
         });
         Ok(())
     }
@@ -219,13 +216,32 @@ impl<'scope, 'env> Relay<'scope, 'env> {
     }
 
     /// Send a frame to the successor, if any. On failure the successor is
-    /// dropped and the RelayLost for the controller returned.
-    pub(super) fn forward(
-        &mut self,
-        write: impl FnOnce(&mut TcpStream) -> Result<(), ProtocolError>,
-    ) -> Option<Msg> {
+    /// dropped and the RelayLost for the controller returned. A lossy
+    /// successor is never waited for (but for the end of the stream): a
+    /// chunk it cannot take at once is skipped.
+    pub(super) fn forward(&mut self, frame: Frame<'_>) -> Option<Msg> {
         let successor = self.successor.as_mut()?;
-        let e = write(&mut successor.stream).err()?;
+        let started = Instant::now();
+        let result = if successor.lossy {
+            successor.forward_lossy(&frame)
+        } else {
+            let sent = match frame {
+                Frame::Stream {
+                    index,
+                    codec,
+                    place,
+                    data,
+                } => write_stream_chunk_sync(&mut successor.stream, index, codec, place, data),
+                Frame::End => write_msg_sync(&mut successor.stream, &Msg::StreamEnd),
+            };
+            if sent.is_ok() {
+                self.stats.blocked += started.elapsed();
+                self.stats.forwarded += frame.len() as u64;
+            }
+            sent
+        };
+        let e = result.err()?;
+        let successor = self.successor.as_ref()?;
         let peer = successor.peer.clone();
         self.successor = None;
         let reason = match e {
@@ -241,6 +257,26 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         };
         Some(Msg::RelayLost { peer, reason })
     }
+
+    /// Whether the successor is fed lossily (see [`Relay::forward`]).
+    pub(super) fn lossy(&self) -> bool {
+        self.successor.as_ref().is_some_and(|s| s.lossy)
+    }
+
+    /// A RelayStats for the controller, at most every [`STATS_EVERY`] and
+    /// only if something was forwarded since the last one.
+    pub(super) fn stats_due(&mut self) -> Option<Msg> {
+        let stats = &mut self.stats;
+        if stats.forwarded == stats.reported || stats.last.elapsed() < STATS_EVERY {
+            return None;
+        }
+        stats.last = Instant::now();
+        stats.reported = stats.forwarded;
+        Some(Msg::RelayStats {
+            forwarded: stats.forwarded,
+            blocked_ms: u64::try_from(stats.blocked.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
 }
 
 impl Drop for Relay<'_, '_> {
@@ -249,97 +285,6 @@ impl Drop for Relay<'_, '_> {
     fn drop(&mut self) {
         self.successor = None;
         self.connections.close_all();
-    }
-}
-
-/// The link to the next node of the chain.
-pub(super) struct Successor {
-    pub(super) stream: TcpStream,
-    pub(super) attempt: u64,
-    /// `addr:port`, named in RelayLost.
-    pub(super) peer: String,
-}
-
-impl Drop for Successor {
-    /// Shut down, not just close: the watching thread holds a clone.
-    fn drop(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-}
-
-/// Relay sockets that threads block on (handshakes, predecessors), so the
-/// end of the load can shut them all down.
-#[derive(Default)]
-pub(super) struct Connections {
-    pub(super) table: Mutex<ConnectionTable>,
-}
-
-#[derive(Default)]
-pub(super) struct ConnectionTable {
-    pub(super) closed: bool,
-    pub(super) last_id: u64,
-    /// Each socket and whether it has authenticated.
-    pub(super) open: HashMap<u64, (TcpStream, bool)>,
-}
-
-impl Connections {
-    pub(super) fn table(&self) -> std::sync::MutexGuard<'_, ConnectionTable> {
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Track a socket not yet authenticated; refused once the load is over
-    /// or `limit` such sockets are open.
-    pub(super) fn add(&self, stream: &TcpStream, limit: usize) -> Result<u64, String> {
-        let clone = stream
-            .try_clone()
-            .map_err(|e| format!("cannot track the connection: {e}"))?;
-        let mut table = self.table();
-        if table.closed {
-            return Err("the load is over".into());
-        }
-        let pending = table.open.values().filter(|(_, auth)| !auth).count();
-        if pending >= limit {
-            return Err(format!(
-                "too many relay connections in their handshake (at most {limit})"
-            ));
-        }
-        table.last_id += 1;
-        let id = table.last_id;
-        table.open.insert(id, (clone, false));
-        Ok(id)
-    }
-
-    /// Count socket `id` as authenticated; refused if `limit` are already.
-    pub(super) fn authenticated(&self, id: u64, limit: usize) -> Result<(), String> {
-        let mut table = self.table();
-        let count = table.open.values().filter(|(_, auth)| *auth).count();
-        if count >= limit {
-            return Err(format!("too many relay connections (at most {limit})"));
-        }
-        match table.open.get_mut(&id) {
-            Some(entry) => {
-                entry.1 = true;
-                Ok(())
-            }
-            None => Err("the load is over".into()),
-        }
-    }
-
-    pub(super) fn remove(&self, id: u64) {
-        self.table().open.remove(&id);
-    }
-
-    pub(super) fn closed(&self) -> bool {
-        self.table().closed
-    }
-
-    pub(super) fn close_all(&self) {
-        let mut table = self.table();
-        table.closed = true;
-        for (stream, _) in table.open.values() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        table.open.clear();
     }
 }
 
@@ -492,6 +437,7 @@ pub(super) fn relay_predecessor(
     loop {
         match read_msg_sync(&mut input) {
             Ok(msg @ (Msg::StreamChunk { .. } | Msg::StreamPiece { .. } | Msg::StreamEnd)) => {
+                crate::agent::throttle::throttle_input(&msg);
                 let relayed = Event::Relayed {
                     peer: peer.to_string(),
                     msg,
@@ -506,61 +452,11 @@ pub(super) fn relay_predecessor(
             // The predecessor went away, or the load is over: a relink or
             // the end of the chain, nothing to report.
             Err(ProtocolError::Closed | ProtocolError::Io(_)) => return,
+            // It hung up mid-frame: relinked elsewhere while forwarding.
+            Err(ProtocolError::Malformed(m)) if m.starts_with("truncated frame") => return,
             Err(e) => return refuse(e.to_string()),
         }
     }
-}
-
-/// Watch the successor link for its end: a successor never sends anything.
-pub(super) fn watch_successor(stream: TcpStream, attempt: u64, events: SyncSender<Event>) {
-    let mut byte = [0u8; 1];
-    let reason = loop {
-        match (&stream).read(&mut byte) {
-            Ok(0) => break "the successor closed the connection".to_string(),
-            Ok(_) => break "the successor sent data on the relay link".to_string(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break format!("successor link failed: {e}"),
-        }
-    };
-    let _ = stream.shutdown(Shutdown::Both);
-    let _ = events.send(Event::SuccessorGone { attempt, reason });
-}
-
-/// Connect to the next node and authenticate, within [`RELAY_TIMEOUT`]
-/// each. The socket is tracked meanwhile so the end of the load cuts it.
-pub(super) fn link_successor(
-    addr: &str,
-    port: u16,
-    secret: &Secret,
-    connections: &Connections,
-) -> Result<TcpStream, String> {
-    let fail = |what: String| format!("cannot link to {addr} port {port}: {what}");
-    let candidates: Vec<SocketAddr> = (addr, port)
-        .to_socket_addrs()
-        .map_err(|e| fail(e.to_string()))?
-        .collect();
-    let deadline = Instant::now() + RELAY_TIMEOUT;
-    let mut error = fail("no address".into());
-    let mut connected = None;
-    for candidate in candidates {
-        let Some(left) = time_left(deadline) else {
-            error = fail("connection timed out".into());
-            break;
-        };
-        match TcpStream::connect_timeout(&candidate, left) {
-            Ok(stream) => {
-                connected = Some(stream);
-                break;
-            }
-            Err(e) => error = fail(e.to_string()),
-        }
-    }
-    let stream = connected.ok_or(error)?;
-    let id = connections.add(&stream, usize::MAX).map_err(fail)?;
-    let shaken = connect_handshake(&stream, secret);
-    connections.remove(id);
-    shaken.map_err(fail)?;
-    Ok(stream)
 }
 
 #[cfg(test)]

@@ -357,10 +357,16 @@ impl Driven {
 
     /// RelayConnect; the reply, RelayLinked or RelayLost.
     pub(super) fn connect(&mut self, port: u16, secret: &Secret) -> Msg {
+        self.connect_fed(port, secret, false)
+    }
+
+    /// RelayConnect, the successor fed lossily or not; the reply.
+    pub(super) fn connect_fed(&mut self, port: u16, secret: &Secret, lossy: bool) -> Msg {
         self.send(&Msg::RelayConnect {
             secret: secret.to_vec(),
             addr: LOCALHOST.into(),
             port,
+            lossy,
         });
         self.wait_for("RelayLinked or RelayLost", |m| {
             matches!(m, Msg::RelayLinked { .. } | Msg::RelayLost { .. })

@@ -22,7 +22,8 @@
 //! each agent writing what it needs (A→C Written) and forwarding every
 //! StreamChunk to its successor over TCP; StreamEnd travels the same way and
 //! each agent answers it with Missing. Missing chunks then come as Chunk;
-//! Finish ends the load as without a relay.
+//! Finish ends the load as without a relay. While it forwards, an agent
+//! sends A→C RelayStats now and then (how long it waited on its successor).
 
 pub mod cursor;
 pub mod pipes;
@@ -47,7 +48,9 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
 /// CleanBegin, CleanReport.
 /// 8: VerifyResult carries the bitmap of the chunks that differ.
-pub const VERSION: u16 = 8;
+/// 9: RelayConnect carries `lossy` (and port 0 drops the successor);
+/// RelayStats.
+pub const VERSION: u16 = 9;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.
@@ -187,12 +190,24 @@ pub enum Msg {
     RelayPort {
         port: u16,
     },
-    /// Connect to the successor, replacing any previous one.
+    /// Connect to the successor, replacing any previous one; port 0: drop
+    /// the successor and forward to nobody (no reply).
     RelayConnect {
         /// Exactly [`RELAY_SECRET_LEN`] bytes.
         secret: Vec<u8>,
         addr: String,
         port: u16,
+        /// The successor is slow (moved to the tail of the chain): never
+        /// wait for it; a chunk it cannot take at once is skipped (it gets
+        /// it directly after the stream).
+        lossy: bool,
+    },
+    /// How long the agent waited on its successor so far (in writes that
+    /// did not go through at once), and what it forwarded: the controller
+    /// finds the member that holds the chain back from these.
+    RelayStats {
+        forwarded: u64,
+        blocked_ms: u64,
     },
     /// Reply to RelayConnect: connected and authenticated.
     RelayLinked {
@@ -292,6 +307,7 @@ impl Msg {
             Msg::RelayListen { .. } => "RelayListen",
             Msg::RelayPort { .. } => "RelayPort",
             Msg::RelayConnect { .. } => "RelayConnect",
+            Msg::RelayStats { .. } => "RelayStats",
             Msg::RelayLinked { .. } => "RelayLinked",
             Msg::RelayLost { .. } => "RelayLost",
             Msg::RelayRefused { .. } => "RelayRefused",
@@ -334,6 +350,7 @@ impl Msg {
             Msg::StreamEnd => 37,
             Msg::StreamPiece { .. } => STREAM_PIECE_TAG,
             Msg::Missing { .. } => 38,
+            Msg::RelayStats { .. } => 39,
             Msg::StatusBegin { .. } => 50,
             Msg::StatusReport(_) => 51,
             Msg::VerifyBegin(_) => 52,
@@ -479,10 +496,23 @@ impl Msg {
                 b.extend_from_slice(&port_max.to_le_bytes());
             }
             Msg::RelayPort { port } => b.extend_from_slice(&port.to_le_bytes()),
-            Msg::RelayConnect { secret, addr, port } => {
+            Msg::RelayConnect {
+                secret,
+                addr,
+                port,
+                lossy,
+            } => {
                 put_bytes(&mut b, secret);
                 put_bytes(&mut b, addr.as_bytes());
                 b.extend_from_slice(&port.to_le_bytes());
+                b.push(u8::from(*lossy));
+            }
+            Msg::RelayStats {
+                forwarded,
+                blocked_ms,
+            } => {
+                b.extend_from_slice(&forwarded.to_le_bytes());
+                b.extend_from_slice(&blocked_ms.to_le_bytes());
             }
             Msg::RelayLinked { addr, port } => {
                 put_bytes(&mut b, addr.as_bytes());
@@ -628,6 +658,7 @@ impl Msg {
                 secret: r.secret()?,
                 addr: r.string("addr")?,
                 port: r.u16("port")?,
+                lossy: r.bool("lossy")?,
             },
             33 => Msg::RelayLinked {
                 addr: r.string("addr")?,
@@ -656,6 +687,10 @@ impl Msg {
             },
             38 => Msg::Missing {
                 bitmap: r.bytes("bitmap")?,
+            },
+            39 => Msg::RelayStats {
+                forwarded: r.u64("forwarded")?,
+                blocked_ms: r.u64("blocked_ms")?,
             },
             50 => {
                 let n = r.u32("target count")? as usize;

@@ -78,6 +78,11 @@ fn samples() -> Vec<Msg> {
             secret: (0..32).collect(),
             addr: "192.0.2.7".into(),
             port: 7001,
+            lossy: true,
+        },
+        Msg::RelayStats {
+            forwarded: 1 << 40,
+            blocked_ms: 7,
         },
         Msg::RelayLinked {
             addr: "192.0.2.7".into(),
@@ -319,6 +324,7 @@ fn relay_secrets_of_another_length_are_malformed() {
             secret: vec![1; len],
             addr: "127.0.0.1".into(),
             port: 1,
+            lossy: false,
         };
         for m in [listen, connect] {
             let err = Msg::decode(&m.encode()).unwrap_err();

@@ -11,6 +11,11 @@
 //! lacks (lost while the chain was repaired) and gets them directly.
 //! A node that dies or stalls is cut out: its predecessor is linked to its
 //! successor. Nothing already verified is sent again.
+//!
+//! A member that holds the chain back (see [`super::slow`]) is moved to the
+//! tail, once, and fed from there without waiting: what it cannot take as
+//! the stream passes comes directly from the controller after the stream,
+//! so the others go at their own pace and it at its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use super::job::LoadJob;
 use super::refusals::Refusals;
 use super::session::{Counters, Plan, begin, open_link};
+use super::slow::{Reading, Sample, Verdict, Watch};
 use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
@@ -72,6 +78,18 @@ pub(super) enum ToCoord {
     Finished {
         node: usize,
     },
+    /// The member wrote chunk `index`.
+    Wrote {
+        node: usize,
+        index: usize,
+    },
+    /// What the member forwarded so far and how long it waited on its
+    /// successor (its agent's RelayStats).
+    Stats {
+        node: usize,
+        forwarded: u64,
+        blocked_ms: u64,
+    },
 }
 
 struct Member {
@@ -80,6 +98,11 @@ struct Member {
     cut: Option<oneshot::Sender<String>>,
     port: Option<u16>,
     counters: Arc<Counters>,
+    /// Its latest RelayStats.
+    forwarded: u64,
+    blocked_ms: u64,
+    /// The last chunk of the stream it wrote, if any.
+    wrote: Option<usize>,
 }
 
 pub(super) struct Coordinator {
@@ -94,6 +117,11 @@ pub(super) struct Coordinator {
     stream_ended: bool,
     /// Members whose link to their successor is up.
     linked: std::collections::HashSet<usize>,
+    /// Members found slow and moved to the tail: fed without waiting.
+    slow: std::collections::HashSet<usize>,
+    /// How many members may still be moved in this stream (one).
+    moves_left: usize,
+    watch: Watch,
 }
 
 /// The run's relay secret: it only has to be unguessable by other hosts
@@ -120,6 +148,9 @@ impl Coordinator {
             successor_of: HashMap::new(),
             stream_ended: false,
             linked: std::collections::HashSet::new(),
+            slow: std::collections::HashSet::new(),
+            moves_left: 0,
+            watch: Watch::default(),
         }
     }
 
@@ -222,11 +253,13 @@ impl Coordinator {
         };
         let addr = self.address(to);
         self.linked.remove(&from);
+        self.watch.reset();
         self.successor_of.insert(from, format!("{addr}:{port}"));
         let msg = Msg::RelayConnect {
             secret: self.secret.clone(),
             addr,
             port,
+            lossy: self.slow.contains(&to),
         };
         if !self.send(from, &msg).await {
             self.report.log(
@@ -255,6 +288,9 @@ impl Coordinator {
                 if current.as_deref() == Some(peer.as_str())
                     && let Some(p) = self.position(node)
                     && let Some(next) = self.chain.get(p + 1).map(|m| m.node)
+                    // Not a successor that finished and left meanwhile.
+                    && self.chain[p + 1].port.map(|port| format!("{}:{port}", self.address(next)))
+                        == current
                 {
                     self.successor_of.remove(&node);
                     let why = format!("{} could not forward to it: {reason}", self.name(node));
@@ -268,6 +304,22 @@ impl Coordinator {
             }
             Some(ToCoord::Linked { node }) => {
                 self.linked.insert(node);
+            }
+            Some(ToCoord::Wrote { node, index }) => {
+                if let Some(p) = self.position(node) {
+                    let wrote = &mut self.chain[p].wrote;
+                    *wrote = Some(wrote.map_or(index, |w| w.max(index)));
+                }
+            }
+            Some(ToCoord::Stats {
+                node,
+                forwarded,
+                blocked_ms,
+            }) => {
+                if let Some(p) = self.position(node) {
+                    self.chain[p].forwarded = forwarded;
+                    self.chain[p].blocked_ms = blocked_ms;
+                }
             }
             Some(ToCoord::Out { .. } | ToCoord::Joined { .. }) => {}
         }
@@ -296,6 +348,9 @@ impl Coordinator {
                         cut: Some(cut),
                         port: None,
                         counters,
+                        forwarded: 0,
+                        blocked_ms: 0,
+                        wrote: None,
                     });
                 }
                 Some(ToCoord::Out { node }) => {
@@ -310,6 +365,10 @@ impl Coordinator {
             }
         }
         self.chain.sort_by_key(|m| m.node);
+        // One move per stream: after it, the stream goes back through the
+        // chain and the members after the moved one are busy catching up,
+        // which must not pass for another slow member.
+        self.moves_left = 1;
         if self.chain.is_empty() {
             return self.drain().await;
         }
@@ -392,6 +451,8 @@ impl Coordinator {
                 ahead.push_back(tokio::spawn(async move { source.get(c).await }));
             }
         }
+        // Chunks streamed so far, in order.
+        let mut streamed = Vec::new();
         while let Some(next) = ahead.pop_front() {
             if let Some(c) = queue.next() {
                 let source = self.job.source.clone();
@@ -403,7 +464,10 @@ impl Coordinator {
                 }
             }
             let chunk = match next.await {
-                Ok(Ok(chunk)) => chunk,
+                Ok(Ok(chunk)) => {
+                    streamed.push(chunk.index as usize);
+                    chunk
+                }
                 Ok(Err(e)) => return self.abandon(e.to_string()).await,
                 Err(e) => return self.abandon(e.to_string()).await,
             };
@@ -439,6 +503,16 @@ impl Coordinator {
             if self.chain.is_empty() {
                 break;
             }
+            // The members after a moved one lost what it had not passed
+            // on yet: the stream goes back to the oldest of that, once
+            // through the chain rather than to each of them after it.
+            if let Some(from) = self.route_around_slow().await {
+                let again: Vec<usize> = streamed.iter().copied().filter(|&c| c >= from).collect();
+                for &c in again.iter().rev() {
+                    let source = self.job.source.clone();
+                    ahead.push_front(tokio::spawn(async move { source.get(c).await }));
+                }
+            }
         }
         self.stream_ended = true;
         while let Some(head) = self.chain.first().map(|m| m.node) {
@@ -448,6 +522,92 @@ impl Coordinator {
             self.cut(head, None).await;
         }
         self.drain().await;
+    }
+
+    /// Look at the chain's waits; move a member that holds it back to the
+    /// tail. Between chunks, so no relink waits on the head's stream.
+    /// Returns the chunk to stream again from, after a move.
+    async fn route_around_slow(&mut self) -> Option<usize> {
+        if self.moves_left == 0 {
+            return None;
+        }
+        // Members already moved are fed without waiting: they hold nobody back.
+        let members = self
+            .chain
+            .iter()
+            .filter(|m| !self.slow.contains(&m.node))
+            .map(|m| Reading {
+                node: m.node,
+                forwarded: m.forwarded,
+                blocked_ms: m.blocked_ms,
+            })
+            .collect();
+        let sample = Sample {
+            at: std::time::Instant::now(),
+            members,
+        };
+        let verdict = self.watch.observe(sample)?;
+        self.move_to_tail(verdict).await
+    }
+
+    /// Move a slow member to the tail of the chain: its predecessor is
+    /// linked to its successor and the tail to it, without waiting for it.
+    /// One already at the tail stays there, fed without waiting.
+    async fn move_to_tail(&mut self, verdict: Verdict) -> Option<usize> {
+        let node = verdict.node;
+        let p = self.position(node)?;
+        if p == 0 || !self.slow.insert(node) {
+            return None;
+        }
+        self.moves_left -= 1;
+        let mib = |rate: f64| rate / f64::from(1u32 << 20);
+        let last = self.chain.len() - 1;
+        let what = if p == last {
+            "fed without waiting at the tail of the chain"
+        } else {
+            "moved to the tail of the chain"
+        };
+        self.report.log(
+            Some(node),
+            format!(
+                "{}: slow ({:.1} MiB/s against a median of {:.1} MiB/s): {what}",
+                self.name(node),
+                mib(verdict.rate),
+                mib(verdict.median)
+            ),
+        );
+        let pred = self.chain[p - 1].node;
+        if p == last {
+            self.link(pred, node).await;
+            return None;
+        }
+        // The oldest chunk a member after it may lack.
+        let from = self.chain[p + 1..]
+            .iter()
+            .filter(|m| !self.slow.contains(&m.node))
+            .map(|m| m.wrote.map_or(0, |w| w + 1))
+            .min();
+        let member = self.chain.remove(p);
+        let tail = self.chain[last - 1].node;
+        let succ = self.chain[p].node;
+        self.chain.push(member);
+        self.link(tail, node).await;
+        self.link(pred, succ).await;
+        self.unlink(node).await;
+        from
+    }
+
+    /// Tell `node` to forward to nobody: it ends the chain now.
+    async fn unlink(&mut self, node: usize) {
+        self.successor_of.remove(&node);
+        self.linked.remove(&node);
+        let msg = Msg::RelayConnect {
+            secret: self.secret.clone(),
+            addr: String::new(),
+            port: 0,
+            lossy: false,
+        };
+        self.send(node, &msg).await;
     }
 
     /// The image cannot be read: every member fails with the reason.
@@ -558,8 +718,9 @@ async fn member_inner(
                 Err(_) => cut_open = false,
             },
             msg = proto::read_msg(&mut rx) => match msg {
-                Ok(Msg::Written { bytes_written, .. }) => {
+                Ok(Msg::Written { index, bytes_written }) => {
                     counters.written.store(bytes_written, Ordering::Relaxed);
+                    let _ = coord.send(ToCoord::Wrote { node: i, index: index as usize });
                     report.progress(i, counters.sent.load(Ordering::Relaxed), base + bytes_written, total);
                 }
                 Ok(Msg::RelayPort { port }) => {
@@ -567,6 +728,9 @@ async fn member_inner(
                 }
                 Ok(Msg::RelayLinked { .. }) => {
                     let _ = coord.send(ToCoord::Linked { node: i });
+                }
+                Ok(Msg::RelayStats { forwarded, blocked_ms }) => {
+                    let _ = coord.send(ToCoord::Stats { node: i, forwarded, blocked_ms });
                 }
                 Ok(Msg::RelayLost { peer, reason }) => {
                     let _ = coord.send(ToCoord::Lost { node: i, peer, reason });

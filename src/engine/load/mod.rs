@@ -22,6 +22,7 @@ mod chain;
 mod job;
 mod refusals;
 mod session;
+mod slow;
 mod star;
 
 pub use job::{ImageLoad, LoadJob, LoadRun};

@@ -1,0 +1,268 @@
+//! Finding the member that holds a relay chain back.
+//!
+//! Backpressure travels up a chain: every member before a slow one waits on
+//! its successor, every member after it waits for data, and all of them
+//! move at the slow one's pace, so their throughputs alone say nothing.
+//! What tells the slow member apart is where the waiting stops: each agent
+//! reports how long its writes to its successor waited (`RelayStats`), and
+//! the member after the last one that waited most of the time is the one
+//! that cannot take the stream as fast as the others pass it on. Its
+//! predecessors' speed when not waiting on it is what the chain could do
+//! without it.
+
+use std::time::{Duration, Instant};
+
+/// How long the pattern must hold before a member is moved.
+pub(super) const WINDOW: Duration = Duration::from_secs(2);
+/// A member waited on its successor at least this share of the window.
+pub(super) const WAITED: f64 = 0.5;
+/// A member is slow below this share of the median speed of the members
+/// before it when they are not waiting on it.
+pub(super) const SLOWER: f64 = 0.5;
+/// At least this much passed to the slow member within the window.
+pub(super) const MIN_DATA: u64 = 2 << 20;
+
+/// What one member had reported at some moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Reading {
+    pub node: usize,
+    /// Bytes it forwarded to its successor so far.
+    pub forwarded: u64,
+    /// How long its writes to its successor waited so far.
+    pub blocked_ms: u64,
+}
+
+/// The members that may take part (in chain order), at one moment.
+#[derive(Debug, Clone)]
+pub(super) struct Sample {
+    pub at: Instant,
+    pub members: Vec<Reading>,
+}
+
+/// A member found slow.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Verdict {
+    pub node: usize,
+    /// Bytes per second it took over the window.
+    pub rate: f64,
+    /// The median speed (bytes per second) of the members before it while
+    /// they were not waiting on their successor.
+    pub median: f64,
+}
+
+/// The member that held the chain back between `then` and `now`, if one
+/// did: the successor of the last member that waited on its successor for
+/// at least [`WAITED`] of the time, if at least [`MIN_DATA`] reached it and
+/// it took less than [`SLOWER`] × the median speed of the members up to
+/// that one. Samples of different chains (a member moved, cut or gone in
+/// between) give nothing.
+pub(super) fn bottleneck(then: &Sample, now: &Sample) -> Option<Verdict> {
+    let secs = now.at.checked_duration_since(then.at)?.as_secs_f64();
+    let same_chain = then.members.len() == now.members.len()
+        && then
+            .members
+            .iter()
+            .zip(&now.members)
+            .all(|(a, b)| a.node == b.node);
+    if secs <= 0.0 || !same_chain || now.members.len() < 2 {
+        return None;
+    }
+    // Per member: bytes forwarded and seconds waited within the window.
+    let deltas: Vec<(u64, f64)> = then
+        .members
+        .iter()
+        .zip(&now.members)
+        .map(|(a, b)| {
+            let bytes = b.forwarded.saturating_sub(a.forwarded);
+            let waited = b.blocked_ms.saturating_sub(a.blocked_ms) as f64 / 1000.0;
+            (bytes, waited.min(secs))
+        })
+        .collect();
+    // The last member but the tail (which forwards nothing) that waited.
+    let k = (0..deltas.len() - 1)
+        .rev()
+        .find(|&k| deltas[k].1 >= WAITED * secs)?;
+    let (bytes, _) = deltas[k];
+    if bytes < MIN_DATA {
+        return None;
+    }
+    let rate = bytes as f64 / secs;
+    let mut speeds: Vec<f64> = deltas[..=k]
+        .iter()
+        .filter(|(bytes, waited)| *bytes > 0 && secs - waited > 0.0)
+        .map(|(bytes, waited)| *bytes as f64 / (secs - waited))
+        .collect();
+    if speeds.is_empty() {
+        return None;
+    }
+    speeds.sort_by(f64::total_cmp);
+    let median = speeds[speeds.len() / 2];
+    (rate < SLOWER * median).then(|| Verdict {
+        node: now.members[k + 1].node,
+        rate,
+        median,
+    })
+}
+
+/// The samples of the current stream, enough to look [`WINDOW`] back.
+#[derive(Default)]
+pub(super) struct Watch {
+    samples: std::collections::VecDeque<Sample>,
+}
+
+impl Watch {
+    /// Record `now`; the verdict over the last [`WINDOW`] or more, if any.
+    pub(super) fn observe(&mut self, now: Sample) -> Option<Verdict> {
+        // Keep the newest sample that is at least a window old, and later ones.
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|s| now.at.saturating_duration_since(s.at) >= WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let verdict = self
+            .samples
+            .front()
+            .filter(|s| now.at.saturating_duration_since(s.at) >= WINDOW)
+            .and_then(|then| bottleneck(then, &now));
+        self.samples.push_back(now);
+        verdict
+    }
+
+    /// The chain changed: start over.
+    pub(super) fn reset(&mut self) {
+        self.samples.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn sample(at: Instant, members: &[(usize, u64, u64)]) -> Sample {
+        Sample {
+            at,
+            members: members
+                .iter()
+                .map(|&(node, forwarded, blocked_ms)| Reading {
+                    node,
+                    forwarded,
+                    blocked_ms,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_member_after_the_last_that_waited_is_slow() {
+        let t = Instant::now();
+        let then = sample(t, &[(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0)]);
+        // 6 MiB in 3 s through every hop (2 MiB/s); node 0 waited 2.7 s on
+        // node 1, which waited on nothing: node 1 is slow.
+        let now = sample(
+            t + Duration::from_secs(3),
+            &[
+                (0, 6 * MIB, 2700),
+                (1, 6 * MIB, 20),
+                (2, 6 * MIB, 10),
+                (3, 6 * MIB, 0),
+                (4, 0, 0),
+            ],
+        );
+        let v = bottleneck(&then, &now).unwrap();
+        assert_eq!(v.node, 1);
+        assert!((v.rate - 2.0 * MIB as f64).abs() < 1.0, "{v:?}");
+        // Node 0 moves 6 MiB in the 0.3 s it does not wait: 20 MiB/s.
+        assert!((v.median - 20.0 * MIB as f64).abs() < 1.0, "{v:?}");
+
+        // Members 0 to 2 all wait (backpressure): the last of them points
+        // at node 3; the ones before do not count.
+        let now = sample(
+            t + Duration::from_secs(3),
+            &[
+                (0, 6 * MIB, 2900),
+                (1, 6 * MIB, 2800),
+                (2, 6 * MIB, 2600),
+                (3, 6 * MIB, 0),
+                (4, 0, 0),
+            ],
+        );
+        assert_eq!(bottleneck(&then, &now).unwrap().node, 3);
+        // The tail can be the slow one.
+        let now = sample(
+            t + Duration::from_secs(3),
+            &[
+                (0, 6 * MIB, 2900),
+                (1, 6 * MIB, 2800),
+                (2, 6 * MIB, 2600),
+                (3, 6 * MIB, 2500),
+                (4, 0, 0),
+            ],
+        );
+        assert_eq!(bottleneck(&then, &now).unwrap().node, 4);
+    }
+
+    #[test]
+    fn no_verdict_without_a_clear_slow_member() {
+        let t = Instant::now();
+        let later = t + Duration::from_secs(3);
+        let then = sample(t, &[(0, 0, 0), (1, 0, 0), (2, 0, 0)]);
+        let none = |members: &[(usize, u64, u64)]| bottleneck(&then, &sample(later, members));
+        // Nobody waits: the controller (or the head) sets the pace.
+        assert_eq!(
+            none(&[(0, 30 * MIB, 100), (1, 30 * MIB, 50), (2, 0, 0)]),
+            None
+        );
+        // Waiting a little, not most of the time.
+        assert_eq!(
+            none(&[(0, 30 * MIB, 1400), (1, 30 * MIB, 0), (2, 0, 0)]),
+            None
+        );
+        // Too little data to judge.
+        assert_eq!(none(&[(0, MIB, 2900), (1, MIB, 0), (2, 0, 0)]), None);
+        // Waiting half the time: 3 MiB/s against 6 MiB/s is not below half.
+        assert_eq!(
+            none(&[(0, 9 * MIB, 1500), (1, 9 * MIB, 0), (2, 0, 0)]),
+            None
+        );
+        assert!(none(&[(0, 9 * MIB, 1600), (1, 9 * MIB, 0), (2, 0, 0)]).is_some());
+        // Another chain (a member moved in between): no comparison.
+        assert_eq!(
+            none(&[(0, 6 * MIB, 2900), (2, 6 * MIB, 0), (1, 0, 0)]),
+            None
+        );
+        assert_eq!(none(&[(0, 6 * MIB, 2900), (1, 6 * MIB, 0)]), None);
+        // A single member has no successor to wait on.
+        let one = sample(t, &[(0, 0, 0)]);
+        assert_eq!(bottleneck(&one, &sample(later, &[(0, 0, 0)])), None);
+    }
+
+    #[test]
+    fn the_watch_judges_only_a_full_window() {
+        let t = Instant::now();
+        let mut watch = Watch::default();
+        let at = |ms: u64, fwd: u64, blocked: u64| {
+            sample(
+                t + Duration::from_millis(ms),
+                &[(0, fwd, blocked), (1, fwd, 0), (2, 0, 0)],
+            )
+        };
+        // 2 MiB/s, node 0 waiting 90% of the time.
+        for ms in (0..2000).step_by(500) {
+            assert_eq!(
+                watch.observe(at(ms, ms * 2 * MIB / 1000, ms * 9 / 10)),
+                None
+            );
+        }
+        let v = watch.observe(at(2000, 4 * MIB, 1800)).unwrap();
+        assert_eq!(v.node, 1);
+        // After a reset it needs another full window.
+        watch.reset();
+        assert_eq!(watch.observe(at(2500, 5 * MIB, 2250)), None);
+        assert_eq!(watch.observe(at(4000, 8 * MIB, 3600)), None);
+        assert!(watch.observe(at(4500, 9 * MIB, 4050)).is_some());
+    }
+}

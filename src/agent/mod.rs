@@ -19,6 +19,7 @@
 //! Everything the controller or the disk says is checked; errors end the
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
+mod delta;
 mod load;
 mod lock;
 mod mounts;
@@ -89,6 +90,10 @@ pub enum AgentError {
     /// Another run holds the target: not worth a retry while it runs.
     #[error("{0}")]
     Busy(String),
+    /// A patch did not verify over what the target holds: the target
+    /// changed since the check. Nothing was written; a fresh attempt helps.
+    #[error("{0}")]
+    Stale(String),
 }
 
 impl AgentError {
@@ -103,6 +108,7 @@ impl AgentError {
             AgentError::Verify(_) => ErrorKind::Verify,
             AgentError::Peer(_) => ErrorKind::Other,
             AgentError::Relay(_) => ErrorKind::Relay,
+            AgentError::Stale(_) => ErrorKind::Stale,
         }
     }
 
@@ -117,7 +123,8 @@ impl AgentError {
             | AgentError::Closed(_)
             | AgentError::Peer(_)
             | AgentError::Relay(_)
-            | AgentError::Busy(_) => 3,
+            | AgentError::Busy(_)
+            | AgentError::Stale(_) => 3,
         }
     }
 }

@@ -938,3 +938,62 @@ fn bench_e_peak_memory() {
     );
     remove(&target);
 }
+
+// ---------------------------------------------------------------------------
+// f. status of 20 nodes vs 20 parallel `ssh … true`
+
+#[test]
+#[ignore = "benchmark: scripts/bench.sh"]
+fn bench_f_status_twenty_nodes_vs_parallel_ssh_true() {
+    const NODES: usize = 20;
+    let runs = rounds(SLOW_RUNS);
+    let rig = Rig::new(NODES);
+    let dir = rig.dir().to_path_buf();
+    let image = dir.join("images").join("base.img");
+    write_image(&image, 8 * MIB, Fill::Random, 11);
+    // Every node holds the image, stamped: the status a lab sees.
+    let out = imaging_load(&rig, None, "base.img", "1-20")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    section("f. `status` of 20 nodes vs 20 parallel `ssh … true`");
+    describe_machine(runs);
+    md("| round | imaging status | 20 × ssh true | ratio |");
+    md("|---:|---:|---:|---:|");
+    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=runs {
+        let mut status = rig.imaging();
+        status.args(["status", "--json", "1-20"]);
+        let t = timed1(status);
+        t.assert_ok("imaging status");
+        let s = summary(&t);
+        let intact = s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["targets"][0]["state"] == "intact" && n["targets"][0]["current"] == true)
+            .count();
+        assert_eq!(intact, NODES, "{s}");
+        let ssh = timed(rig.nodes().iter().map(|n| ssh_true(&rig, n.port)).collect());
+        ssh.assert_ok("ssh true");
+        md(&format!(
+            "| {round} | {:.2} s | {:.2} s | {:.2}× |",
+            t.secs,
+            ssh.secs,
+            t.secs / ssh.secs
+        ));
+        ours.push(t.secs);
+        theirs.push(ssh.secs);
+        ratios.push(t.secs / ssh.secs);
+    }
+    md(&format!(
+        "| median | {:.2} s | {:.2} s | {} |",
+        median(&ours),
+        median(&theirs),
+        ratio_cell(&ratios)
+    ));
+}

@@ -468,6 +468,7 @@ fn feed_for(names: &[String]) -> (Feed, Reporter, imaging::engine::cancel::Cance
         info: RunInfo {
             command: "load".into(),
             names: names.to_vec(),
+            row_images: Vec::new(),
             verbose: true,
             image: Some(image()),
             log_path: None,

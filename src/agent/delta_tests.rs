@@ -45,6 +45,8 @@ fn begin(data: &[u8], target: &Path, force: bool) -> Msg {
         digests: digests(data),
         zero: vec![0; bitmap_len(chunk_count(data))],
         image: "delta.img".into(),
+        user: "tester".into(),
+        host: "testhost".into(),
     }
 }
 

@@ -203,35 +203,53 @@ pub(super) fn check_chunk(
     i: usize,
     buf: &mut Vec<u8>,
 ) -> Result<Check, AgentError> {
+    let zero = bit(&req.zero, i);
+    if req.force && !zero {
+        return Ok(Check::Needed);
+    }
+    let matches = chunk_matches(target, req, i, buf)?;
+    Ok(match (zero, matches) {
+        (_, true) => Check::Present,
+        (false, false) => Check::Needed,
+        (true, false) => {
+            let len = req.layout.chunk_len(i);
+            buf.resize(len, 0);
+            buf[..len].fill(0);
+            target.zero_region(req.layout.offset(i), &buf[..len])?;
+            Check::Zeroed(len as u64)
+        }
+    })
+}
+
+/// Whether the target's chunk `i` already holds the image's (reading it
+/// into `buf` when need be): a zero chunk matches a hole or zeros, a data
+/// chunk its digest in the manifest. The one compare that a load's check
+/// and `status --verify` share. A data chunk past `old_len` never matches.
+pub(super) fn chunk_matches(
+    target: &Target,
+    req: &LoadRequest,
+    i: usize,
+    buf: &mut Vec<u8>,
+) -> Result<bool, AgentError> {
     let offset = req.layout.offset(i);
     let len = req.layout.chunk_len(i);
     if bit(&req.zero, i) {
         if target.is_hole(offset, len) {
-            return Ok(Check::Present);
+            return Ok(true);
         }
         buf.resize(len, 0);
         target.read_at(&mut buf[..len], offset)?;
-        if is_zero(&buf[..len]) {
-            return Ok(Check::Present);
-        }
-        buf.fill(0);
-        target.zero_region(offset, &buf[..len])?;
-        return Ok(Check::Zeroed(len as u64));
+        return Ok(is_zero(&buf[..len]));
     }
-    let needed = req.force
-        || offset + len as u64 > target.old_len
+    if offset + len as u64 > target.old_len
         // The image chunk has data: a hole cannot match it.
         || target.is_hole(offset, len)
-        || {
-            buf.resize(len, 0);
-            target.read_at(&mut buf[..len], offset)?;
-            chunk_digest(&buf[..len]) != req.digests[i]
-        };
-    Ok(if needed {
-        Check::Needed
-    } else {
-        Check::Present
-    })
+    {
+        return Ok(false);
+    }
+    buf.resize(len, 0);
+    target.read_at(&mut buf[..len], offset)?;
+    Ok(chunk_digest(&buf[..len]) == req.digests[i])
 }
 
 /// The receiving thread: the controller's frames into the queue until the

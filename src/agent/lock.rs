@@ -24,6 +24,8 @@ pub(super) enum Mode {
     Exclusive,
     /// A save: other saves may read alongside, no load may write.
     Shared,
+    /// `status --verify`: reads alongside saves, like one.
+    Verify,
 }
 
 /// A held lock on a target; released when dropped (or when the process ends).
@@ -53,7 +55,7 @@ impl TargetLock {
         let record = record_path(env, path);
         let op = match mode {
             Mode::Exclusive => libc::LOCK_EX,
-            Mode::Shared => libc::LOCK_SH,
+            Mode::Shared | Mode::Verify => libc::LOCK_SH,
         };
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
@@ -69,6 +71,7 @@ impl TargetLock {
         let what = match mode {
             Mode::Exclusive => "load",
             Mode::Shared => "save",
+            Mode::Verify => "status --verify",
         };
         let text = format!(
             "{what} by {}, agent pid {}, since {}",

@@ -19,6 +19,7 @@
 //! Everything the controller or the disk says is checked; errors end the
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
+mod clean;
 mod delta;
 mod load;
 mod lock;
@@ -27,6 +28,7 @@ mod relay;
 mod save;
 mod session;
 mod stamp;
+mod status;
 mod target;
 #[cfg(test)]
 mod testkit;

@@ -1,4 +1,5 @@
-//! One agent session: the Hello exchange, then one load or save request.
+//! One agent session: the Hello exchange, then one load, save or status
+//! request.
 
 use std::os::fd::AsFd;
 
@@ -34,8 +35,8 @@ pub fn run_agent() -> i32 {
     }
 }
 
-/// Serve one session: Hello exchange, then one LoadBegin or SaveBegin
-/// request to completion. On error the controller is sent `Msg::Error`
+/// Serve one session: Hello exchange, then one LoadBegin, SaveBegin or
+/// StatusBegin request to completion. On error the controller is sent `Msg::Error`
 /// (best effort, once) before this returns.
 pub fn serve<R: Read + Send, W: Write>(
     input: R,
@@ -59,6 +60,10 @@ pub(super) fn session<R: Read + Send, W: Write>(
     out.reply(&Msg::hello())?;
     let hello = read_msg_sync(input).map_err(|e| closed_as(e, "before Hello"))?;
     check_hello(&hello)?;
+    let tool = match &hello {
+        Msg::Hello { build, .. } => build.clone(),
+        _ => String::new(),
+    };
     let request = match read_msg_sync(input) {
         // A controller may only check the agent's version.
         Err(ProtocolError::Closed) => return Ok(()),
@@ -77,6 +82,8 @@ pub(super) fn session<R: Read + Send, W: Write>(
             digests,
             zero,
             image,
+            user,
+            host,
         } => {
             let mut req = LoadRequest::new(
                 target,
@@ -91,6 +98,12 @@ pub(super) fn session<R: Read + Send, W: Write>(
                 zero,
             )?;
             req.image = image;
+            req.origin = crate::agent::stamp::Origin {
+                loaded_at: String::new(),
+                host,
+                user,
+                tool,
+            };
             load(input, out, env, &req)
         }
         Msg::SaveBegin {
@@ -100,9 +113,11 @@ pub(super) fn session<R: Read + Send, W: Write>(
             raw,
             holder,
         } => save(out, env, &target, chunk_size, level, &holder, raw),
+        Msg::StatusBegin { targets } => crate::agent::status::status(input, out, env, &targets),
+        Msg::CleanBegin(req) => crate::agent::clean::clean(out, env, &req),
         Msg::Error { message, .. } => Err(AgentError::Peer(message)),
         other => Err(malformed(format!(
-            "expected LoadBegin or SaveBegin, got {}",
+            "expected LoadBegin, SaveBegin or StatusBegin, got {}",
             other.name()
         ))),
     }
@@ -151,7 +166,7 @@ mod tests {
         assert_malformed(
             &env,
             &with_hello(&[image.chunk(0)]),
-            "expected LoadBegin or SaveBegin, got Chunk",
+            "expected LoadBegin, SaveBegin or StatusBegin, got Chunk",
         );
         assert_malformed(
             &env,
@@ -194,6 +209,8 @@ mod tests {
                 digests,
                 zero,
                 image: String::new(),
+                user: String::new(),
+                host: String::new(),
             };
             assert_malformed(&env, &with_hello(&[begin]), "chunk size");
             let save = Msg::SaveBegin {
@@ -230,6 +247,8 @@ mod tests {
             digests,
             zero,
             image: String::new(),
+            user: String::new(),
+            host: String::new(),
         };
         assert_malformed(
             &env,

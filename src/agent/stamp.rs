@@ -26,6 +26,38 @@ pub(super) struct Stamp {
     /// The loaded image's name; "" if unknown. Not part of what makes a
     /// stamp match: the same identity under another name is the same data.
     pub(super) image: String,
+    /// Where the load came from, for `status`; each "" if unknown (stamps
+    /// written before these fields existed). None is part of what makes a
+    /// stamp match.
+    pub(super) origin: Origin,
+    /// The chunk size the identity was computed with (0: not recorded):
+    /// `status` compares it with the repository's image at that size.
+    pub(super) chunk_size: u64,
+}
+
+/// When and from where a load came: the stamp's provenance fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Origin {
+    /// When the stamp was written, UTC, RFC 3339 with its zone
+    /// (`2026-12-02T18:13:44Z`).
+    pub(super) loaded_at: String,
+    /// The controller's host name and user.
+    pub(super) host: String,
+    pub(super) user: String,
+    /// The controller's build (`imaging 0.1.0`), from its Hello.
+    pub(super) tool: String,
+}
+
+/// The optional `key value` lines after `target`, in this order.
+const OPTIONAL: [&str; 6] = ["image", "loaded_at", "host", "user", "tool", "chunk_size"];
+
+/// One line per field: a value that cannot be one line is not kept.
+fn one_line(value: &str) -> String {
+    if value.contains(['\n', '\r']) {
+        String::new()
+    } else {
+        value.to_string()
+    }
 }
 
 impl Stamp {
@@ -37,25 +69,67 @@ impl Stamp {
             inode: meta.ino(),
             dev: meta.dev(),
             target: target.to_string(),
-            // One line per field: a name that cannot be one line is not kept.
-            image: if image.contains(['\n', '\r']) {
-                String::new()
-            } else {
-                image.to_string()
-            },
+            image: one_line(image),
+            origin: Origin::default(),
+            chunk_size: 0,
         }
     }
 
-    pub(super) fn encode(&self) -> String {
-        let image = if self.image.is_empty() {
+    /// The same file state and image identity: what lets a load trust the
+    /// target without reading it (names and provenance aside).
+    pub(super) fn same_state(&self, other: &Stamp) -> bool {
+        (
+            self.identity,
+            self.size,
+            self.mtime_ns,
+            self.inode,
+            self.dev,
+            &self.target,
+        ) == (
+            other.identity,
+            other.size,
+            other.mtime_ns,
+            other.inode,
+            other.dev,
+            &other.target,
+        )
+    }
+
+    /// Whether the file `meta` describes is still what this stamp saw
+    /// (size, mtime, inode, device), known without reading it.
+    pub(super) fn intact(&self, meta: &Metadata) -> bool {
+        self.same_state(&Stamp::of(meta, self.identity, &self.target, ""))
+    }
+
+    fn optional(&self) -> [String; 6] {
+        let o = &self.origin;
+        let chunk_size = if self.chunk_size == 0 {
             String::new()
         } else {
-            format!("image {}\n", self.image)
+            self.chunk_size.to_string()
         };
-        format!(
-            "imaging-stamp 1\nidentity {:032x}\nsize {}\nmtime_ns {}\ninode {}\ndev {}\ntarget {}\n{image}end\n",
+        [
+            self.image.clone(),
+            o.loaded_at.clone(),
+            o.host.clone(),
+            o.user.clone(),
+            o.tool.clone(),
+            chunk_size,
+        ]
+    }
+
+    pub(super) fn encode(&self) -> String {
+        let mut text = format!(
+            "imaging-stamp 1\nidentity {:032x}\nsize {}\nmtime_ns {}\ninode {}\ndev {}\ntarget {}\n",
             self.identity, self.size, self.mtime_ns, self.inode, self.dev, self.target
-        )
+        );
+        for (key, value) in OPTIONAL.iter().zip(self.optional()) {
+            if !value.is_empty() {
+                text.push_str(&format!("{key} {value}\n"));
+            }
+        }
+        text.push_str("end\n");
+        text
     }
 
     /// Anything unexpected is no stamp.
@@ -78,14 +152,32 @@ impl Stamp {
             dev: field("dev")?.parse().ok()?,
             target: field("target")?.to_string(),
             image: String::new(),
+            origin: Origin::default(),
+            chunk_size: 0,
         };
+        // Optional, in order (stamps written before they existed lack them).
+        let mut values: [String; 6] = Default::default();
+        let mut next = 0;
         let mut last = lines.next()?;
-        // Optional (stamps written before it existed lack it).
-        if let Some(image) = last.strip_prefix("image ") {
-            stamp.image = image.to_string();
+        while last != "end" {
+            let (key, value) = last.split_once(' ')?;
+            let k = next + OPTIONAL[next..].iter().position(|o| *o == key)?;
+            values[k] = value.to_string();
+            next = k + 1;
             last = lines.next()?;
         }
-        (last == "end" && lines.next().is_none()).then_some(stamp)
+        let [image, loaded_at, host, user, tool, chunk_size] = values;
+        if !chunk_size.is_empty() {
+            stamp.chunk_size = chunk_size.parse().ok().filter(|&c| c > 0)?;
+        }
+        stamp.image = image;
+        stamp.origin = Origin {
+            loaded_at,
+            host,
+            user,
+            tool,
+        };
+        lines.next().is_none().then_some(stamp)
     }
 }
 
@@ -98,8 +190,13 @@ pub(super) struct StampFile {
 
 impl StampFile {
     pub(super) fn new(env: &AgentEnv, target: &Target) -> StampFile {
-        let key = std::fs::canonicalize(&target.name)
-            .unwrap_or_else(|_| PathBuf::from(&target.name))
+        StampFile::for_path(env, &target.name)
+    }
+
+    /// The stamp of the file at `name` (which need not exist).
+    pub(super) fn for_path(env: &AgentEnv, name: &str) -> StampFile {
+        let key = std::fs::canonicalize(name)
+            .unwrap_or_else(|_| PathBuf::from(name))
             .to_string_lossy()
             .into_owned();
         let hash = xxhash_rust::xxh3::xxh3_128(Path::new(&key).as_os_str().as_bytes());
@@ -120,7 +217,12 @@ impl StampFile {
             return false;
         };
         stamp.size == req.layout.size
-            && stamp == Stamp::of(&meta, req.identity, &self.key, &stamp.image)
+            && stamp.same_state(&Stamp::of(&meta, req.identity, &self.key, ""))
+    }
+
+    /// The stamp, if there is a readable one.
+    pub(super) fn read(&self) -> Option<Stamp> {
+        Stamp::decode(&std::fs::read_to_string(&self.path).ok()?)
     }
 
     /// What the stamp says was last loaded, whether or not the target
@@ -158,7 +260,14 @@ impl StampFile {
         // Read after every write and the sync, so the stamp sees the final mtime.
         let meta = target.file.metadata()?;
         settle_past(&meta);
-        let stamp = Stamp::of(&meta, req.identity, &self.key, &req.image);
+        let mut stamp = Stamp::of(&meta, req.identity, &self.key, &req.image);
+        stamp.origin = Origin {
+            loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            host: one_line(&req.origin.host),
+            user: one_line(&req.origin.user),
+            tool: one_line(&req.origin.tool),
+        };
+        stamp.chunk_size = req.layout.chunk_size;
         crate::image::fileio::replace_atomically(&self.path, stamp.encode().as_bytes(), true)
     }
 }
@@ -194,6 +303,13 @@ mod tests {
             dev: 2049,
             target: "/var/lib/images/a b.img".into(),
             image: "ubuntu 24.04.img".into(),
+            origin: super::Origin {
+                loaded_at: "2026-12-02T18:13:44Z".into(),
+                host: "gateway".into(),
+                user: "alice smith".into(),
+                tool: "imaging 0.1.0".into(),
+            },
+            chunk_size: 1 << 22,
         };
         assert_eq!(Stamp::decode(&stamp.encode()), Some(stamp.clone()));
         let text = stamp.encode();
@@ -202,13 +318,52 @@ mod tests {
         }
         assert_eq!(Stamp::decode(&format!("{text}extra\n")), None);
         assert_eq!(Stamp::decode(&text.replace("size", "SIZE")), None);
-        // A stamp written before the image line existed still counts.
-        let older = text.replace("image ubuntu 24.04.img\n", "");
+        // Stamps written before the optional lines existed still count.
+        let older = text
+            .lines()
+            .filter(|l| {
+                ![
+                    "image ",
+                    "loaded_at ",
+                    "host ",
+                    "user ",
+                    "tool ",
+                    "chunk_size ",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
+        assert_eq!(
+            older,
+            "imaging-stamp 1\nidentity fffffffffffffffffffffffffffffffa\nsize 1099511627776\n\
+             mtime_ns -1500000000\ninode 42\ndev 2049\ntarget /var/lib/images/a b.img\nend\n"
+        );
         let decoded = Stamp::decode(&older).unwrap();
         assert_eq!(
             (decoded.identity, decoded.image.as_str()),
             (stamp.identity, "")
         );
+        assert_eq!(decoded.origin, super::Origin::default());
+        assert!(decoded.same_state(&stamp));
+        // One with the image line only (the previous format).
+        let image_only = older.replace("end\n", "image x.img\nend\n");
+        let decoded = Stamp::decode(&image_only).unwrap();
+        assert_eq!(
+            (decoded.image.as_str(), decoded.origin.host.as_str()),
+            ("x.img", "")
+        );
+        // Out of order, repeated or unknown optional lines are no stamp.
+        for bad in [
+            text.replace("image ubuntu 24.04.img\n", "")
+                .replace("end\n", "image x\nend\n"),
+            text.replace("host gateway\n", "host gateway\nhost again\n"),
+            text.replace("host gateway\n", "colour blue\n"),
+            text.replace("chunk_size 4194304", "chunk_size many"),
+        ] {
+            assert_eq!(Stamp::decode(&bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub(super) struct LoadRequest {
     pub(super) zero: Vec<u8>,
     /// The image's name, for the stamp ("" if the controller did not say).
     pub(super) image: String,
+    /// The controller's host, user and build, for the stamp (its
+    /// `loaded_at` is set when the stamp is written).
+    pub(super) origin: crate::agent::stamp::Origin,
 }
 
 impl LoadRequest {
@@ -122,6 +125,7 @@ impl LoadRequest {
             digests,
             zero,
             image: String::new(),
+            origin: Default::default(),
         })
     }
 }

@@ -105,6 +105,8 @@ impl Image {
             digests: self.digests(),
             zero: self.zero_bitmap(),
             image: "test.img".into(),
+            user: "tester".into(),
+            host: "testhost".into(),
         }
     }
 

@@ -16,6 +16,9 @@ Examples:
   imaging load -i ubuntu-24.04.img 1-12     write the image onto nodes 1 to 12
   imaging load -c -a ~7                    the default image on every node but 7, with the dashboard
   imaging load -n -i base.qcow2 hv-west    the plan only: targets, reachability, fan-out
+  imaging load -i base.qcow2 -i web.qcow2 hv-west hv-east
+                                           both images onto both hosts, into targets
+                                           templated with {image}: /var/lib/libvirt/images/{image}
   imaging load -b 40M --json 1-4           cap the controller's links at 40 MiB/s; JSON lines
 
 Exit codes:
@@ -169,6 +172,32 @@ Exit codes:
   2    bad usage, config, node spec or image (nothing was touched)
   130  interrupted by Ctrl-C (after cleanup)";
 
+const STATUS_HELP: &str = "\
+Examples:
+  imaging status 1-12           per node: SSH up or down; per target: image, when loaded, intact or not, current or not
+  imaging status --json -a      the same as JSON lines (a node object each, then the summary)
+  imaging status --verify 3     also read node 3's targets and count the chunks that differ from the image
+
+Exit codes:
+  0    every selected node answered
+  1    one or more nodes are down or their agent failed
+  2    bad usage, config or node spec (nothing was probed)
+  130  interrupted by Ctrl-C";
+
+const CLEAN_HELP: &str = "\
+Examples:
+  imaging clean -n hosts --keep base.qcow2,web.qcow2   what would go from each host's image directory
+  imaging clean hosts --keep base.qcow2                remove the other image files imaging wrote there
+
+Only with a target template holding {image} (target = \"/var/lib/libvirt/images/{image}\").
+A file imaging did not write (no stamp), or changed since its load, is never removed.
+
+Exit codes:
+  0    every selected node answered
+  1    one or more nodes are down or their agent failed
+  2    bad usage, config or node spec, or a target without {image} (nothing was touched)
+  130  interrupted by Ctrl-C";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "imaging",
@@ -259,6 +288,12 @@ pub enum Command {
     /// Return once every node accepts SSH, or report those that never did
     #[command(after_help = WAIT_HELP)]
     Wait(WaitArgs),
+    /// What every node holds: SSH up or down, each target's image, when loaded, intact, current
+    #[command(after_help = STATUS_HELP)]
+    Status(StatusArgs),
+    /// Remove from hosts' {image} directories the image files imaging wrote that are not kept
+    #[command(after_help = CLEAN_HELP)]
+    Clean(CleanArgs),
     /// Print the selected node names, space separated, in number order
     #[command(after_help = NODES_HELP)]
     Nodes(NodeArgs),
@@ -317,14 +352,16 @@ pub enum Command {
 pub struct LoadArgs {
     #[command(flatten)]
     pub nodes: NodeArgs,
-    /// Image name in the repository, or a path (default: [repository] default_image)
+    /// Image name in the repository, or a path (default: [repository] default_image);
+    /// repeat for several images in one run, each into its own target: the
+    /// target must then contain {image} (the image's file name)
     #[arg(
         short = 'i',
         long = "image",
         value_name = "IMAGE",
         help_heading = "Transfer"
     )]
-    pub image: Option<String>,
+    pub image: Vec<String>,
     /// Give up after SECS seconds; 0: no deadline (default: [load] timeout)
     #[arg(short = 't', long = "timeout", value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -341,7 +378,7 @@ pub struct LoadArgs {
     /// star, chain or auto (default: [load] fanout)
     #[arg(long, value_name = "MODE", help_heading = "Transfer")]
     pub fanout: Option<crate::config::Fanout>,
-    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object)
+    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object per image)
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
 }
@@ -516,10 +553,42 @@ pub struct WaitArgs {
     pub verbose: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Also read each stamped target and compare its chunks with the repository's image of that name
+    #[arg(long)]
+    pub verify: bool,
+    /// Give up on a node after SECS seconds; 0: no deadline (default: 10, with --verify [load] timeout)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanArgs {
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Images to keep, comma separated (their file names, `.img` optional)
+    #[arg(
+        long,
+        value_name = "IMAGE[,IMAGE…]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub keep: Vec<String>,
+    /// Show what would be removed, touch nothing
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+    /// Give up on a node after SECS seconds; 0: no deadline (default: 30)
+    #[arg(short = 't', long = "timeout", value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
 /// Subcommands reachable through an `imaging-<name>` link.
 pub const LINKED: &[&str] = &[
     "load", "save", "wait", "list", "nodes", "config", "import", "on", "off", "reset", "power",
-    "alias", "resolve", "share", "rm", "prune",
+    "alias", "resolve", "share", "rm", "prune", "status", "clean",
 ];
 
 /// argv with busybox-style dispatch: `imaging-wait 1-3` → `imaging wait 1-3`.

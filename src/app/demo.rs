@@ -190,7 +190,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     );
     let load = LoadArgs {
         nodes: node_args(&all),
-        image: Some("demo.img".into()),
+        image: vec!["demo.img".into()],
         timeout: None,
         force: false,
         verify: false,

@@ -1,13 +1,16 @@
 //! The program: parse argv, resolve CLI over config, run a command, map
 //! its outcome to an exit code.
 
+mod clean;
 pub mod cli;
 pub mod demo;
 mod guard;
+mod load_cmd;
 pub mod plan;
 pub mod power;
 mod repo_cmds;
 pub mod shell;
+mod status;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -19,12 +22,14 @@ use crate::agent;
 use crate::app::cli::{Cli, Command, NodeArgs};
 use crate::config::Loaded;
 use crate::engine::power::PowerAction;
-use crate::engine::{cancel, check, events, load, report, save, source, wait};
-use crate::image::{import, manifest, provenance, reader, repo};
+use crate::engine::{cancel, check, events, report, save, wait};
+use crate::image::{import, provenance, repo};
 use crate::inventory::Node;
 use crate::inventory::nodespec;
 use crate::node::{agent_link, hooks, ssh};
 use crate::{config, ui};
+
+pub(crate) use load_cmd::run_load;
 
 /// Every way a run can end, with its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +123,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
         Command::InstallLinks { .. } => reject_display_flags(&cli, "install-links", false)?,
         Command::Completions { .. } => reject_display_flags(&cli, "completions", false)?,
         Command::Man { .. } => reject_display_flags(&cli, "man", false)?,
+        Command::Status(_) => status::reject_flags(&cli)?,
+        Command::Clean(_) => reject_display_flags(&cli, "clean", true)?,
         _ => {}
     }
     let loaded = || config::load(cli.global.config.as_deref());
@@ -141,6 +148,8 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
             Ok(Exit::Success)
         }
         Command::Wait(args) => run_wait(&cli, args, &loaded()?).await,
+        Command::Status(args) => status::run_status(&cli, args, &loaded()?).await,
+        Command::Clean(args) => clean::run_clean(&cli, args, &loaded()?).await,
         Command::On(args) => power::run_power(&cli, args, PowerAction::On, &loaded()?).await,
         Command::Off(args) => power::run_power(&cli, args, PowerAction::Off, &loaded()?).await,
         Command::Reset(args) => power::run_power(&cli, args, PowerAction::Reset, &loaded()?).await,
@@ -239,6 +248,10 @@ where
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let board = report::Board::new(&info.names);
     let reporter = report::Reporter::new(&info.command, board.clone(), tx);
+    // A row per node and image: the summary names both.
+    for (row, image) in info.row_images.iter().enumerate() {
+        reporter.image(row, image);
+    }
     let (canceller, cancel) = cancel::pair();
     let feed = ui::Feed {
         info,
@@ -289,6 +302,7 @@ fn run_info(
     ui::RunInfo {
         command: command.into(),
         names: nodes.iter().map(|n| n.name.clone()).collect(),
+        row_images: Vec::new(),
         verbose,
         image,
         log_path: cli.global.log.clone().or_else(ui::logfile::default_path),
@@ -370,163 +384,6 @@ fn ssh_and_agent(
         UsageError::Other(format!("cannot read this executable for the agent: {e}"))
     })?;
     Ok((ssh, agent))
-}
-
-pub(crate) async fn run_load(
-    cli: &Cli,
-    args: &cli::LoadArgs,
-    loaded: &Loaded,
-) -> Result<Exit, UsageError> {
-    let config = &loaded.config;
-    let nodes = select(loaded, &args.nodes)?;
-    let image_arg = args
-        .image
-        .clone()
-        .unwrap_or_else(|| config.repository.default_image.clone());
-    // A name needs the repository (a path does not): say how to set it.
-    if !image_arg.contains('/') {
-        repository(loaded)?;
-    }
-    let resolved = repo_cmds::repos(loaded)
-        .resolve(&image_arg)
-        .map_err(UsageError::Other)?;
-    let image = resolved.path.clone();
-    let bytes = std::fs::metadata(&image)
-        .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?
-        .len();
-    guard::refuse_empty_image(&image, bytes)?;
-    let targets = targets(loaded, &nodes);
-    // Every repository directory: saves go to `dir`, `shared` are searched.
-    let repo_dir = config::expand_home(&config.repository.dir);
-    let is_image = guard::targets_in_repository(&repo_dir, &image, &nodes, &targets)?;
-    for shared in &config.repository.shared {
-        guard::targets_in_repository(&config::expand_home(shared), &image, &nodes, &targets)?;
-    }
-    for (key, template) in [
-        ("[load] before", &config.load.before),
-        ("[load] after", &config.load.after),
-    ] {
-        hooks_have_values(key, template, &nodes)?;
-    }
-    let deadline = deadline(args.timeout, config.load.timeout)?;
-    let chunk_size = config.load.chunk_size;
-    let path = image.clone();
-    if !cli.global.json {
-        eprintln!("imaging: reading {} (manifest)", image.display());
-    }
-    // Everything about the image is checked here, before any node is
-    // contacted: a damaged `.ndz` is found while its manifest is built.
-    let (file, manifest) = tokio::task::spawn_blocking(move || {
-        let file = reader::ImageReader::open(&path)?;
-        Ok::<_, std::io::Error>((file, manifest::load_or_build(&path, chunk_size)?))
-    })
-    .await
-    .map_err(|e| UsageError::Other(e.to_string()))?
-    .map_err(|e| UsageError::Other(format!("cannot read image {}: {e}", image.display())))?;
-    // An image file with data may still hold 0 bytes of disk (an .ndz).
-    guard::refuse_empty_image(&image, manifest.size)?;
-    // Where a saved image came from: one line in the run's log.
-    let origin = provenance::read(&resolved.file).map(|p| {
-        let name = resolved
-            .file
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy();
-        format!("image {name}: {}", p.describe())
-    });
-    let chain = match args.fanout.unwrap_or(config.load.fanout) {
-        config::Fanout::Star => false,
-        config::Fanout::Chain => true,
-        config::Fanout::Auto => nodes.len() >= load::CHAIN_FROM,
-    };
-    let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
-    let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
-    if args.dry_run {
-        if let Some(line) = origin.as_ref().filter(|_| !cli.global.json) {
-            crate::outln!("{line}");
-        }
-        let probed = plan::probe_all(&ssh, &nodes, &targets).await;
-        let plan = plan::Plan {
-            event: "plan",
-            command: "load",
-            image: image.display().to_string(),
-            size: manifest.size,
-            data_size: manifest.data_size(),
-            chunks: manifest.chunk_count(),
-            chunk_size,
-            fanout: if chain { "chain" } else { "star" },
-            bandwidth: cap,
-            nodes: nodes
-                .iter()
-                .zip(&targets)
-                .zip(probed)
-                .map(|((n, t), p)| plan::node_plan(n, t, p, manifest.data_size()))
-                .collect(),
-        };
-        if cli.global.json {
-            crate::outln!("{}", serde_json::to_string(&plan).unwrap_or_default());
-        } else {
-            crate::ui::stdout::write(&plan::format(&plan));
-        }
-        return Ok(Exit::Success);
-    }
-    // The image file's own name (an alias followed): what the node's stamp records.
-    let image_name = resolved
-        .file
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let header = ui::ImageHeader {
-        name: image_name.clone(),
-        size: manifest.size,
-        data_size: manifest.data_size(),
-        cap,
-    };
-    let job = load::LoadJob {
-        image_name,
-        source: source::ChunkSource::new(
-            file,
-            std::sync::Arc::new(manifest),
-            config.load.compression,
-        ),
-        targets,
-        ssh,
-        agent,
-        force: args.force,
-        verify: args.verify,
-        is_image,
-        retries: config.load.retries,
-        concurrency: config.load.concurrency,
-        rate: source::RateLimit::new(cap),
-        wire: Default::default(),
-        before: config.load.before.clone(),
-        after: config.load.after.clone(),
-        deadline,
-        reconnect_wait: Duration::from_secs(config.load.reconnect_wait),
-        stall_timeout: Duration::from_secs(config.load.stall_timeout),
-        chain,
-        relay_bind: config.load.relay_bind.clone(),
-        relay_ports: (config.load.relay_port_min, config.load.relay_port_max),
-        nodes,
-    };
-    if !run_check("[load] check", &config.load.check, &job.nodes).await? {
-        return Ok(Exit::Interrupted);
-    }
-    let info = run_info(cli, "load", &job.nodes, true, Some(header));
-    let mode = output_mode(cli);
-    if mode == ui::Mode::Bars
-        && let Some(line) = &origin
-    {
-        // Progress bars show no log lines: say it before they start.
-        eprintln!("imaging: {line}");
-    }
-    Ok(drive(mode, info, move |report, cancel| {
-        if let Some(line) = origin {
-            report.log(None, line);
-        }
-        load::load_all(job, report, cancel)
-    })
-    .await)
 }
 
 pub(crate) async fn run_save(

@@ -57,6 +57,7 @@ pub(crate) async fn run_power(
         log.start(&RunInfo {
             command: command_name(action).into(),
             names: job.names.clone(),
+            row_images: Vec::new(),
             verbose: false,
             image: None,
             log_path: log_path.clone(),

@@ -23,7 +23,7 @@ _imaging_dynamic() {
             return ;;
     esac
     case "$sub" in
-        load|save|wait|nodes)
+        load|save|wait|nodes|status|clean)
             if [[ "$cur" != -* && ( "$prog" == imaging-* || $COMP_CWORD -ge 2 ) ]]; then
                 COMPREPLY=($(compgen -W "$(imaging __complete nodes 2>/dev/null)" -- "$cur"))
                 return
@@ -35,7 +35,7 @@ _imaging_dynamic() {
     fi
     _imaging "$@"
 }
-complete -F _imaging_dynamic -o bashdefault -o default imaging imaging-load imaging-save imaging-wait imaging-list imaging-nodes imaging-config
+complete -F _imaging_dynamic -o bashdefault -o default imaging imaging-load imaging-save imaging-wait imaging-list imaging-nodes imaging-config imaging-status imaging-clean
 "#;
 
 pub fn completions(shell: clap_complete::Shell, out: &mut impl Write) -> std::io::Result<()> {

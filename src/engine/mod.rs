@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod cancel;
 pub mod check;
+pub mod clean;
 pub mod error;
 pub mod events;
 pub mod holder;
@@ -12,4 +13,5 @@ pub mod power;
 pub mod report;
 pub mod save;
 pub mod source;
+pub mod status;
 pub mod wait;

@@ -153,6 +153,9 @@ pub struct Reporter {
     board: Arc<Board>,
     command: String,
     started: Instant,
+    /// A part of the run (one image of a load of several): its node `i`
+    /// is the board's row `rows[i]`. None: node `i` is row `i`.
+    rows: Option<Arc<[usize]>>,
 }
 
 impl Reporter {
@@ -162,6 +165,28 @@ impl Reporter {
             board,
             command: command.into(),
             started: Instant::now(),
+            rows: None,
+        }
+    }
+
+    /// The same run, seen by a part of it whose node `i` is the board's
+    /// row `rows[i]` (a load of several images has a row per node and image).
+    pub fn rows(&self, rows: Vec<usize>) -> Reporter {
+        let rows: Vec<usize> = match &self.rows {
+            Some(mine) => rows.into_iter().map(|r| mine[r]).collect(),
+            None => rows,
+        };
+        Reporter {
+            rows: Some(rows.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The board row of node `i`.
+    fn row(&self, i: usize) -> usize {
+        match &self.rows {
+            Some(rows) => rows[i],
+            None => i,
         }
     }
 
@@ -170,6 +195,10 @@ impl Reporter {
     }
 
     pub fn state(&self, node: usize, state: NodeState, message: Option<String>) {
+        self.set_row_state(self.row(node), state, message);
+    }
+
+    fn set_row_state(&self, node: usize, state: NodeState, message: Option<String>) {
         self.board.set_state(node, state, message.clone());
         let _ = self.tx.send(Event::State {
             node,
@@ -180,7 +209,7 @@ impl Reporter {
 
     /// `save`: the node's data is now the image `name` in the repository.
     pub fn image(&self, node: usize, name: &str) {
-        *self.board.nodes[node]
+        *self.board.nodes[self.row(node)]
             .image
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
@@ -190,21 +219,21 @@ impl Reporter {
     /// ends sample the board.
     pub fn progress(&self, node: usize, bytes_sent: u64, bytes_written: u64, total: u64) {
         self.board
-            .set_progress(node, bytes_sent, bytes_written, total);
+            .set_progress(self.row(node), bytes_sent, bytes_written, total);
     }
 
     pub fn log(&self, node: Option<usize>, text: impl Into<String>) {
         let _ = self.tx.send(Event::Log {
-            node,
+            node: node.map(|i| self.row(i)),
             text: text.into(),
         });
     }
 
-    /// Nodes not in a final state are marked `to` (e.g. cancelled) with `why`.
+    /// Rows not in a final state are marked `to` (e.g. cancelled) with `why`.
     pub fn close_unfinished(&self, to: NodeState, why: &str) {
         for i in 0..self.board.nodes.len() {
             if !self.board.read(i).state.is_final() {
-                self.state(i, to, Some(why.to_string()));
+                self.set_row_state(i, to, Some(why.to_string()));
             }
         }
     }
@@ -224,6 +253,48 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_part_of_the_run_reports_on_its_own_rows() {
+        // Two nodes × two images, node by node: image 1 is rows 1 and 3.
+        let names: Vec<String> = ["n1", "n1", "n2", "n2"].map(String::from).to_vec();
+        let board = Board::new(&names);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let report = Reporter::new("load", board.clone(), tx);
+        let second = report.rows(vec![1, 3]);
+        second.state(1, NodeState::Done, None);
+        second.progress(0, 10, 20, 30);
+        second.log(Some(1), "n2");
+        second.image(0, "b.img");
+        assert_eq!(board.read(3).state, NodeState::Done);
+        assert_eq!(board.read(2).state, NodeState::Queued);
+        assert_eq!(board.read(1).bytes_written, 20);
+        assert_eq!(board.read(0).bytes_written, 0);
+        assert!(matches!(rx.try_recv(), Ok(Event::State { node: 3, .. })));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Event::Log { node: Some(3), .. })
+        ));
+        // A part of a part: its node 0 is the part's node 1, row 3.
+        report
+            .rows(vec![1, 3])
+            .rows(vec![1])
+            .state(0, NodeState::Failed, None);
+        assert_eq!(board.read(3).state, NodeState::Failed);
+        report.close_unfinished(NodeState::Cancelled, "interrupted");
+        let summary = report.finish();
+        let states: Vec<_> = summary.nodes.iter().map(|n| n.state).collect();
+        assert_eq!(
+            states,
+            [
+                NodeState::Cancelled,
+                NodeState::Cancelled,
+                NodeState::Cancelled,
+                NodeState::Failed
+            ]
+        );
+        assert_eq!(summary.nodes[1].image.as_deref(), Some("b.img"));
+    }
 
     #[test]
     fn each_node_keeps_the_time_it_reached_its_final_state() {

@@ -11,6 +11,11 @@
 //!        after each), C→A Finish, A→C Finished.
 //! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd;
 //!        A→C Note (a line for the run's log) may come anywhere after SaveInfo.
+//! Status: C→A Hello, A→C Hello, C→A StatusBegin, A→C StatusReport (the
+//!        targets' stamps and file state, none of them read); then, for each
+//!        target to verify, C→A VerifyBegin, A→C VerifyProgress…, A→C
+//!        VerifyResult; the controller closes when done.
+//! Clean:  C→A Hello, A→C Hello, C→A CleanBegin, A→C CleanReport.
 //! Either side may send Error instead of its next message and then stop.
 //!
 //! Relay (a load's chain, after Needed): C→A RelayListen, A→C RelayPort;
@@ -23,6 +28,7 @@
 pub mod cursor;
 pub mod pipes;
 pub mod relay;
+pub mod status;
 
 use std::io;
 
@@ -39,6 +45,9 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 3: LoadBegin carries `verify` and `holder`, SaveBegin `holder`.
 /// 4: Error carries its kind.
 /// 5: StreamPiece (a relay chain forwards a chunk's pieces as they come).
+/// 6: LoadBegin carries the controller's user and host (for the stamp);
+/// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
+/// CleanBegin, CleanReport.
 /// 7: block-level delta: Needed announces BlockDigests, Patch, the error
 /// kind Stale.
 pub const VERSION: u16 = 7;
@@ -119,6 +128,10 @@ pub enum Msg {
         /// The image's file name, recorded in the target's stamp (provenance
         /// of later saves). Optional on the wire: absent decodes as "".
         image: String,
+        /// The controller's user and host, recorded in the stamp. Optional
+        /// on the wire, after `image`: absent decodes as "".
+        user: String,
+        host: String,
     },
     Needed {
         up_to_date: bool,
@@ -250,6 +263,24 @@ pub enum Msg {
     Missing {
         bitmap: Vec<u8>,
     },
+    /// What each target holds, from its stamp and its metadata only. A
+    /// target containing `{image}` is a pattern: every file of its
+    /// directory that matches is reported.
+    StatusBegin {
+        targets: Vec<String>,
+    },
+    StatusReport(status::StatusReport),
+    /// Read one target and compare it chunk by chunk with an image.
+    VerifyBegin(status::VerifyBegin),
+    /// Bytes of the target checked so far.
+    VerifyProgress {
+        bytes_checked: u64,
+    },
+    VerifyResult(status::VerifyResult),
+    /// Remove the stamped image files of a target pattern's directory that
+    /// are not kept.
+    CleanBegin(status::CleanBegin),
+    CleanReport(status::CleanReport),
 }
 
 /// The image a target was last loaded with, from its stamp.
@@ -299,6 +330,13 @@ impl Msg {
             Msg::StreamEnd => "StreamEnd",
             Msg::StreamPiece { .. } => "StreamPiece",
             Msg::Missing { .. } => "Missing",
+            Msg::StatusBegin { .. } => "StatusBegin",
+            Msg::StatusReport(_) => "StatusReport",
+            Msg::VerifyBegin(_) => "VerifyBegin",
+            Msg::VerifyProgress { .. } => "VerifyProgress",
+            Msg::VerifyResult(_) => "VerifyResult",
+            Msg::CleanBegin(_) => "CleanBegin",
+            Msg::CleanReport(_) => "CleanReport",
         }
     }
 
@@ -327,6 +365,13 @@ impl Msg {
             Msg::StreamEnd => 37,
             Msg::StreamPiece { .. } => STREAM_PIECE_TAG,
             Msg::Missing { .. } => 38,
+            Msg::StatusBegin { .. } => 50,
+            Msg::StatusReport(_) => 51,
+            Msg::VerifyBegin(_) => 52,
+            Msg::VerifyProgress { .. } => 53,
+            Msg::VerifyResult(_) => 54,
+            Msg::CleanBegin(_) => 55,
+            Msg::CleanReport(_) => 56,
             Msg::BlockDigests { .. } => 60,
             Msg::Patch { .. } => 61,
         }
@@ -361,6 +406,8 @@ impl Msg {
                 digests,
                 zero,
                 image,
+                user,
+                host,
             } => {
                 put_bytes(&mut b, target.as_bytes());
                 b.extend_from_slice(&size.to_le_bytes());
@@ -376,6 +423,8 @@ impl Msg {
                 }
                 put_bytes(&mut b, zero);
                 put_bytes(&mut b, image.as_bytes());
+                put_bytes(&mut b, user.as_bytes());
+                put_bytes(&mut b, host.as_bytes());
             }
             Msg::Needed {
                 up_to_date,
@@ -501,6 +550,20 @@ impl Msg {
                 put_bytes(&mut b, reason.as_bytes());
             }
             Msg::Missing { bitmap } => put_bytes(&mut b, bitmap),
+            Msg::StatusBegin { targets } => {
+                b.extend_from_slice(&(targets.len() as u32).to_le_bytes());
+                for t in targets {
+                    put_bytes(&mut b, t.as_bytes());
+                }
+            }
+            Msg::StatusReport(r) => r.encode(&mut b),
+            Msg::VerifyBegin(v) => v.encode(&mut b),
+            Msg::VerifyProgress { bytes_checked } => {
+                b.extend_from_slice(&bytes_checked.to_le_bytes())
+            }
+            Msg::VerifyResult(r) => r.encode(&mut b),
+            Msg::CleanBegin(c) => c.encode(&mut b),
+            Msg::CleanReport(r) => r.encode(&mut b),
         }
         b
     }
@@ -553,11 +616,9 @@ impl Msg {
                     holder,
                     digests,
                     zero: r.bytes("zero bitmap")?,
-                    image: if r.remaining() == 0 {
-                        String::new()
-                    } else {
-                        r.string("image")?
-                    },
+                    image: r.optional_string("image")?,
+                    user: r.optional_string("user")?,
+                    host: r.optional_string("host")?,
                 }
             }
             11 => Msg::Needed {
@@ -670,6 +731,28 @@ impl Msg {
             38 => Msg::Missing {
                 bitmap: r.bytes("bitmap")?,
             },
+            50 => {
+                let n = r.u32("target count")? as usize;
+                // Each takes at least its 4-byte length.
+                if n > r.remaining() / 4 {
+                    return Err(ProtocolError::Malformed(format!(
+                        "StatusBegin announces {n} targets but the frame holds fewer"
+                    )));
+                }
+                let mut targets = Vec::with_capacity(n);
+                for _ in 0..n {
+                    targets.push(r.string("target")?);
+                }
+                Msg::StatusBegin { targets }
+            }
+            51 => Msg::StatusReport(status::StatusReport::decode(&mut r.cur)?),
+            52 => Msg::VerifyBegin(status::VerifyBegin::decode(&mut r.cur)?),
+            53 => Msg::VerifyProgress {
+                bytes_checked: r.u64("bytes_checked")?,
+            },
+            54 => Msg::VerifyResult(status::VerifyResult::decode(&mut r.cur)?),
+            55 => Msg::CleanBegin(status::CleanBegin::decode(&mut r.cur)?),
+            56 => Msg::CleanReport(status::CleanReport::decode(&mut r.cur)?),
             other => {
                 return Err(ProtocolError::Malformed(format!(
                     "unknown message tag {other}"
@@ -731,6 +814,12 @@ impl std::ops::DerefMut for Reader<'_> {
     }
 }
 
+impl From<status::Malformed> for ProtocolError {
+    fn from(m: status::Malformed) -> ProtocolError {
+        ProtocolError::Malformed(m.0)
+    }
+}
+
 impl From<Truncated> for ProtocolError {
     fn from(t: Truncated) -> ProtocolError {
         ProtocolError::Malformed(t.to_string())
@@ -754,6 +843,14 @@ impl Reader<'_> {
     fn string(&mut self, what: &str) -> Result<String, ProtocolError> {
         String::from_utf8(self.bytes(what)?)
             .map_err(|_| ProtocolError::Malformed(format!("{what} is not UTF-8")))
+    }
+    /// A trailing string a peer of an older version leaves out: "".
+    fn optional_string(&mut self, what: &str) -> Result<String, ProtocolError> {
+        if self.remaining() == 0 {
+            Ok(String::new())
+        } else {
+            self.string(what)
+        }
     }
     fn secret(&mut self) -> Result<Vec<u8>, ProtocolError> {
         let secret = self.bytes("secret")?;

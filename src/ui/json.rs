@@ -28,6 +28,22 @@ pub fn to_value(info: &RunInfo, event: &Event) -> serde_json::Value {
 }
 
 fn event_value(info: &RunInfo, event: &Event) -> serde_json::Value {
+    let mut v = node_event_value(info, event);
+    // A load of several images: which image a node's event is about.
+    let row = match event {
+        Event::State { node, .. } | Event::Progress { node, .. } => Some(*node),
+        Event::Log { node, .. } => *node,
+        Event::Finished(_) => None,
+    };
+    if let Some(image) = row.and_then(|i| info.row_image(i))
+        && let Some(obj) = v.as_object_mut()
+    {
+        obj.insert("image".into(), image.into());
+    }
+    v
+}
+
+fn node_event_value(info: &RunInfo, event: &Event) -> serde_json::Value {
     let name = |i: &usize| info.names.get(*i).cloned().unwrap_or_default();
     match event {
         Event::State {

@@ -17,6 +17,8 @@ pub struct Lines {
     /// `wait`: list each failed node's reason in the summary (after the
     /// dashboard, which showed them on a screen that is gone).
     reasons: bool,
+    /// `load` of several images: rows are per node and image.
+    images: usize,
 }
 
 fn now() -> String {
@@ -29,6 +31,7 @@ impl Lines {
             command: info.command.clone(),
             verbose: info.verbose,
             reasons: false,
+            images: info.image_count(),
         }
     }
 
@@ -108,9 +111,10 @@ impl Lines {
             .unwrap_or_default();
         writeln!(
             out,
-            "{} progress: {done}/{} nodes finished, {} of {} written, {}{wire}{eta}",
+            "{} progress: {done}/{} {} finished, {} of {} written, {}{wire}{eta}",
             now(),
             view.nodes.len(),
+            view.rows_word(),
             human_bytes(written),
             human_bytes(total),
             human_rate(rate),
@@ -122,9 +126,15 @@ impl Lines {
         let Some(summary) = &view.summary else {
             return Ok(());
         };
-        let failed: Vec<&str> = summary.failed().map(|n| n.name.as_str()).collect();
+        let per_image = self.images > 0;
+        // A row per node and image names both: `fit02:web.qcow2`.
+        let label = |n: &crate::engine::events::NodeSummary| match (&n.image, per_image) {
+            (Some(image), true) => format!("{}:{image}", n.name),
+            _ => n.name.clone(),
+        };
+        let failed: Vec<String> = summary.failed().map(label).collect();
         if self.command != "wait" {
-            let width = view
+            let width = summary
                 .nodes
                 .iter()
                 .map(|n| n.name.len())
@@ -137,20 +147,44 @@ impl Lines {
             } else {
                 "ERROR"
             };
+            let image_width = summary
+                .nodes
+                .iter()
+                .filter_map(|n| n.image.as_ref().map(|i| i.len()))
+                .max()
+                .unwrap_or(5)
+                .max(5);
+            let image_cell = |image: &str| {
+                if per_image {
+                    format!("{image:image_width$}  ")
+                } else {
+                    String::new()
+                }
+            };
             writeln!(
                 out,
-                "{:width$}  {:11}  {:>9}  {:>9}  {last}",
-                "NODE", "STATE", "SENT", "WRITTEN"
+                "{:width$}  {}{:11}  {:>9}  {:>9}  {last}",
+                "NODE",
+                image_cell("IMAGE"),
+                "STATE",
+                "SENT",
+                "WRITTEN"
             )?;
             for n in &summary.nodes {
+                let last = if per_image {
+                    n.error.as_deref()
+                } else {
+                    n.image.as_deref().or(n.error.as_deref())
+                };
                 writeln!(
                     out,
-                    "{:width$}  {:11}  {:>9}  {:>9}  {}",
+                    "{:width$}  {}{:11}  {:>9}  {:>9}  {}",
                     n.name,
+                    image_cell(n.image.as_deref().unwrap_or("")),
                     n.state.label(),
                     human_bytes(n.bytes_sent),
                     human_bytes(n.bytes_written),
-                    n.image.as_deref().or(n.error.as_deref()).unwrap_or(""),
+                    last.unwrap_or(""),
                 )?;
             }
         }
@@ -189,6 +223,13 @@ impl Lines {
         } else if failed.is_empty() {
             if self.command != "wait" {
                 match summary.nodes.len() {
+                    n if per_image => writeln!(
+                        out,
+                        "{}: all {} nodes × {} images succeeded in {took}",
+                        self.command,
+                        n / self.images.max(1),
+                        self.images
+                    )?,
                     1 => writeln!(out, "{}: the node succeeded in {took}", self.command)?,
                     n => writeln!(out, "{}: all {n} nodes succeeded in {took}", self.command)?,
                 }
@@ -196,10 +237,11 @@ impl Lines {
         } else {
             writeln!(
                 out,
-                "{}: {} of {} nodes failed in {took}: {}",
+                "{}: {} of {} {} failed in {took}: {}",
                 self.command,
                 failed.len(),
                 summary.nodes.len(),
+                if per_image { "node images" } else { "nodes" },
                 failed.join(" ")
             )?;
             if let Some(path) = &view.log_path {

@@ -68,10 +68,24 @@ impl LogFile {
 
     pub fn start(&mut self, info: &RunInfo) {
         let args: Vec<String> = std::env::args().collect();
-        self.write(serde_json::json!({
+        let mut start = serde_json::json!({
             "event": "start", "command": info.command, "nodes": info.names, "argv": args,
             "image": info.image.as_ref().map(|i| &i.name),
-        }));
+        });
+        if !info.row_images.is_empty() {
+            // A row per node and image: each node and each image once.
+            let mut nodes = info.names.clone();
+            nodes.dedup();
+            let mut images: Vec<String> = Vec::new();
+            for image in &info.row_images {
+                if !images.contains(image) {
+                    images.push(image.clone());
+                }
+            }
+            start["nodes"] = nodes.into();
+            start["images"] = images.into();
+        }
+        self.write(start);
     }
 
     /// One JSON object of a run that prints its own output (`imaging on`).

@@ -59,13 +59,46 @@ impl Mode {
 #[derive(Debug, Clone)]
 pub struct RunInfo {
     pub command: String,
+    /// The node of each row (a row per node, or per node and image).
     pub names: Vec<String>,
+    /// `load` of several images: the image of each row (a row per node and
+    /// image); empty otherwise.
+    pub row_images: Vec<String>,
     pub verbose: bool,
     pub image: Option<ImageHeader>,
     /// Where every event is also appended.
     pub log_path: Option<PathBuf>,
     /// `--no-wait`: the dashboard leaves when the run ends, without a key.
     pub no_wait: bool,
+}
+
+impl RunInfo {
+    /// The image of row `i`, when rows are per node and image.
+    pub fn row_image(&self, i: usize) -> Option<&str> {
+        self.row_images.get(i).map(String::as_str)
+    }
+
+    /// What names row `i` on screen: `fit01`, or `fit01:base.qcow2` when
+    /// rows are per node and image.
+    pub fn label(&self, i: usize) -> String {
+        let name = self.names.get(i).map(String::as_str).unwrap_or_default();
+        match self.row_image(i) {
+            Some(image) => format!("{name}:{image}"),
+            None => name.to_string(),
+        }
+    }
+
+    /// How many images the rows are about: 0 unless a row per node and image.
+    pub fn image_count(&self) -> usize {
+        let mut images: Vec<&String> = self.row_images.iter().collect();
+        images.sort();
+        images.dedup();
+        images.len()
+    }
+
+    pub fn labels(&self) -> Vec<String> {
+        (0..self.names.len()).map(|i| self.label(i)).collect()
+    }
 }
 
 /// Everything a front end gets.
@@ -82,9 +115,10 @@ pub struct Feed {
 pub async fn consume(mode: Mode, mut feed: Feed) -> Option<Summary> {
     let mut view = View::new(
         &feed.info.command,
-        &feed.info.names,
+        &feed.info.labels(),
         feed.info.image.clone(),
     );
+    view.images = feed.info.image_count();
     if mode == Mode::Dashboard {
         return dashboard::run(feed, view).await;
     }

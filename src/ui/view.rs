@@ -75,6 +75,9 @@ pub struct View {
     /// smoothed rate: what the bandwidth cap limits.
     pub wire_bytes: u64,
     pub wire_rate: f64,
+    /// `load` of several images: how many (a row per node and image);
+    /// 0 otherwise.
+    pub images: usize,
 }
 
 impl View {
@@ -100,6 +103,26 @@ impl View {
             log_path: None,
             wire_bytes: 0,
             wire_rate: 0.0,
+            images: 0,
+        }
+    }
+
+    /// What the rows are: `nodes`, or `node images` (a row per node and image).
+    pub fn rows_word(&self) -> &'static str {
+        if self.images > 1 {
+            "node images"
+        } else {
+            "nodes"
+        }
+    }
+
+    /// ` · 12 nodes`, or ` · 12 nodes × 2 images`.
+    pub fn scope(&self) -> String {
+        let rows = self.nodes.len();
+        if self.images > 1 {
+            format!(" · {} nodes × {} images", rows / self.images, self.images)
+        } else {
+            format!(" · {rows} node{}", if rows == 1 { "" } else { "s" })
         }
     }
 
@@ -299,5 +322,37 @@ mod tests {
         });
         assert!(view.log.back().unwrap().is_error);
         assert!(view.log.back().unwrap().text.contains("disk full"));
+    }
+
+    #[test]
+    fn rows_per_node_and_image_are_counted_as_such() {
+        let info = crate::ui::RunInfo {
+            command: "load".into(),
+            names: ["n1", "n1", "n2", "n2"].map(String::from).to_vec(),
+            row_images: ["a.img", "b.img", "a.img", "b.img"]
+                .map(String::from)
+                .to_vec(),
+            verbose: true,
+            image: None,
+            log_path: None,
+            no_wait: false,
+        };
+        assert_eq!(info.image_count(), 2);
+        assert_eq!(info.label(3), "n2:b.img");
+        let mut view = View::new("load", &info.labels(), None);
+        view.images = info.image_count();
+        assert_eq!(view.scope(), " · 2 nodes × 2 images");
+        assert_eq!(view.rows_word(), "node images");
+        view.apply(&Event::State {
+            node: 1,
+            state: NodeState::Done,
+            message: None,
+        });
+        assert_eq!(view.log.back().unwrap().text, "n1:b.img: done");
+        let one = View::new("load", &["n1".to_string()], None);
+        assert_eq!(
+            (one.scope().as_str(), one.rows_word()),
+            (" · 1 node", "nodes")
+        );
     }
 }

@@ -364,6 +364,24 @@ impl Coordinator {
         for (a, b) in pairs {
             self.link(a, b).await;
         }
+        // Stream once every link is up (or within the set-up time): a chunk
+        // that reaches a member before its successor link is up is not
+        // forwarded, and every node after it would get it directly.
+        let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
+        while self
+            .chain
+            .windows(2)
+            .any(|w| !self.linked.contains(&w[0].node))
+        {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(event) => {
+                    if !self.handle(event).await {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
 
         // 3. The stream, to whoever heads the chain; repairs between chunks.
         let mut ahead = std::collections::VecDeque::new();

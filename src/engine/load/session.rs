@@ -94,6 +94,8 @@ pub(super) async fn begin(
             digests: m.digests.clone(),
             zero: m.zero.clone(),
             image: job.image_name.clone(),
+            user: crate::image::provenance::current_user(),
+            host: crate::image::provenance::host_name(),
         },
     )
     .await?;

@@ -167,11 +167,7 @@ fn render_header(frame: &mut Frame, area: Rect, view: &View, ui: &UiState) {
             human_bytes(image.data_size)
         )));
     }
-    let n = view.nodes.len();
-    left.push(Span::raw(format!(
-        " · {n} node{}",
-        if n == 1 { "" } else { "s" }
-    )));
+    left.push(Span::raw(view.scope()));
     if let Some(cap) = view.image.as_ref().map(|i| i.cap).filter(|&c| c > 0) {
         // The cap limits compressed bytes on the controller's links, not
         // the bytes the nodes write: say so where the rates are read.
@@ -313,13 +309,15 @@ fn render_gauge(frame: &mut Frame, area: Rect, view: &View, ui: &UiState) {
     if cancelled {
         let ok = view.nodes.iter().filter(|n| n.state.is_success()).count();
         label.push_str(&format!(
-            " · cancelled: {ok}/{} nodes succeeded ",
-            view.nodes.len()
+            " · cancelled: {ok}/{} {} succeeded ",
+            view.nodes.len(),
+            view.rows_word()
         ));
     } else {
         label.push_str(&format!(
-            " · {finished}/{} nodes finished ",
-            view.nodes.len()
+            " · {finished}/{} {} finished ",
+            view.nodes.len(),
+            view.rows_word()
         ));
     }
     let color = match &view.summary {

@@ -168,36 +168,25 @@ fn chain_reload_patches_the_changed_node_in_its_catch_up() {
     );
 }
 
-#[test]
-fn a_target_changed_under_a_patch_is_retried_with_whole_chunks_and_ends_exact() {
-    let rig = Rig::new(1);
-    let image = write_random(&rig.dir().join("images/lab.img"), 16, 13);
-    // Four 64 KiB blocks to a chunk; 16 changes hit 16 chunks.
-    let cfg = layer(
-        &rig,
-        "stale.conf",
-        "fanout = \"star\"\nchunk_size = 262144\nretries = 3",
-    );
-    load(&rig, &cfg, &["1"]);
-    let target = rig.nodes()[0].target.clone();
-    let offsets = scatter_changes(&target, 16, 7);
+/// `load -b 256K` of `lab.img` with `cfg`, running.
+fn slow_load(rig: &Rig, cfg: &Path, nodes: &str) -> std::process::Child {
+    let mut cmd = imaging(rig, cfg);
+    cmd.args([
+        "load", "--json", "-t", "300", "-b", "256K", "-i", "lab.img", nodes,
+    ]);
+    common::die_with_test(&mut cmd);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
 
-    // The patches (16 x 64 KiB) at 256 KiB/s take about 4 s: once the first
-    // is written, the last chunk changes on the node in a block its patch
-    // does not carry, behind the agent's back.
-    let run = {
-        let mut cmd = imaging(&rig, &cfg);
-        cmd.args([
-            "load", "--json", "-t", "300", "-b", "256K", "-i", "lab.img", "1",
-        ]);
-        common::die_with_test(&mut cmd);
-        cmd.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+/// Once the first change of `offsets` is repaired on `target`, change the
+/// chunk (of 256 KiB) of the last one in a block its patch does not carry,
+/// behind the agent's back.
+fn change_the_last_chunk_once_the_first_patch_landed(target: &Path, image: &[u8], offsets: &[u64]) {
     let first = offsets[0] as usize;
-    let file = std::fs::File::open(&target).unwrap();
+    let file = std::fs::File::open(target).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut got = [0u8; 8];
@@ -217,11 +206,30 @@ fn a_target_changed_under_a_patch_is_retried_with_whole_chunks_and_ends_exact() 
     };
     let w = std::fs::OpenOptions::new()
         .write(true)
-        .open(&target)
+        .open(target)
         .unwrap();
     w.write_all_at(b"meanwhile", other_block + 100).unwrap();
-    drop(w);
+}
 
+#[test]
+fn a_target_changed_under_a_patch_is_retried_with_whole_chunks_and_ends_exact() {
+    let rig = Rig::new(1);
+    let image = write_random(&rig.dir().join("images/lab.img"), 16, 13);
+    // Four 64 KiB blocks to a chunk; 16 changes hit 16 chunks.
+    let cfg = layer(
+        &rig,
+        "stale.conf",
+        "fanout = \"star\"\nchunk_size = 262144\nretries = 3",
+    );
+    load(&rig, &cfg, &["1"]);
+    let target = rig.nodes()[0].target.clone();
+    let offsets = scatter_changes(&target, 16, 7);
+
+    // The patches (16 x 64 KiB) at 256 KiB/s take about 4 s: once the first
+    // is written, the last chunk changes on the node in a block its patch
+    // does not carry, behind the agent's back.
+    let run = slow_load(&rig, &cfg, "1");
+    change_the_last_chunk_once_the_first_patch_landed(&target, &image, &offsets);
     let out = run.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -243,6 +251,49 @@ fn a_target_changed_under_a_patch_is_retried_with_whole_chunks_and_ends_exact() 
     let changed = touched(&offsets, BLOCK);
     assert_eq!(
         node(&s, "node01")["bytes_sent"].as_u64().unwrap(),
+        changed * BLOCK + (256 << 10),
+        "{s}\n{logs:?}"
+    );
+}
+
+#[test]
+fn a_chain_member_whose_catch_up_patch_is_refused_starts_again_alone() {
+    let rig = Rig::new(4);
+    let image = write_random(&rig.dir().join("images/lab.img"), 16, 14);
+    let cfg = layer(
+        &rig,
+        "chain-stale.conf",
+        "fanout = \"chain\"\nrelay_bind = \"127.0.0.1\"\nchunk_size = 262144",
+    );
+    load(&rig, &cfg, &["1-4"]);
+    let target = rig.nodes()[2].target.clone();
+    let offsets = scatter_changes(&target, 16, 8);
+
+    let run = slow_load(&rig, &cfg, "1-4");
+    change_the_last_chunk_once_the_first_patch_landed(&target, &image, &offsets);
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in rig.nodes() {
+        assert_same(&n.target, &image);
+    }
+    let logs = logs(&out);
+    assert!(
+        logs.iter().any(|l| l.starts_with("node03: ")
+            && l.contains("changed since it was checked")
+            && l.ends_with("it starts again on its own, with whole chunks")),
+        "{logs:?}"
+    );
+    let s = summary(&out);
+    assert_eq!(node(&s, "node03")["state"], "done", "{s}");
+    let changed = touched(&offsets, BLOCK);
+    assert_eq!(
+        node(&s, "node03")["bytes_sent"].as_u64().unwrap(),
         changed * BLOCK + (256 << 10),
         "{s}\n{logs:?}"
     );

@@ -623,7 +623,7 @@ async fn member_inner(
                     finish_sent = true;
                     match send_direct(job, &tx, &missing, counters, &blocks).await {
                         Ok(tally) => {
-                            total -= tally.spared();
+                            total = total.saturating_sub(tally.spared());
                             if let Some(line) = tally.line() {
                                 report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
                             }

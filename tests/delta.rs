@@ -1,5 +1,5 @@
 //! Block-level delta on real sshd nodes: a chunk that differs on a node
-//! travels as the 64 KiB blocks that differ, in the star and in the relay
+//! travels as the 16 KiB blocks that differ, in the star and in the relay
 //! chain's catch-up, and is still verified whole before it is written.
 
 mod common;
@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use common::{Rig, assert_same, imaging, lines, node, summary};
 
 const MIB: usize = 1 << 20;
-const BLOCK: u64 = 64 << 10;
+const BLOCK: u64 = 16 << 10;
+/// The chunk size of the tests where a target changes under a patch: four
+/// blocks, so the retry's whole chunk is quick at their bandwidth cap.
+const SMALL_CHUNK: u64 = 64 << 10;
 
 fn write_random(path: &Path, mib: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; mib * MIB];
@@ -168,11 +171,11 @@ fn chain_reload_patches_the_changed_node_in_its_catch_up() {
     );
 }
 
-/// `load -b 256K` of `lab.img` with `cfg`, running.
+/// `load -b 32K` of `lab.img` with `cfg`, running.
 fn slow_load(rig: &Rig, cfg: &Path, nodes: &str) -> std::process::Child {
     let mut cmd = imaging(rig, cfg);
     cmd.args([
-        "load", "--json", "-t", "300", "-b", "256K", "-i", "lab.img", nodes,
+        "load", "--json", "-t", "300", "-b", "32K", "-i", "lab.img", nodes,
     ]);
     common::die_with_test(&mut cmd);
     cmd.stdout(std::process::Stdio::piped())
@@ -182,7 +185,7 @@ fn slow_load(rig: &Rig, cfg: &Path, nodes: &str) -> std::process::Child {
 }
 
 /// Once the first change of `offsets` is repaired on `target`, change the
-/// chunk (of 256 KiB) of the last one in a block its patch does not carry,
+/// chunk (of [`SMALL_CHUNK`]) of the last one in a block its patch does not carry,
 /// behind the agent's back.
 fn change_the_last_chunk_once_the_first_patch_landed(target: &Path, image: &[u8], offsets: &[u64]) {
     let first = offsets[0] as usize;
@@ -198,7 +201,7 @@ fn change_the_last_chunk_once_the_first_patch_landed(target: &Path, image: &[u8]
         std::thread::sleep(Duration::from_millis(20));
     }
     let last = *offsets.last().unwrap();
-    let chunk_start = last / (256 << 10) * (256 << 10);
+    let chunk_start = last / SMALL_CHUNK * SMALL_CHUNK;
     let other_block = if last - chunk_start < BLOCK {
         chunk_start + 2 * BLOCK
     } else {
@@ -215,17 +218,17 @@ fn change_the_last_chunk_once_the_first_patch_landed(target: &Path, image: &[u8]
 fn a_target_changed_under_a_patch_is_retried_with_whole_chunks_and_ends_exact() {
     let rig = Rig::new(1);
     let image = write_random(&rig.dir().join("images/lab.img"), 16, 13);
-    // Four 64 KiB blocks to a chunk; 16 changes hit 16 chunks.
+    // Four blocks to a chunk; 16 changes hit 16 chunks.
     let cfg = layer(
         &rig,
         "stale.conf",
-        "fanout = \"star\"\nchunk_size = 262144\nretries = 3",
+        "fanout = \"star\"\nchunk_size = 65536\nretries = 3",
     );
     load(&rig, &cfg, &["1"]);
     let target = rig.nodes()[0].target.clone();
     let offsets = scatter_changes(&target, 16, 7);
 
-    // The patches (16 x 64 KiB) at 256 KiB/s take about 4 s: once the first
+    // The patches (16 x 16 KiB) at 32 KiB/s take about 7 s: once the first
     // is written, the last chunk changes on the node in a block its patch
     // does not carry, behind the agent's back.
     let run = slow_load(&rig, &cfg, "1");
@@ -251,7 +254,7 @@ fn a_target_changed_under_a_patch_is_retried_with_whole_chunks_and_ends_exact() 
     let changed = touched(&offsets, BLOCK);
     assert_eq!(
         node(&s, "node01")["bytes_sent"].as_u64().unwrap(),
-        changed * BLOCK + (256 << 10),
+        changed * BLOCK + SMALL_CHUNK,
         "{s}\n{logs:?}"
     );
 }
@@ -263,7 +266,7 @@ fn a_chain_member_whose_catch_up_patch_is_refused_starts_again_alone() {
     let cfg = layer(
         &rig,
         "chain-stale.conf",
-        "fanout = \"chain\"\nrelay_bind = \"127.0.0.1\"\nchunk_size = 262144",
+        "fanout = \"chain\"\nrelay_bind = \"127.0.0.1\"\nchunk_size = 65536",
     );
     load(&rig, &cfg, &["1-4"]);
     let target = rig.nodes()[2].target.clone();
@@ -294,7 +297,7 @@ fn a_chain_member_whose_catch_up_patch_is_refused_starts_again_alone() {
     let changed = touched(&offsets, BLOCK);
     assert_eq!(
         node(&s, "node03")["bytes_sent"].as_u64().unwrap(),
-        changed * BLOCK + (256 << 10),
+        changed * BLOCK + SMALL_CHUNK,
         "{s}\n{logs:?}"
     );
 }

@@ -15,8 +15,8 @@ use crate::agent::{AgentError, Replies, malformed};
 use crate::image::digest::{BlockDigest, DELTA_BLOCK, block_count, block_digests, chunk_digest};
 use crate::proto::{Codec, Msg, bit, bitmap_len};
 
-/// At most this many bytes of block digests per load (8 bytes per 64 KiB
-/// block: the needed chunks of 128 GiB of old data); needed chunks beyond
+/// At most this many bytes of block digests per load (8 bytes per 16 KiB
+/// block: the needed chunks of 32 GiB of old data); needed chunks beyond
 /// it come whole.
 pub(super) const DIGEST_BUDGET: usize = 16 << 20;
 

@@ -8,8 +8,8 @@ use crate::agent::testkit::{Driven, env, err_of, run, stamps};
 use crate::proto::{ErrorKind, set_bit};
 
 /// Four delta blocks to a chunk.
-const CS: u32 = 256 << 10;
-const CSU: usize = CS as usize;
+const CSU: usize = 4 * DELTA_BLOCK;
+const CS: u32 = CSU as u32;
 
 fn image(chunks: usize, tail: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; chunks * CSU + tail];

@@ -12,8 +12,11 @@ pub fn chunk_digest(data: &[u8]) -> ChunkDigest {
 /// The block of a chunk's delta: when a chunk differs on a node, the
 /// controller and the agent compare digests of its blocks of this size (at
 /// fixed offsets: disk images do not shift) and only the blocks that differ
-/// travel. The last block of a chunk may be shorter.
-pub const DELTA_BLOCK: usize = 64 << 10;
+/// travel. The last block of a chunk may be shorter. 16 KiB: 20 scattered
+/// small changes cost 320 KiB on the wire, less than rsync sends for them
+/// (64 KiB blocks cost 1.25 MiB, and a reload on a 100 Mbit/s link 1.12× the
+/// time of rsync's).
+pub const DELTA_BLOCK: usize = 16 << 10;
 
 /// Digest of one delta block: xxh3-64 (a block that collides still fails
 /// its chunk's xxh3-128 check, so it is never written wrong).

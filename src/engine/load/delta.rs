@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::engine::error::NodeError;
 use crate::engine::source::{ChunkSource, WireChunk};
@@ -112,6 +112,8 @@ impl Outgoing {
         }
     }
 
+    /// Write it. A patch is flushed at once: it is small, and would
+    /// otherwise wait in the link's buffer for the chunks after it.
     pub(super) async fn write<W: AsyncWrite + Unpin>(
         &self,
         w: &mut W,
@@ -120,7 +122,11 @@ impl Outgoing {
             Outgoing::Whole(chunk) => {
                 proto::write_chunk(w, chunk.index, chunk.codec, &chunk.data).await
             }
-            Outgoing::Patch(p) => proto::write_msg(w, &p.msg).await,
+            Outgoing::Patch(p) => {
+                proto::write_msg(w, &p.msg).await?;
+                w.flush().await?;
+                Ok(())
+            }
         }
     }
 }
@@ -271,17 +277,22 @@ mod tests {
         let Msg::Patch { index, blocks, .. } = &p.msg else {
             unreachable!()
         };
-        assert_eq!((*index, blocks.clone()), (0, vec![0b1001, 0]));
+        let mut expected = vec![0u8; bitmap_len((1 << 20) / DELTA_BLOCK)];
+        expected[0] = 0b1001;
+        assert_eq!((*index, blocks.clone()), (0, expected));
         let mut tally = Tally::default();
         tally.add(&out);
         assert_eq!(
             tally.line().unwrap(),
-            "1 chunk as block patches: 128 KiB of their 1.0 MiB"
+            format!(
+                "1 chunk as block patches: {} KiB of their 1.0 MiB",
+                2 * DELTA_BLOCK / 1024
+            )
         );
 
-        // Thirteen of sixteen blocks differ: more than 3/4, the whole chunk.
+        // Thirteen sixteenths of the blocks differ: more than 3/4, the whole chunk.
         let mut far = data.clone();
-        for k in 0..13 {
+        for k in 0..(1 << 20) / DELTA_BLOCK * 13 / 16 {
             far[k * DELTA_BLOCK] ^= 1;
         }
         let out = outgoing(&src, 0, Some(block_digests(&far))).await.unwrap();

@@ -411,6 +411,34 @@ fn dry_run_with_several_images_lists_each_image_and_its_targets() {
             .next()
             .is_none()
     );
+    for p in &plans {
+        for n in p["nodes"].as_array().unwrap() {
+            assert_eq!(n["basis"], "missing", "{n}");
+            assert_eq!(n["would_receive"], p["data_size"], "{n}");
+        }
+    }
+
+    // Once a.img is on node 1, its plan says so from the stamp; b.img's not.
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "a.img", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = imaging(&rig, &cfg)
+        .args(["load", "-n", "--json", "-i", "a.img", "-i", "b.img", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let plans = lines(&out);
+    assert_eq!(plans.len(), 2, "{}", text(&out));
+    let (a, b) = (&plans[0]["nodes"][0], &plans[1]["nodes"][0]);
+    assert_eq!(
+        (&a["basis"], &a["would_receive"]),
+        (&"stamp".into(), &0.into()),
+        "{a}"
+    );
+    assert_eq!(b["basis"], "missing", "{b}");
+    assert_eq!(b["would_receive"], MIB as u64, "{b}");
 }
 
 #[test]

@@ -280,7 +280,13 @@ fn dry_run_is_a_plan_of_nodes_targets_reachability_and_fanout() {
     assert_eq!(nodes[1]["target_now"]["kind"], "missing");
     assert_eq!(nodes[2]["reachable"], false);
     assert!(nodes[2]["error"].as_str().unwrap().len() > 3);
-    assert!(nodes[0]["would_receive_at_most"].as_u64().unwrap() <= 8 * MIB as u64);
+    // No stamp on node 1: the image's data, as a bound; node 2 lacks its
+    // target: every data chunk, exactly.
+    assert_eq!(nodes[0]["basis"], "upper bound");
+    assert_eq!(nodes[0]["would_receive"], plan["data_size"]);
+    assert_eq!(nodes[1]["basis"], "missing");
+    assert_eq!(nodes[1]["would_receive"], plan["data_size"]);
+    assert_eq!(nodes[2]["reason"], "unreachable");
     // Nothing was written.
     assert_eq!(std::fs::read(&rig.nodes()[0].target).unwrap(), before);
     assert!(!rig.nodes()[1].target.exists());

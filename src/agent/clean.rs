@@ -9,10 +9,12 @@ use std::os::unix::fs::MetadataExt;
 use std::io::Write;
 use std::path::Path;
 
+use crate::agent::env::AgentEnv;
+use crate::agent::error::AgentError;
 use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::status::{IMAGE_PLACEHOLDER, image_part, matching_files};
-use crate::agent::{AgentEnv, AgentError, Replies};
 use crate::proto::Msg;
 use crate::proto::status::{CleanAction, CleanBegin, CleanEntry, CleanReport};
 

@@ -9,9 +9,9 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::agent::load::{Loading, Unpacker};
+use crate::agent::error::{AgentError, malformed};
+use crate::agent::replies::Replies;
 use crate::agent::target::{LoadRequest, Target};
-use crate::agent::{AgentError, Replies, malformed};
 use crate::image::digest::{BlockDigest, DELTA_BLOCK, block_count, block_digests, chunk_digest};
 use crate::proto::{Codec, Msg, bit, bitmap_len};
 
@@ -105,99 +105,95 @@ pub(super) fn send_needed<W: Write>(
     Ok(())
 }
 
-impl Loading<'_> {
-    /// Apply a `Patch` to chunk `i`: the blocks of `blocks` from `data`
-    /// over what the target holds; write them if the chunk then verifies.
-    pub(super) fn patch<W: Write>(
-        &mut self,
-        out: &mut Replies<W>,
-        unpacker: &mut Unpacker,
-        i: usize,
-        blocks: &[u8],
-        codec: Codec,
-        data: &[u8],
-    ) -> Result<(), AgentError> {
-        let len = self.req.layout.chunk_len(i);
-        let offset = self.req.layout.offset(i);
-        let n = block_count(len);
-        if blocks.len() != bitmap_len(n) || (n..blocks.len() * 8).any(|k| bit(blocks, k)) {
-            return Err(malformed(format!(
-                "Patch of chunk {i}: a block bitmap of {} bytes for {n} blocks",
-                blocks.len()
-            )));
-        }
-        let block = |k: usize| k * DELTA_BLOCK..((k + 1) * DELTA_BLOCK).min(len);
-        let chosen: Vec<usize> = (0..n).filter(|&k| bit(blocks, k)).collect();
-        let expected: usize = chosen.iter().map(|&k| block(k).len()).sum();
-        let patch = unpacker.unpack_patch(i, codec, data, expected)?;
-
-        let mut chunk = vec![0u8; len];
-        self.target.read_at(&mut chunk, offset)?;
-        let mut at = 0;
-        for &k in &chosen {
-            let range = block(k);
-            let end = at + range.len();
-            chunk[range].copy_from_slice(&patch[at..end]);
-            at = end;
-        }
-        if chunk_digest(&chunk) != self.req.digests[i] {
-            return Err(AgentError::Stale(format!(
-                "chunk {i}: the patch does not verify over what {} holds (it changed since it was checked); nothing written",
-                self.target.name
-            )));
-        }
-        // Runs of patched blocks, each written at once.
-        let mut k = 0;
-        while k < chosen.len() {
-            let first = chosen[k];
-            let mut last = first;
-            while k + 1 < chosen.len() && chosen[k + 1] == last + 1 {
-                k += 1;
-                last = chosen[k];
-            }
-            let run = block(first).start..block(last).end;
-            self.target
-                .write_data(&chunk[run.clone()], offset + run.start as u64)?;
-            k += 1;
-        }
-        self.acknowledge(out, i, expected as u64)
+/// Apply a `Patch` to chunk `i`: the blocks of `blocks` from `data` over
+/// what the target holds; write them if the chunk then verifies. Returns
+/// the bytes written. `zstd` and `buf` unpack the data.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn apply_patch(
+    target: &Target,
+    req: &LoadRequest,
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    buf: &mut Vec<u8>,
+    i: usize,
+    blocks: &[u8],
+    codec: Codec,
+    data: &[u8],
+) -> Result<u64, AgentError> {
+    let len = req.layout.chunk_len(i);
+    let offset = req.layout.offset(i);
+    let n = block_count(len);
+    if blocks.len() != bitmap_len(n) || (n..blocks.len() * 8).any(|k| bit(blocks, k)) {
+        return Err(malformed(format!(
+            "Patch of chunk {i}: a block bitmap of {} bytes for {n} blocks",
+            blocks.len()
+        )));
     }
+    let block = |k: usize| k * DELTA_BLOCK..((k + 1) * DELTA_BLOCK).min(len);
+    let chosen: Vec<usize> = (0..n).filter(|&k| bit(blocks, k)).collect();
+    let expected: usize = chosen.iter().map(|&k| block(k).len()).sum();
+    let patch = unpack_patch(zstd, buf, i, codec, data, expected)?;
+
+    let mut chunk = vec![0u8; len];
+    target.read_at(&mut chunk, offset)?;
+    let mut at = 0;
+    for &k in &chosen {
+        let range = block(k);
+        let end = at + range.len();
+        chunk[range].copy_from_slice(&patch[at..end]);
+        at = end;
+    }
+    if chunk_digest(&chunk) != req.digests[i] {
+        return Err(AgentError::Stale(format!(
+            "chunk {i}: the patch does not verify over what {} holds (it changed since it was checked); nothing written",
+            target.name
+        )));
+    }
+    // Runs of patched blocks, each written at once.
+    let mut k = 0;
+    while k < chosen.len() {
+        let first = chosen[k];
+        let mut last = first;
+        while k + 1 < chosen.len() && chosen[k + 1] == last + 1 {
+            k += 1;
+            last = chosen[k];
+        }
+        let run = block(first).start..block(last).end;
+        target.write_data(&chunk[run.clone()], offset + run.start as u64)?;
+        k += 1;
+    }
+    Ok(expected as u64)
 }
 
-impl Unpacker {
-    /// A patch's data for chunk `i`: exactly `expected` bytes once unpacked.
-    fn unpack_patch<'a>(
-        &'a mut self,
-        i: usize,
-        codec: Codec,
-        data: &'a [u8],
-        expected: usize,
-    ) -> Result<&'a [u8], AgentError> {
-        let bytes: &[u8] = match codec {
-            Codec::Raw => data,
-            Codec::Zstd => {
-                self.buf.clear();
-                self.buf.reserve_exact(expected);
-                self.decompressor
-                    .decompress_to_buffer(data, &mut self.buf)
-                    .map_err(|e| {
-                        AgentError::Verify(format!(
-                            "patch of chunk {i} failed verification: cannot decompress: {e}"
-                        ))
-                    })?;
-                &self.buf
-            }
-        };
-        if bytes.len() != expected {
-            return Err(AgentError::Verify(format!(
-                "patch of chunk {i} failed verification: {} bytes for blocks of {expected}",
-                bytes.len()
-            )));
+/// A patch's data for chunk `i`: exactly `expected` bytes once unpacked.
+fn unpack_patch<'a>(
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    buf: &'a mut Vec<u8>,
+    i: usize,
+    codec: Codec,
+    data: &'a [u8],
+    expected: usize,
+) -> Result<&'a [u8], AgentError> {
+    let bytes: &[u8] = match codec {
+        Codec::Raw => data,
+        Codec::Zstd => {
+            buf.clear();
+            buf.reserve_exact(expected);
+            zstd.decompress_to_buffer(data, buf).map_err(|e| {
+                AgentError::Verify(format!(
+                    "patch of chunk {i} failed verification: cannot decompress: {e}"
+                ))
+            })?;
+            buf
         }
-        Ok(bytes)
+    };
+    if bytes.len() != expected {
+        return Err(AgentError::Verify(format!(
+            "patch of chunk {i} failed verification: {} bytes for blocks of {expected}",
+            bytes.len()
+        )));
     }
+    Ok(bytes)
 }
 
 #[cfg(test)]
-#[path = "delta_tests.rs"]
 mod tests;

@@ -7,12 +7,16 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use std::os::unix::fs::FileTypeExt;
 
-use crate::agent::delta::{Budget, DIGEST_BUDGET, HeldBlocks, held_blocks, send_needed};
+use crate::agent::delta::{
+    Budget, DIGEST_BUDGET, HeldBlocks, apply_patch, held_blocks, send_needed,
+};
+use crate::agent::env::{AgentEnv, RECEIVE_QUEUE, WORKERS};
+use crate::agent::error::{AgentError, closed_as, malformed};
 use crate::agent::lock::{Mode, TargetLock};
 use crate::agent::relay::{Event, Relay};
+use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
-use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, closed_as, malformed};
 use crate::image::digest::{chunk_digest, is_zero};
 use crate::proto::{
     Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit, write_msg_sync,
@@ -342,7 +346,9 @@ pub(super) fn receive<W: Write>(
                 data,
             } => {
                 let i = load.chunk_index(index).map_err(malformed)?;
-                load.patch(out, &mut unpacker, i, &blocks, codec, &data)?;
+                let Unpacker { decompressor, buf } = &mut unpacker;
+                let bytes = apply_patch(target, req, decompressor, buf, i, &blocks, codec, &data)?;
+                load.acknowledge(out, i, bytes)?;
             }
             Msg::StreamChunk { index, codec, data } => {
                 let i = load.chunk_index(index).map_err(malformed)?;
@@ -723,7 +729,7 @@ mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
     use std::os::unix::net::UnixStream;
 
-    use crate::agent::AgentError;
+    use crate::agent::error::AgentError;
     use crate::agent::session::serve;
 
     use crate::agent::testkit::*;

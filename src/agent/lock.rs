@@ -16,7 +16,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::{AgentEnv, AgentError};
+use crate::agent::env::AgentEnv;
+use crate::agent::error::AgentError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {
@@ -24,7 +25,7 @@ pub(super) enum Mode {
     Exclusive,
     /// A save: other saves may read alongside, no load may write.
     Shared,
-    /// `status --verify`: reads alongside saves, like one.
+    /// `status --verify`, `load -n --verify`: reads alongside saves, like one.
     Verify,
 }
 
@@ -71,7 +72,7 @@ impl TargetLock {
         let what = match mode {
             Mode::Exclusive => "load",
             Mode::Shared => "save",
-            Mode::Verify => "status --verify",
+            Mode::Verify => "verify (status --verify or load -n --verify)",
         };
         let text = format!(
             "{what} by {}, agent pid {}, since {}",

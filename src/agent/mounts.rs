@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use std::path::PathBuf;
 
-use crate::agent::AgentError;
+use crate::agent::error::AgentError;
 
 pub(super) type DevNum = (u32, u32);
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use crate::agent::{AgentError, malformed};
+use crate::agent::error::{AgentError, malformed};
 use crate::proto::relay::{accept_handshake_within, connect_handshake, time_left};
 use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync};
 
@@ -571,7 +571,7 @@ mod tests {
     use std::net::{Shutdown, TcpListener, TcpStream};
     use std::time::{Duration, Instant};
 
-    use crate::agent::AgentError;
+    use crate::agent::error::AgentError;
 
     use super::{RELAY_TIMEOUT, Secret};
     use crate::agent::testkit::*;

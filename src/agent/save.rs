@@ -8,11 +8,13 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use crate::agent::env::{AgentEnv, RECEIVE_QUEUE, WORKERS};
+use crate::agent::error::{AgentError, check_chunk_size};
 use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::target::{Layout, Target, TargetKind, not_usable};
 use crate::agent::used;
-use crate::agent::{AgentEnv, AgentError, RECEIVE_QUEUE, Replies, WORKERS, check_chunk_size};
 use crate::image::digest::{chunk_digest, is_zero, zero_digest};
 use crate::image::sparse;
 use crate::proto::{Codec, Msg};
@@ -259,7 +261,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::used_within;
-    use crate::agent::AgentError;
+    use crate::agent::error::AgentError;
 
     use crate::agent::testkit::*;
     use crate::image::digest::{chunk_digest, is_zero};

@@ -7,11 +7,13 @@ use std::fs::File;
 use std::io;
 use std::io::{BufReader, Read, Write};
 
+use crate::agent::env::AgentEnv;
+use crate::agent::error::malformed;
+use crate::agent::error::{AgentError, closed_as};
 use crate::agent::load::load;
-use crate::agent::malformed;
+use crate::agent::replies::Replies;
 use crate::agent::save::save;
 use crate::agent::target::LoadRequest;
-use crate::agent::{AgentEnv, AgentError, Replies, closed_as};
 use crate::proto::{Msg, ProtocolError, check_hello, read_msg_sync};
 
 /// `imaging agent`: serve one session on stdin/stdout. Returns the exit code.
@@ -98,7 +100,7 @@ pub(super) fn session<R: Read + Send, W: Write>(
                 zero,
             )?;
             req.image = image;
-            req.origin = crate::agent::stamp::Origin {
+            req.origin = crate::agent::origin::Origin {
                 loaded_at: String::new(),
                 host,
                 user,
@@ -126,7 +128,7 @@ pub(super) fn session<R: Read + Send, W: Write>(
 #[cfg(test)]
 mod tests {
 
-    use crate::agent::MAX_CHUNK_SIZE;
+    use crate::image::MAX_CHUNK_SIZE;
 
     use crate::agent::stamp::Stamp;
     use crate::agent::testkit::*;

@@ -9,8 +9,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::agent::env::AgentEnv;
+use crate::agent::error::AgentError;
+use crate::agent::origin::Origin;
 use crate::agent::target::{LoadRequest, Target};
-use crate::agent::{AgentEnv, AgentError};
 use crate::proto::HeldImage;
 
 /// What a complete load leaves behind, so the next load of the same image
@@ -33,19 +35,6 @@ pub(super) struct Stamp {
     /// The chunk size the identity was computed with (0: not recorded):
     /// `status` compares it with the repository's image at that size.
     pub(super) chunk_size: u64,
-}
-
-/// When and from where a load came: the stamp's provenance fields.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Origin {
-    /// When the stamp was written, UTC, RFC 3339 with its zone
-    /// (`2026-12-02T18:13:44Z`).
-    pub(super) loaded_at: String,
-    /// The controller's host name and user.
-    pub(super) host: String,
-    pub(super) user: String,
-    /// The controller's build (`imaging 0.1.0`), from its Hello.
-    pub(super) tool: String,
 }
 
 /// The optional `key value` lines after `target`, in this order.

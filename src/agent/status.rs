@@ -11,16 +11,18 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::agent::env::{AgentEnv, WORKERS};
+use crate::agent::error::{AgentError, malformed};
 use crate::agent::load::chunk_matches;
 use crate::agent::lock::{Mode, TargetLock};
+use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::target::{LoadRequest, Target, TargetKind, not_usable};
-use crate::agent::{AgentEnv, AgentError, Replies, WORKERS, malformed};
 use crate::image::sparse;
 use crate::proto::status::{
     FileKind, StampInfo, StatusReport, TargetStatus, VerifyBegin, VerifyResult,
 };
-use crate::proto::{Msg, ProtocolError, read_msg_sync};
+use crate::proto::{Msg, ProtocolError, bitmap_len, read_msg_sync, set_bit};
 
 /// The placeholder that makes a target a pattern over its directory.
 pub(super) const IMAGE_PLACEHOLDER: &str = "{image}";
@@ -249,6 +251,7 @@ fn verify<W: Write>(
     let finished = AtomicUsize::new(0);
     let worker = || {
         let mut buf = Vec::new();
+        let mut differ = Vec::new();
         let outcome = (|| loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= within || failed.load(Ordering::Relaxed) {
@@ -256,6 +259,7 @@ fn verify<W: Write>(
             }
             if !chunk_matches(&target, &req, i, &mut buf)? {
                 mismatched.fetch_add(1, Ordering::Relaxed);
+                differ.push(i);
             }
             checked.fetch_add(layout.chunk_len(i) as u64, Ordering::Relaxed);
         })();
@@ -263,19 +267,21 @@ fn verify<W: Write>(
             failed.store(true, Ordering::Relaxed);
         }
         finished.fetch_add(1, Ordering::Release);
-        outcome
+        outcome.map(|()| differ)
     };
-    let outcomes: Vec<Result<(), AgentError>> = std::thread::scope(|s| {
+    let outcomes: Vec<Result<Vec<usize>, AgentError>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..WORKERS).map(|_| s.spawn(worker)).collect();
         let mut said = Instant::now();
-        let mut progress = Ok(());
+        let mut progress = Ok(Vec::new());
         while finished.load(Ordering::Acquire) < WORKERS {
             std::thread::sleep(Duration::from_millis(20));
             if progress.is_ok() && said.elapsed() >= PROGRESS_EVERY {
                 said = Instant::now();
-                progress = out.reply(&Msg::VerifyProgress {
-                    bytes_checked: checked.load(Ordering::Relaxed),
-                });
+                progress = out
+                    .reply(&Msg::VerifyProgress {
+                        bytes_checked: checked.load(Ordering::Relaxed),
+                    })
+                    .map(|()| Vec::new());
                 if progress.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -291,13 +297,20 @@ fn verify<W: Write>(
         outcomes.push(progress);
         outcomes
     });
+    let mut differing = vec![0u8; bitmap_len(layout.chunks)];
     for outcome in outcomes {
-        outcome?;
+        for i in outcome? {
+            set_bit(&mut differing, i);
+        }
+    }
+    for i in within..layout.chunks {
+        set_bit(&mut differing, i);
     }
     Ok(VerifyResult {
         chunks: layout.chunks as u64,
         mismatched: mismatched.load(Ordering::Relaxed) + short,
         rchar: rchar(),
+        differing,
     })
 }
 
@@ -432,12 +445,20 @@ mod tests {
         f.write_all_at(b"y", 2 * u64::from(CS)).unwrap();
         let r = verified(&env);
         assert_eq!((r.chunks, r.mismatched), (5, 2), "{r:?}");
+        let differ = |r: &VerifyResult| -> Vec<usize> {
+            (0..r.chunks as usize)
+                .filter(|&i| crate::proto::bit(&r.differing, i))
+                .collect()
+        };
+        assert_eq!(differ(&r), vec![1, 2]);
         // Nothing was written back.
         let mut byte = [0u8];
         f.read_exact_at(&mut byte, 2 * u64::from(CS)).unwrap();
         assert_eq!(&byte, b"y");
         // A shorter file: the chunks it lacks differ too.
         f.set_len(u64::from(CS) * 3 - 1).unwrap();
-        assert_eq!(verified(&env).mismatched, 4);
+        let r = verified(&env);
+        assert_eq!(r.mismatched, 4);
+        assert_eq!(differ(&r), vec![1, 2, 3, 4]);
     }
 }

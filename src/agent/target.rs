@@ -7,8 +7,8 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::path::Path;
 
+use crate::agent::error::{AgentError, check_chunk_size, malformed};
 use crate::agent::mounts::refuse_if_in_use;
-use crate::agent::{AgentError, check_chunk_size, malformed};
 use crate::image::digest::{ChunkDigest, is_zero};
 use crate::image::fileio::HOLE_BLOCK;
 use crate::image::geometry::Geometry;
@@ -71,7 +71,7 @@ pub(super) struct LoadRequest {
     pub(super) image: String,
     /// The controller's host, user and build, for the stamp (its
     /// `loaded_at` is set when the stamp is written).
-    pub(super) origin: crate::agent::stamp::Origin,
+    pub(super) origin: crate::agent::origin::Origin,
 }
 
 impl LoadRequest {

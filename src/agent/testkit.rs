@@ -7,9 +7,11 @@ use std::path::Path;
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
+use crate::agent::env::AgentEnv;
+use crate::agent::error::AgentError;
 use crate::agent::session::serve;
 use crate::agent::target::Layout;
-use crate::agent::{AgentEnv, AgentError, MIN_CHUNK_SIZE};
+use crate::image::MIN_CHUNK_SIZE;
 use crate::image::digest::{chunk_digest, is_zero};
 use crate::proto::relay::Secret;
 use crate::proto::relay::connect_handshake;

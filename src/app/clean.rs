@@ -5,8 +5,9 @@
 
 use serde_json::{Value, json};
 
-use super::{Exit, UsageError, select};
 use crate::app::cli::{CleanArgs, Cli};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::settings::{deadline, select, ssh_and_agent};
 use crate::config::Loaded;
 use crate::engine::clean::{self, CleanJob, NodeClean};
 use crate::node::hooks;
@@ -60,8 +61,8 @@ pub(crate) async fn run_clean(
         patterns.push(pattern);
     }
     let secs = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    let deadline = super::deadline(Some(secs), 0)?;
-    let (ssh, agent) = super::ssh_and_agent(loaded, &nodes)?;
+    let deadline = deadline(Some(secs), 0)?;
+    let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
     let job = CleanJob {
         nodes,
         patterns,

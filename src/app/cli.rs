@@ -15,7 +15,10 @@ const LOAD_HELP: &str = "\
 Examples:
   imaging load -i ubuntu-24.04.img 1-12     write the image onto nodes 1 to 12
   imaging load -c -a ~7                    the default image on every node but 7, with the dashboard
-  imaging load -n -i base.qcow2 hv-west    the plan only: targets, reachability, fan-out
+  imaging load -n -i base.qcow2 hv-west    the plan only: targets, reachability, fan-out and what
+                                           each node would receive (its stamp says; exit 0 if some are down)
+  imaging load -n --verify -i base.qcow2 hv-west
+                                           the same, exactly: each node compares its chunks' digests
   imaging load -i base.qcow2 -i web.qcow2 hv-west hv-east
                                            both images onto both hosts, into targets
                                            templated with {image}: /var/lib/libvirt/images/{image}
@@ -378,7 +381,7 @@ pub struct LoadArgs {
     /// star, chain or auto (default: [load] fanout)
     #[arg(long, value_name = "MODE", help_heading = "Transfer")]
     pub fanout: Option<crate::config::Fanout>,
-    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, the fan-out (--json: one "plan" object per image)
+    /// The plan, writing nothing: each node's target, reachable or not, what the target is now, what it would receive (its stamp says; with --verify its digests, exactly), the fan-out (--json: one "plan" object per image); exit 0 even if nodes are down
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
 }

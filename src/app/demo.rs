@@ -7,8 +7,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::app::cli::{Cli, Command, DemoArgs, LoadArgs, NodeArgs, SaveArgs, WaitArgs};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::load_cmd::run_load;
+use crate::app::save_cmd::run_save;
+use crate::app::wait_cmd::run_wait;
 use crate::ui::fmt::human_bytes;
-use crate::{Exit, UsageError, config, lab};
+use crate::{config, lab};
 
 const MIB: u64 = 1 << 20;
 
@@ -198,7 +202,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         fanout: None,
         dry_run: false,
     };
-    let loaded_exit = super::run_load(&show, &load, &loaded).await?;
+    let loaded_exit = run_load(&show, &load, &loaded).await?;
     if loaded_exit == Exit::Interrupted {
         return Ok(Exit::Interrupted);
     }
@@ -212,7 +216,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         dry_run: false,
         message: Some("imaging demo".into()),
     };
-    let saved_exit = super::run_save(&phase, &save, &loaded).await?;
+    let saved_exit = run_save(&phase, &save, &loaded).await?;
     if saved_exit == Exit::Interrupted {
         return Ok(Exit::Interrupted);
     }
@@ -255,7 +259,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
         silent: false,
         verbose: false,
     };
-    let waited_exit = super::run_wait(&phase, &wait, &loaded).await?;
+    let waited_exit = run_wait(&phase, &wait, &loaded).await?;
 
     let worst = [loaded_exit, saved_exit, waited_exit]
         .into_iter()

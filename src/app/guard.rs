@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::app::UsageError;
+use crate::app::exit::UsageError;
 use crate::inventory::Node;
 
 /// An empty image (`size` bytes: of the file, or of the disk it holds) is a

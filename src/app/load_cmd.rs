@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cli::{self, Cli};
-use super::{
-    Exit, UsageError, deadline, drive, guard, hooks_have_values, output_mode, plan, repo_cmds,
-    repository, run_check, run_info, ssh_and_agent,
-};
+use crate::app::cli::{self, Cli};
+use crate::app::drive::{drive, hooks_have_values, run_check, run_info};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::settings::{deadline, output_mode, repository, select, ssh_and_agent};
+use crate::app::{guard, plan, repo_cmds};
 use crate::config::{self, Loaded};
 use crate::engine::{load, source};
 use crate::image::manifest::Manifest;
@@ -50,7 +50,7 @@ pub(crate) async fn run_load(
     loaded: &Loaded,
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
-    let nodes = super::select(loaded, &args.nodes)?;
+    let nodes = select(loaded, &args.nodes)?;
     let wanted = if args.image.is_empty() {
         vec![config.repository.default_image.clone()]
     } else {
@@ -126,7 +126,23 @@ pub(crate) async fn run_load(
     let cap = args.bandwidth.unwrap_or(config.load.bandwidth);
     let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
     if args.dry_run {
-        dry_run(cli, &ssh, &nodes, &images, chain, cap, chunk_size).await;
+        // Asking a stamp is quick; a verify reads whole targets.
+        let secs = args.timeout.unwrap_or(if args.verify {
+            config.load.timeout as f64
+        } else {
+            DRY_RUN_TIMEOUT
+        });
+        let how = DryRun {
+            ssh,
+            agent,
+            verify: args.verify,
+            force: args.force,
+            deadline: crate::app::settings::deadline(Some(secs), 0)?,
+            chain,
+            cap,
+            chunk_size,
+        };
+        dry_run(cli, how, &nodes, images).await;
         return Ok(Exit::Success);
     }
     let header = ui::ImageHeader {
@@ -281,25 +297,46 @@ fn templates(loaded: &Loaded, nodes: &[Node], named: &[Named]) -> Result<Vec<Str
     Ok(out)
 }
 
-/// `load -n`: the plan of each image, nothing written.
-async fn dry_run(
-    cli: &Cli,
-    ssh: &crate::node::ssh::SshSettings,
-    nodes: &[Node],
-    images: &[Ready],
+/// How long `load -n` gives each node without `--verify` (default).
+const DRY_RUN_TIMEOUT: f64 = 10.0;
+
+/// What `load -n` does, the same for every image.
+struct DryRun {
+    ssh: crate::node::ssh::SshSettings,
+    agent: crate::node::agent_link::AgentSource,
+    verify: bool,
+    force: bool,
+    /// For each image's plan, all nodes at once.
+    deadline: tokio::time::Instant,
     chain: bool,
     cap: u64,
     chunk_size: u64,
-) {
-    for (k, image) in images.iter().enumerate() {
+}
+
+/// `load -n`: the plan of each image, nothing written. Every node is asked
+/// (its stamp, or with `--verify` its digests); a node that does not answer
+/// is part of the plan, not an error of it.
+async fn dry_run(cli: &Cli, how: DryRun, nodes: &[Node], images: Vec<Ready>) {
+    let started = tokio::time::Instant::now();
+    for (k, image) in images.into_iter().enumerate() {
         if k > 0 && !cli.global.json {
             crate::outln!("");
         }
         if let Some(line) = image.named.origin.as_ref().filter(|_| !cli.global.json) {
             crate::outln!("{line}");
         }
-        let m = &image.manifest;
-        let probed = plan::probe_all(ssh, nodes, &image.targets).await;
+        let m = Arc::new(image.manifest);
+        // Each image's plan gets the whole timeout.
+        let deadline = how.deadline + started.elapsed();
+        let ask = Arc::new(plan::Ask {
+            ssh: how.ssh.clone(),
+            agent: how.agent.clone(),
+            manifest: m.clone(),
+            verify: how.verify,
+            force: how.force,
+            deadline,
+        });
+        let probed = plan::probe_all(ask.clone(), nodes, &image.targets).await;
         let plan = plan::Plan {
             event: "plan",
             command: "load",
@@ -307,14 +344,15 @@ async fn dry_run(
             size: m.size,
             data_size: m.data_size(),
             chunks: m.chunk_count(),
-            chunk_size,
-            fanout: if chain { "chain" } else { "star" },
-            bandwidth: cap,
+            chunk_size: how.chunk_size,
+            fanout: if how.chain { "chain" } else { "star" },
+            bandwidth: how.cap,
+            verify: how.verify,
             nodes: nodes
                 .iter()
                 .zip(&image.targets)
                 .zip(probed)
-                .map(|((n, t), p)| plan::node_plan(n, t, p, m.data_size()))
+                .map(|((n, t), p)| plan::node_plan(n, t, p, &ask))
                 .collect(),
         };
         if cli.global.json {

@@ -4,58 +4,38 @@
 mod clean;
 pub mod cli;
 pub mod demo;
+mod drive;
+mod exit;
 mod guard;
 mod load_cmd;
 pub mod plan;
 pub mod power;
 mod repo_cmds;
+mod save_cmd;
+mod settings;
 pub mod shell;
 mod status;
+mod wait_cmd;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 
 use crate::agent;
-use crate::app::cli::{Cli, Command, NodeArgs};
+use crate::app::cli::{Cli, Command};
+use crate::config;
 use crate::config::Loaded;
 use crate::engine::power::PowerAction;
-use crate::engine::{cancel, check, events, report, save, wait};
-use crate::image::{import, provenance, repo};
-use crate::inventory::Node;
-use crate::inventory::nodespec;
-use crate::node::{agent_link, hooks, ssh};
-use crate::{config, ui};
+use crate::image::{import, repo};
+use crate::node::ssh;
 
-pub(crate) use load_cmd::run_load;
-
-/// Every way a run can end, with its exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Success = 0,
-    NodesFailed = 1,
-    Usage = 2,
-    Interrupted = 130,
-}
-
-impl From<Exit> for ExitCode {
-    fn from(e: Exit) -> Self {
-        ExitCode::from(e as u8)
-    }
-}
-
-/// Errors a user causes before anything is touched: exit code 2.
-#[derive(Debug, thiserror::Error)]
-pub enum UsageError {
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    #[error(transparent)]
-    Spec(#[from] nodespec::SpecError),
-    #[error("{0}")]
-    Other(String),
-}
+pub use exit::{Exit, UsageError};
+use load_cmd::run_load;
+use save_cmd::run_save;
+use settings::repository;
+pub use settings::select;
+use wait_cmd::run_wait;
 
 /// Parse argv (with `imaging-<sub>` dispatch) and run.
 pub fn main_with_args(argv: Vec<OsString>) -> ExitCode {
@@ -212,325 +192,6 @@ async fn run_inner(cli: Cli) -> Result<Exit, UsageError> {
     }
 }
 
-pub(crate) async fn run_wait(
-    cli: &Cli,
-    args: &cli::WaitArgs,
-    loaded: &Loaded,
-) -> Result<Exit, UsageError> {
-    let nodes = select(loaded, &args.nodes)?;
-    let deadline = deadline(args.timeout, loaded.config.wait.timeout)?;
-    let ssh = ssh_settings(loaded, &nodes)?;
-    let mode = match output_mode(cli) {
-        _ if args.silent && !cli.global.json => ui::Mode::Silent,
-        // `fit01 ssh OK` lines are what wait shows on a terminal too.
-        ui::Mode::Bars => ui::Mode::Lines,
-        mode => mode,
-    };
-    let info = run_info(cli, "wait", &nodes, args.verbose, None);
-    let verbose = args.verbose;
-    Ok(drive(mode, info, move |report, cancel| async move {
-        tokio::select! {
-            _ = wait::wait_all(nodes, ssh, deadline, verbose, report) => {}
-            _ = cancel.cancelled() => {}
-        }
-    })
-    .await)
-}
-
-/// Run an engine with a front end. The first Ctrl-C asks the engine to
-/// cancel (it stops transfers and still runs its cleanup, such as `after`
-/// hooks); a second one stops waiting for that cleanup. Exits 130 then.
-async fn drive<F, Fut>(mode: ui::Mode, info: ui::RunInfo, engine: F) -> Exit
-where
-    F: FnOnce(report::Reporter, cancel::Cancel) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let board = report::Board::new(&info.names);
-    let reporter = report::Reporter::new(&info.command, board.clone(), tx);
-    // A row per node and image: the summary names both.
-    for (row, image) in info.row_images.iter().enumerate() {
-        reporter.image(row, image);
-    }
-    let (canceller, cancel) = cancel::pair();
-    let feed = ui::Feed {
-        info,
-        board,
-        events: rx,
-        canceller: canceller.clone(),
-        started: std::time::Instant::now(),
-    };
-    let frontend = tokio::spawn(ui::consume(mode, feed));
-    let engine = engine(reporter.clone(), cancel);
-    tokio::pin!(engine);
-    let mut interrupted = false;
-    loop {
-        tokio::select! {
-            _ = &mut engine => break,
-            _ = tokio::signal::ctrl_c() => {
-                if interrupted {
-                    break;
-                }
-                interrupted = true;
-                canceller.cancel();
-            }
-        }
-    }
-    // A cancel may also come from the front end (the dashboard's `q`).
-    let interrupted = interrupted || canceller.is_cancelled();
-    if interrupted {
-        reporter.close_unfinished(events::NodeState::Cancelled, "interrupted");
-    }
-    let summary = reporter.finish();
-    let _ = frontend.await;
-    if interrupted {
-        Exit::Interrupted
-    } else if summary.ok {
-        Exit::Success
-    } else {
-        Exit::NodesFailed
-    }
-}
-
-fn run_info(
-    cli: &Cli,
-    command: &str,
-    nodes: &[Node],
-    verbose: bool,
-    image: Option<ui::ImageHeader>,
-) -> ui::RunInfo {
-    ui::RunInfo {
-        command: command.into(),
-        names: nodes.iter().map(|n| n.name.clone()).collect(),
-        row_images: Vec::new(),
-        verbose,
-        image,
-        log_path: cli.global.log.clone().or_else(ui::logfile::default_path),
-        no_wait: cli.global.no_wait,
-    }
-}
-
-fn output_mode(cli: &Cli) -> ui::Mode {
-    ui::Mode::resolve(cli.global.json, cli.global.curses, cli.global.plain)
-}
-
-/// `-t SECS` (else the config's timeout) as a deadline; 0 means none, for
-/// every command alike.
-fn deadline(timeout: Option<f64>, default_secs: u64) -> Result<tokio::time::Instant, UsageError> {
-    let secs = timeout.unwrap_or(default_secs as f64);
-    if secs.is_nan() || secs < 0.0 {
-        return Err(UsageError::Other(format!(
-            "--timeout {secs}: not a number of seconds (0: no deadline)"
-        )));
-    }
-    let secs = if secs == 0.0 {
-        10.0 * 365.0 * 86400.0
-    } else {
-        secs
-    };
-    let d = timeout_secs(secs)?;
-    tokio::time::Instant::now()
-        .checked_add(d)
-        .ok_or_else(|| UsageError::Other(format!("--timeout {secs}: too far in the future")))
-}
-
-/// A `--timeout` in seconds: a number from 0 to [`config::MAX_SECONDS`].
-pub(crate) fn timeout_secs(secs: f64) -> Result<Duration, UsageError> {
-    let max = crate::config::MAX_SECONDS;
-    if !(0.0..=max as f64).contains(&secs) {
-        return Err(UsageError::Other(format!(
-            "--timeout {secs}: not a number of seconds from 0 to {max} (10 years)"
-        )));
-    }
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))
-}
-
-/// Each node's target: its own, else `[load] target`, placeholders filled.
-fn targets(loaded: &Loaded, nodes: &[Node]) -> Vec<String> {
-    nodes
-        .iter()
-        .map(|n| {
-            let template = n.target.as_deref().unwrap_or(&loaded.config.load.target);
-            hooks::expand(template, n, "", "")
-        })
-        .collect()
-}
-
-/// The `[ssh]` settings; a configured identity file must exist.
-/// The SSH settings; a missing `identity_file` is a usage error when a
-/// selected node is reached over SSH (local agents need no key).
-fn ssh_settings(loaded: &Loaded, nodes: &[Node]) -> Result<ssh::SshSettings, UsageError> {
-    let ssh = ssh::SshSettings::from_config(&loaded.config)
-        .map_err(|e| UsageError::Other(format!("cannot create the SSH control directory: {e}")))?;
-    if let Some(key) = &ssh.identity_file
-        && !key.is_file()
-        && nodes.iter().any(|n| !n.local)
-    {
-        return Err(UsageError::Other(format!(
-            "[ssh] identity_file {}: no such file",
-            key.display()
-        )));
-    }
-    Ok(ssh)
-}
-
-fn ssh_and_agent(
-    loaded: &Loaded,
-    nodes: &[Node],
-) -> Result<(ssh::SshSettings, agent_link::AgentSource), UsageError> {
-    let ssh = ssh_settings(loaded, nodes)?;
-    let agent = agent_link::AgentSource::new(&loaded.config.load.agent_path).map_err(|e| {
-        UsageError::Other(format!("cannot read this executable for the agent: {e}"))
-    })?;
-    Ok((ssh, agent))
-}
-
-pub(crate) async fn run_save(
-    cli: &Cli,
-    args: &cli::SaveArgs,
-    loaded: &Loaded,
-) -> Result<Exit, UsageError> {
-    let config = &loaded.config;
-    let nodes = select(loaded, &args.nodes)?;
-    let repo_dir = repository(loaded)?;
-    let started = chrono::Local::now();
-    let now = started.naive_local();
-    let names = nodes
-        .iter()
-        .map(|n| repo::save_name(&n.name, now, args.output.as_deref()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
-    // A name that exists already (a save in the same minute) is numbered
-    // when the image is complete: `…__golden-2.img`.
-    let targets = targets(loaded, &nodes);
-    if args.dry_run {
-        for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
-            crate::outln!(
-                "would save {}:{} as {}",
-                n.name,
-                t,
-                repo_dir.join(name).display()
-            );
-        }
-        return Ok(Exit::Success);
-    }
-    // What killed saves left behind: partial files nobody holds locked.
-    for name in repo::remove_stale_partials(&repo_dir) {
-        eprintln!("imaging: removed {name}, left by an interrupted save");
-    }
-    let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
-    let job = save::SaveJob {
-        targets,
-        names,
-        repo: repo_dir,
-        ssh,
-        agent,
-        chunk_size: config.load.chunk_size,
-        level: config.load.compression,
-        raw: args.raw,
-        deadline: deadline(args.timeout, config.save.timeout)?,
-        provenance: save::SaveProvenance {
-            saved_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
-            user: provenance::current_user(),
-            host: provenance::host_name(),
-            comment: args.message.clone(),
-        },
-        nodes,
-    };
-    if !run_check("[save] check", &config.save.check, &job.nodes).await? {
-        return Ok(Exit::Interrupted);
-    }
-    let info = run_info(cli, "save", &job.nodes, true, None);
-    Ok(drive(output_mode(cli), info, move |report, cancel| {
-        save::save_all(job, report, cancel)
-    })
-    .await)
-}
-
-/// Which config files were read, or, if none, where they were looked for
-/// and how to start one.
-fn config_files_note(loaded: &Loaded) -> String {
-    if loaded.files.is_empty() {
-        let looked: Vec<String> = config::default_paths()
-            .iter()
-            .map(|p| absolute(p).display().to_string())
-            .collect();
-        format!(
-            "no config file found (looked for {}); start from imaging.conf.example, \
-             and check with `imaging config`",
-            looked.join(", ")
-        )
-    } else {
-        let read: Vec<String> = loaded
-            .files
-            .iter()
-            .map(|f| absolute(std::path::Path::new(f)).display().to_string())
-            .collect();
-        format!("config read from {}", read.join(", "))
-    }
-}
-
-/// `p` against the working directory, for messages.
-pub(crate) fn absolute(p: &std::path::Path) -> std::path::PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// The image repository, which must exist: else say how to set it.
-pub(crate) fn repository(loaded: &Loaded) -> Result<std::path::PathBuf, UsageError> {
-    let dir = config::expand_home(&loaded.config.repository.dir);
-    if dir.is_dir() {
-        return Ok(dir);
-    }
-    let what = if dir.exists() {
-        "is not a directory"
-    } else {
-        "does not exist"
-    };
-    let origin = loaded
-        .origin
-        .get("repository.dir")
-        .map(String::as_str)
-        .unwrap_or(config::BUILTIN);
-    Err(UsageError::Other(format!(
-        "image repository {} {what} (repository.dir from {origin}); create it, or set \
-         `[repository] dir = \"/path/to/images\"` in a config file; {}",
-        dir.display(),
-        config_files_note(loaded)
-    )))
-}
-
-/// A hook that uses a placeholder some node has no value for (`{cmc}`,
-/// `{mac}`) is refused before anything runs.
-fn hooks_have_values(key: &str, template: &str, nodes: &[Node]) -> Result<(), UsageError> {
-    for node in nodes {
-        if let Some(p) = hooks::missing_placeholder(template, node) {
-            return Err(UsageError::Other(format!(
-                "`{key}` uses {p}, which node {} has no value for",
-                node.name
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The run check (`[load] check`): false if Ctrl-C ended it (the run ends
-/// with 130), an error if it failed (exit 2). It runs last before the
-/// engine starts: listening for Ctrl-C replaces the default SIGINT action
-/// for the rest of the process, and only `drive` listens after it.
-async fn run_check(key: &str, template: &str, nodes: &[Node]) -> Result<bool, UsageError> {
-    if template.trim().is_empty() {
-        return Ok(true);
-    }
-    tokio::select! {
-        r = check::run(key, template, nodes) => r.map(|()| true).map_err(UsageError::Other),
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("imaging: `{key}` interrupted");
-            Ok(false)
-        }
-    }
-}
-
 /// `import X.ndz [-o NAME]`: decode into a new raw image in the repository.
 async fn run_import(
     cli: &Cli,
@@ -539,7 +200,8 @@ async fn run_import(
 ) -> Result<Exit, UsageError> {
     let config = &loaded.config;
     let repo_dir = repository(loaded)?;
-    let source = repo::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
+    let source =
+        crate::image::manage::resolve_image(&repo_dir, &args.image).map_err(UsageError::Other)?;
     let name = import::output_name(&source, args.output.as_deref())
         .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
     if !cli.global.json {
@@ -587,63 +249,6 @@ async fn run_import(
         );
     }
     Ok(Exit::Success)
-}
-
-/// Resolve the node arguments: `-a` scope, then the spec, else `$NODES`.
-pub fn select(loaded: &Loaded, args: &NodeArgs) -> Result<Vec<Node>, UsageError> {
-    let inventory = loaded.config.inventory()?;
-    if inventory.nodes.is_empty() {
-        return Err(UsageError::Other(format!(
-            "the inventory is empty: no [[node]] entry and no [nodes] inventory file; {}",
-            config_files_note(loaded)
-        )));
-    }
-    let mut tokens = Vec::new();
-    if args.all {
-        match &loaded.config.nodes.all {
-            Some(all) if !all.trim().is_empty() => tokens.push(all.clone()),
-            _ => {
-                return Err(UsageError::Other(
-                    "-a: no all-nodes scope configured (set [nodes] all, e.g. all = \"1-37\")"
-                        .into(),
-                ));
-            }
-        }
-    }
-    tokens.extend(args.spec.iter().cloned());
-    if tokens.is_empty()
-        && let Ok(env) = std::env::var("NODES")
-    {
-        tokens.push(env);
-    }
-    let repo = config::expand_home(&loaded.config.repository.dir);
-    let is_image = |token: &str| {
-        !token.contains('/')
-            && (repo.join(token).is_file()
-                || repo.join(format!("{token}.img")).is_file()
-                || repo.join(format!("{token}.ndz")).is_file())
-    };
-    let mut nodes = nodespec::select_nodes(&inventory, &tokens, &is_image).map_err(|e| {
-        // A file-like token is most likely an image given without -i: say
-        // that first, and briefly.
-        match repo::images_a_token_may_mean(&repo, &e.token) {
-            Some(names) if names.is_empty() => UsageError::Other(format!(
-                "`{}` is not a node; did you forget -i? (no image of that name in {})",
-                e.token,
-                repo.display()
-            )),
-            Some(names) => UsageError::Other(format!(
-                "`{}` is not a node; did you forget -i? ({})",
-                e.token,
-                names.join(", ")
-            )),
-            None => e.into(),
-        }
-    })?;
-    // Number order, whichever inventory a node came from (the JSON file's
-    // nodes are read before the inline ones); unnumbered names after.
-    nodes.sort_by_key(|n| (n.number.is_none(), n.number));
-    Ok(nodes)
 }
 
 fn install_links(dir: &std::path::Path, force: bool) -> Result<(), UsageError> {

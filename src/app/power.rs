@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{Exit, UsageError, select};
 use crate::app::cli::{Cli, PowerArgs};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::settings::{select, timeout_secs};
 use crate::config::Loaded;
 use crate::engine::events::NodeState;
 use crate::engine::power::{self, NodePower, PowerAction, PowerJob};
@@ -22,7 +23,7 @@ pub(crate) async fn run_power(
     let config = &loaded.config.power;
     let nodes = select(loaded, &args.nodes)?;
     let secs = args.timeout.unwrap_or(config.timeout as f64);
-    let timeout = super::timeout_secs(secs)
+    let timeout = timeout_secs(secs)
         .ok()
         .filter(|t| !t.is_zero())
         .ok_or_else(|| UsageError::Other(format!("--timeout {secs}: not a number of seconds")))?;

@@ -3,7 +3,8 @@
 //! and configuration to it and prints.
 
 use crate::app::cli::{self, Cli};
-use crate::app::{Exit, UsageError};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::settings::repository;
 use crate::config::{self, Loaded};
 use crate::image::manage::Repos;
 use crate::image::{manifest, provenance, repo};
@@ -19,7 +20,7 @@ pub(crate) fn repos(loaded: &Loaded) -> Repos {
 
 pub(crate) fn list(cli: &Cli, args: &cli::ListArgs, loaded: &Loaded) -> Result<Exit, UsageError> {
     // No repository yet: say where it was looked for and how to set one.
-    super::repository(loaded)?;
+    repository(loaded)?;
     let repos = repos(loaded);
     let (images, problems) = repo::list_dirs(
         &repos.dirs(),

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Exit, UsageError, select};
 use crate::app::cli::{Cli, StatusArgs};
+use crate::app::exit::{Exit, UsageError};
+use crate::app::settings::{deadline, select, ssh_and_agent, timeout_secs};
 use crate::config::Loaded;
 use crate::engine::power::{self, NodePower, PowerAction, PowerJob};
 use crate::engine::status::{self, Catalog, NodeStatus, Progress, StatusJob, TargetInfo};
@@ -53,19 +54,19 @@ pub(crate) async fn run_status(
     } else {
         DEFAULT_TIMEOUT
     });
-    let deadline = super::deadline(Some(secs), 0)?;
+    let deadline = deadline(Some(secs), 0)?;
     // With `[power] status` configured, each node's power too (a node that
     // is down may be off).
     let power_job = if config.power.status.trim().is_empty() {
         None
     } else {
-        let timeout = super::timeout_secs(config.power.timeout as f64)?;
+        let timeout = timeout_secs(config.power.timeout as f64)?;
         Some(
             PowerJob::new(PowerAction::Status, &config.power, timeout, &nodes)
                 .map_err(UsageError::Other)?,
         )
     };
-    let (ssh, agent) = super::ssh_and_agent(loaded, &nodes)?;
+    let (ssh, agent) = ssh_and_agent(loaded, &nodes)?;
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let job = StatusJob {
         nodes,
@@ -75,7 +76,7 @@ pub(crate) async fn run_status(
         deadline,
         verify: args.verify,
         catalog: std::sync::Arc::new(Catalog::new(
-            super::repo_cmds::repos(loaded),
+            crate::app::repo_cmds::repos(loaded),
             config.load.chunk_size,
         )),
     };

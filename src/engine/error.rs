@@ -7,6 +7,7 @@
 //! Each variant's text is what the node's line in the summary says.
 
 use crate::engine::events::NodeState;
+use crate::engine::source::SourceError;
 use crate::node::agent_link::{self, Rx, StartError};
 use crate::proto::{ErrorKind, ProtocolError};
 
@@ -31,8 +32,11 @@ pub enum NodeError {
     Protocol(String),
     /// Data from the node failed the controller's verification.
     Verify(String),
-    /// The image could not be read, or changed while it was being read.
+    /// The image could not be read.
     Image(String),
+    /// The image file no longer matches its manifest: it changed after the
+    /// manifest was built (chunk `chunk` told).
+    ImageChanged { chunk: usize },
     /// The agent took no data for the stall timeout.
     Stalled { secs: u64 },
     /// The controller's own files (a save's partial file, the repository).
@@ -72,6 +76,7 @@ impl NodeError {
             | NodeError::Protocol(_)
             | NodeError::Verify(_)
             | NodeError::Image(_)
+            | NodeError::ImageChanged { .. }
             | NodeError::Local(_)
             | NodeError::Cut(_)
             | NodeError::GaveUp { .. }
@@ -137,6 +142,10 @@ impl std::fmt::Display for NodeError {
             | NodeError::Local(s)
             | NodeError::Internal(s) => f.write_str(s),
             NodeError::NotBack(s) => write!(f, "did not come back: {s}"),
+            NodeError::ImageChanged { chunk } => write!(
+                f,
+                "the image changed while loading (chunk {chunk} no longer matches its manifest)"
+            ),
             NodeError::Agent { message, .. } => write!(f, "agent: {message}"),
             NodeError::Stalled { secs } => {
                 write!(f, "stalled: the agent took no data for {secs} s")
@@ -160,6 +169,16 @@ impl From<StartError> for NodeError {
             StartError::Missing(s) => NodeError::NoAgent(s),
             StartError::Failed(s) => NodeError::AgentStart(s),
             StartError::Incompatible(s) => NodeError::Protocol(s),
+        }
+    }
+}
+
+impl From<SourceError> for NodeError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Changed { index } => NodeError::ImageChanged { chunk: index },
+            SourceError::Read { .. } => NodeError::Image(e.to_string()),
+            SourceError::Reader(_) => NodeError::Internal(e.to_string()),
         }
     }
 }

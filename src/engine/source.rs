@@ -24,6 +24,26 @@ pub struct WireChunk {
     pub raw_len: u64,
 }
 
+/// Why a chunk cannot be sent: the node's load fails with the matching
+/// [`NodeError`](crate::engine::error::NodeError) (see its `From`).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The chunk read no longer matches the manifest's digest: the image
+    /// file was changed after its manifest was built.
+    #[error("the image changed while loading (chunk {index} no longer matches its manifest)")]
+    Changed { index: usize },
+    /// Reading the chunk from the image failed.
+    #[error("reading image chunk {index}: {error}")]
+    Read {
+        index: usize,
+        #[source]
+        error: std::io::Error,
+    },
+    /// The blocking task that reads the chunk did not finish (it panicked).
+    #[error("chunk reader failed: {0}")]
+    Reader(String),
+}
+
 /// Memory kept for chunks already prepared, whatever the image size.
 pub const CACHE_BYTES: u64 = 128 << 20;
 
@@ -79,20 +99,20 @@ impl ChunkSource {
     }
 
     /// Chunk `index`, prepared once and shared.
-    pub async fn get(self: &Arc<Self>, index: usize) -> Result<Arc<WireChunk>, String> {
+    pub async fn get(self: &Arc<Self>, index: usize) -> Result<Arc<WireChunk>, SourceError> {
         let slot = self.slot(index);
         let this = self.clone();
         slot.get_or_try_init(|| async move {
             tokio::task::spawn_blocking(move || this.prepare(index))
                 .await
-                .map_err(|e| format!("chunk reader failed: {e}"))?
+                .map_err(|e| SourceError::Reader(e.to_string()))?
                 .map(Arc::new)
         })
         .await
         .cloned()
     }
 
-    fn prepare(&self, index: usize) -> Result<WireChunk, String> {
+    fn prepare(&self, index: usize) -> Result<WireChunk, SourceError> {
         let raw = self.raw(index)?;
         let raw_len = raw.len() as u64;
         let (codec, data) = self.compress(raw);
@@ -106,18 +126,16 @@ impl ChunkSource {
 
     /// Chunk `index`'s bytes, read (blocking) and checked against the
     /// manifest; not cached. For a node's patch, whose blocks are its own.
-    pub fn raw(&self, index: usize) -> Result<Vec<u8>, String> {
+    pub fn raw(&self, index: usize) -> Result<Vec<u8>, SourceError> {
         let m = &self.manifest;
         let len = m.chunk_len(index) as usize;
         let mut raw = vec![0u8; len];
         self.file
             .read_exact_at(&mut raw, m.chunk_offset(index))
-            .map_err(|e| format!("reading image chunk {index}: {e}"))?;
+            .map_err(|error| SourceError::Read { index, error })?;
         self.reads.fetch_add(1, Ordering::Relaxed);
         if crate::image::digest::chunk_digest(&raw) != m.digests[index] {
-            return Err(format!(
-                "the image changed while loading (chunk {index} no longer matches its manifest)"
-            ));
+            return Err(SourceError::Changed { index });
         }
         Ok(raw)
     }
@@ -198,6 +216,7 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::error::NodeError;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_chunk_is_read_once_however_many_nodes_take_it() {
@@ -239,7 +258,15 @@ mod tests {
         std::fs::write(&path, vec![2u8; 1 << 16]).unwrap();
         let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3);
         let err = source.get(0).await.unwrap_err();
-        assert!(err.contains("image changed"), "{err}");
+        assert!(matches!(err, SourceError::Changed { index: 0 }), "{err:?}");
+        assert!(err.to_string().contains("image changed"), "{err}");
+        let err = crate::engine::error::NodeError::from(err);
+        assert!(
+            matches!(err, NodeError::ImageChanged { chunk: 0 }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("image changed"), "{err}");
+        assert!(!err.is_retryable());
     }
 
     #[tokio::test]

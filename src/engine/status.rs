@@ -364,7 +364,7 @@ fn apply_verify(info: &mut TargetInfo, r: &VerifyResult, m: &Manifest) {
     });
 }
 
-async fn verify_one(
+pub async fn verify_one(
     i: usize,
     link: &mut AgentLink,
     path: &str,

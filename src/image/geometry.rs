@@ -1,5 +1,16 @@
 //! Chunk geometry: how an image of `size` bytes splits into chunks.
 
+/// Smallest chunk size: the one limit the configuration, the wire and the
+/// agent all check against.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest chunk size (frames are capped just above it).
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+
+/// A chunk size is a power of two from [`MIN_CHUNK_SIZE`] to [`MAX_CHUNK_SIZE`].
+pub fn chunk_size_ok(chunk_size: u32) -> bool {
+    chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+}
+
 /// `size` bytes cut into chunks of `chunk_size`; the last may be shorter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {

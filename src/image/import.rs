@@ -17,6 +17,7 @@ use crate::image::fileio;
 use crate::image::manifest::{self, Manifest};
 use crate::image::ndz::NdzImage;
 use crate::image::reader::Format;
+use crate::image::repo;
 
 /// Pieces of a region that are all zeros and this long (or the region's
 /// tail) are left as holes.
@@ -74,25 +75,8 @@ pub fn output_name(source: &Path, output: Option<&str>) -> Result<String, String
             }
         }
     };
-    let why = if name.is_empty() {
-        Some("it is empty")
-    } else if name.contains(['/', '\0']) {
-        Some("it contains '/' or a NUL byte")
-    } else if name.contains("..") {
-        Some("it contains \"..\"")
-    } else if name.starts_with('.') {
-        Some("it starts with '.' (hidden names are for manifests and files in progress)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        return Err(format!("image name {name:?} is not usable: {why}"));
-    }
-    if name.ends_with(".img") {
-        Ok(name)
-    } else {
-        Ok(format!("{name}.img"))
-    }
+    repo::check_name_for(&name, "manifests and files in progress")?;
+    Ok(repo::with_img(&name))
 }
 
 /// Decode the `.ndz` at `source` into `repo/name`, and store its manifest

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::image::repo::LOCAL;
+use crate::image::repo::{LOCAL, check_name, with_img};
 use crate::image::{manifest, provenance};
 use crate::ui::fmt::human_bytes;
 
@@ -60,32 +60,13 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// `NAME` as an entry name: `.img` appended unless it already ends so.
-pub fn with_img(name: &str) -> String {
-    if name.ends_with(".img") {
-        name.to_string()
-    } else {
-        format!("{name}.img")
-    }
-}
-
-/// A name usable as a repository entry (aliases, `share --as`).
-pub fn check_name(name: &str) -> Result<(), String> {
-    let why = if name.is_empty() {
-        Some("it is empty")
-    } else if name.contains(['/', '\0']) {
-        Some("it contains '/' or a NUL byte")
-    } else if name.contains("..") {
-        Some("it contains \"..\"")
-    } else if name.starts_with('.') {
-        Some("it starts with '.' (hidden names are for manifests and saves in progress)")
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(format!("image name {name:?} is not usable: {why}")),
-        None => Ok(()),
-    }
+/// Resolve the image a user names: a path if it contains '/', else
+/// `repo/arg`, else `repo/arg.img`, else `repo/arg.ndz` (see
+/// [`Repos::resolve`] for the shared repositories too).
+pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
+    Repos::new(repo.to_path_buf(), Vec::new())
+        .resolve(arg)
+        .map(|r| r.path)
 }
 
 /// What a removal did (or would do).

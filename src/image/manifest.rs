@@ -34,8 +34,8 @@ use crate::proto::cursor::Cursor;
 use crate::proto::{bit, bitmap_len, set_bit};
 
 /// Largest chunk size `build` accepts (its read buffers are this large):
-/// the one limit of [`crate::image::MAX_CHUNK_SIZE`].
-const MAX_CHUNK_SIZE: u64 = crate::image::MAX_CHUNK_SIZE as u64;
+/// the one limit of [`crate::image::geometry::MAX_CHUNK_SIZE`].
+const MAX_CHUNK_SIZE: u64 = crate::image::geometry::MAX_CHUNK_SIZE as u64;
 
 const IDENTITY_DOMAIN: &[u8] = b"imaging-manifest-v1";
 const CACHE_MAGIC: &[u8; 8] = b"IMGMANI1";

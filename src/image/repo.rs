@@ -341,13 +341,35 @@ pub fn format_table(images: &[ImageInfo], long: bool) -> String {
     out
 }
 
-/// Resolve the image a user names: a path if it contains '/', else
-/// `repo/arg`, else `repo/arg.img`, else `repo/arg.ndz` (see
-/// [`crate::image::manage::Repos::resolve`] for the shared repositories too).
-pub fn resolve_image(repo: &Path, arg: &str) -> Result<PathBuf, String> {
-    crate::image::manage::Repos::new(repo.to_path_buf(), Vec::new())
-        .resolve(arg)
-        .map(|r| r.path)
+/// `NAME` as an entry name: `.img` appended unless it already ends so.
+pub fn with_img(name: &str) -> String {
+    if name.ends_with(".img") {
+        name.to_string()
+    } else {
+        format!("{name}.img")
+    }
+}
+
+/// A name usable as a repository entry (aliases, `share --as`).
+pub fn check_name(name: &str) -> Result<(), String> {
+    check_name_for(name, "manifests and saves in progress")
+}
+
+/// A name usable as a repository entry; a refused hidden name is told what
+/// such names are `hidden_for`.
+pub(crate) fn check_name_for(name: &str, hidden_for: &str) -> Result<(), String> {
+    let why = if name.is_empty() {
+        "it is empty".to_string()
+    } else if name.contains(['/', '\0']) {
+        "it contains '/' or a NUL byte".to_string()
+    } else if name.contains("..") {
+        "it contains \"..\"".to_string()
+    } else if name.starts_with('.') {
+        format!("it starts with '.' (hidden names are for {hidden_for})")
+    } else {
+        return Ok(());
+    };
+    Err(format!("image name {name:?} is not usable: {why}"))
 }
 
 /// The images a node-spec token probably meant, when it is not a node:
@@ -447,11 +469,8 @@ pub fn save_name(
     let Some(name) = name else {
         return Ok(format!("saving__{node}__{stamp}.img"));
     };
-    crate::image::manage::check_name(name)?;
-    Ok(format!(
-        "saving__{node}__{stamp}__{}",
-        crate::image::manage::with_img(name)
-    ))
+    check_name(name)?;
+    Ok(format!("saving__{node}__{stamp}__{}", with_img(name)))
 }
 
 /// The hidden name a save writes to before its final rename. It carries
@@ -531,6 +550,7 @@ pub fn numbered_name(name: &str, n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::manage::resolve_image;
 
     #[test]
     fn a_partial_held_by_a_save_is_kept_a_released_one_is_removed() {

@@ -16,7 +16,7 @@
 //! Every token must select at least one node of the inventory, and the final
 //! selection must not be empty.
 
-use crate::inventory::{Inventory, Node};
+use crate::inventory::node::{Inventory, Node};
 
 /// Why a node spec was rejected: the offending token and a helpful reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{LabError, SSHD, SshdConfig, keygen};
+use super::sshd::{LabError, SSHD, SshdConfig, keygen};
+use crate::node::procs::processes;
 
 /// How long a node may take to accept TCP and send its banner.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,30 +239,7 @@ fn banner_ok(port: u16) -> bool {
 
 /// Parent pid of every process, from `/proc/*/stat`.
 fn process_parents() -> HashMap<i32, i32> {
-    let mut parents = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return parents;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may hold spaces and parens.
-        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            parents.insert(pid, ppid);
-        }
-    }
-    parents
+    processes().into_iter().map(|p| (p.pid, p.ppid)).collect()
 }
 
 fn descendants(root: i32) -> HashSet<i32> {

@@ -3,4 +3,5 @@
 
 pub mod agent_link;
 pub mod hooks;
+pub mod procs;
 pub mod ssh;

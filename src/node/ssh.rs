@@ -364,34 +364,12 @@ pub fn adopt_orphans() {
 /// Terminate `ssh` processes that are still our children (an attempt that
 /// was cancelled mid-connect), so none outlives the run.
 pub fn end_orphans() {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ..." — comm may hold spaces, so split at the last ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
-        let ppid = rest
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
-        if comm == "ssh" && ppid == Some(me) {
+    let me = std::process::id() as i32;
+    for p in crate::node::procs::processes() {
+        if p.comm == "ssh" && p.ppid == me {
             // SAFETY: sending a signal to a pid we just read; worst case it is gone.
             unsafe {
-                libc::kill(pid, libc::SIGTERM);
+                libc::kill(p.pid, libc::SIGTERM);
             }
         }
     }

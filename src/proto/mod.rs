@@ -30,6 +30,8 @@ pub mod pipes;
 pub mod relay;
 pub mod status;
 
+pub use relay::RELAY_SECRET_LEN;
+
 use std::io;
 
 use cursor::{Cursor, Truncated};
@@ -48,9 +50,10 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 6: LoadBegin carries the controller's user and host (for the stamp);
 /// StatusBegin, StatusReport, VerifyBegin, VerifyProgress, VerifyResult,
 /// CleanBegin, CleanReport.
-/// 7: block-level delta: Needed announces BlockDigests, Patch, the error
+/// 8: VerifyResult carries the bitmap of the chunks that differ.
+/// 9: block-level delta: Needed announces BlockDigests, Patch, the error
 /// kind Stale.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 9;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.
@@ -290,9 +293,6 @@ pub struct HeldImage {
     /// "" when the load that stamped it did not say.
     pub image: String,
 }
-
-/// Length of the per-run relay secret (a blake3 key).
-pub const RELAY_SECRET_LEN: usize = 32;
 
 impl Msg {
     pub fn hello() -> Msg {

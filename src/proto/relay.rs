@@ -5,7 +5,8 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::proto::RELAY_SECRET_LEN;
+/// Length of the per-run relay secret (a blake3 key).
+pub const RELAY_SECRET_LEN: usize = 32;
 
 // Handshake, connector C to listener L, with the 32-byte secret as the key:
 //   C→L  "IMGRELAY" ‖ version 1 ‖ nonce_c (16 bytes)
@@ -178,7 +179,8 @@ pub(crate) fn write_by(stream: &TcpStream, buf: &[u8], deadline: Instant) -> io:
 mod tests {
 
     use super::{Secret, proof};
-    use crate::proto::RELAY_SECRET_LEN;
+    /// Length of the per-run relay secret (a blake3 key).
+    pub const RELAY_SECRET_LEN: usize = 32;
 
     const SECRET: Secret = [42; RELAY_SECRET_LEN];
 

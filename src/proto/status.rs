@@ -129,6 +129,9 @@ pub struct VerifyResult {
     pub mismatched: u64,
     /// As in StatusReport, after the verify.
     pub rchar: Option<u64>,
+    /// Bit i set: chunk i differs (`mismatched` bits in all), so that the
+    /// controller can tell what a load would send (`load -n --verify`).
+    pub differing: Vec<u8>,
 }
 
 /// Remove, from the directory of `pattern` (a target holding `{image}`),
@@ -406,6 +409,7 @@ impl VerifyResult {
         put_u64(b, self.chunks);
         put_u64(b, self.mismatched);
         put_opt_u64(b, self.rchar);
+        put_bytes(b, &self.differing);
     }
 
     pub(super) fn decode(r: &mut Cursor<'_>) -> Result<VerifyResult, Malformed> {
@@ -413,6 +417,7 @@ impl VerifyResult {
             chunks: r.u64("chunks")?,
             mismatched: r.u64("mismatched")?,
             rchar: opt_u64(r, "rchar")?,
+            differing: bytes(r, "differing bitmap")?,
         })
     }
 }
@@ -483,6 +488,7 @@ mod tests {
                 chunks: 3,
                 mismatched: 1,
                 rchar: Some(3 << 20),
+                differing: vec![0b100],
             }),
             Msg::CleanBegin(CleanBegin {
                 pattern: "/var/lib/libvirt/images/{image}".into(),

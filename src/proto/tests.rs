@@ -130,42 +130,30 @@ fn every_message_round_trips() {
 
 /// `m` as peers that predate some of its optional trailing fields send it.
 fn older_forms(m: &Msg) -> Vec<Msg> {
-    match m.clone() {
-        Msg::LoadBegin {
-            target,
-            size,
-            chunk_size,
-            identity,
-            force,
-            force_mounted,
-            verify,
-            holder,
-            digests,
-            zero,
-            image,
-            user,
-            host: _,
-        } => {
-            let with = |image: &str, user: &str| Msg::LoadBegin {
-                target: target.clone(),
-                size,
-                chunk_size,
-                identity,
-                force,
-                force_mounted,
-                verify,
-                holder: holder.clone(),
-                digests: digests.clone(),
-                zero: zero.clone(),
-                image: image.into(),
-                user: user.into(),
-                host: String::new(),
+    match m {
+        Msg::LoadBegin { image, user, .. } => {
+            // The same message with its trailing fields as an older peer
+            // leaves them: empty.
+            let with = |older_image: &str, older_user: &str| {
+                let mut older = m.clone();
+                if let Msg::LoadBegin {
+                    image, user, host, ..
+                } = &mut older
+                {
+                    *image = older_image.into();
+                    *user = older_user.into();
+                    host.clear();
+                }
+                older
             };
-            let mut forms = vec![with("", ""), with(&image, ""), with(&image, &user)];
+            let mut forms = vec![with("", ""), with(image, ""), with(image, user)];
             forms.retain(|f| f != m);
             forms
         }
-        Msg::SaveInfo { size, .. } => vec![Msg::SaveInfo { size, held: None }],
+        Msg::SaveInfo { size, .. } => vec![Msg::SaveInfo {
+            size: *size,
+            held: None,
+        }],
         _ => vec![],
     }
 }

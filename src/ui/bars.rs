@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{View, fmt};
+use super::fmt;
+use super::view::View;
 use crate::engine::events::{Event, NodeState};
 
 pub const REFRESH: Duration = Duration::from_millis(100);

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{RunInfo, View};
+use super::feed::RunInfo;
+use super::view::View;
 use crate::engine::events::Event;
 
 /// How often progress objects are printed (one per node that moved).

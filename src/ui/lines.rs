@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use super::RunInfo;
+use super::feed::RunInfo;
 use super::fmt::{clock, human_bytes, human_duration, human_rate};
 use super::view::View;
 use crate::engine::events::{Event, NodeState};

@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{RunInfo, View};
+use super::feed::RunInfo;
+use super::view::View;
 use crate::engine::events::Event;
 
 pub struct LogFile {

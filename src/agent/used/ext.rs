@@ -1,7 +1,7 @@
 //! ext2/3/4: superblock, group descriptors and block bitmaps.
 
 use super::crc::*;
-use super::*;
+use super::disk::*;
 
 pub(super) enum ExtError {
     /// No ext superblock magic: not an ext file system at all.

@@ -62,62 +62,15 @@
 //! for note in &a.notes { log(note); }
 //! for &(offset, len) in &a.used { /* read and send these bytes */ }
 //! ```
-
-use std::io;
-
 mod crc;
+mod disk;
 mod ext;
 
 use crc::*;
+use disk::*;
 use ext::*;
 
-/// Random read access to a target.
-///
-/// Implemented for [`std::fs::File`] (via `std::os::unix::fs::FileExt`), for
-/// byte slices and vectors (handy in tests), and for references to any
-/// implementor. Where `FileExt` is also in scope, call it as
-/// `ReadAt::read_exact_at(&file, ..)` to avoid the name clash.
-pub trait ReadAt {
-    /// Fills `buf` entirely from the bytes starting at `offset`, or fails.
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-}
-
-impl ReadAt for std::fs::File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
-
-impl ReadAt for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|s| s.checked_add(buf.len()).map(|e| (s, e)))
-            .filter(|&(_, e)| e <= self.len());
-        match range {
-            Some((s, e)) => {
-                buf.copy_from_slice(&self[s..e]);
-                Ok(())
-            }
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past end of buffer",
-            )),
-        }
-    }
-}
-
-impl ReadAt for Vec<u8> {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.as_slice().read_exact_at(buf, offset)
-    }
-}
-
-impl<T: ReadAt + ?Sized> ReadAt for &T {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, offset)
-    }
-}
+pub use disk::ReadAt;
 
 /// Result of [`analyse`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -167,52 +120,8 @@ pub fn analyse<R: ReadAt + ?Sized>(disk: &R, size: u64) -> Analysis {
 const TABLE_AREA: u64 = 1 << 20;
 /// MBR logical sector size.
 const SECTOR: u64 = 512;
-/// Most block groups a file system may have before it is saved raw.
-const MAX_GROUPS: u64 = 1 << 20;
-/// Most free runs kept per disk; past that, the rest is kept used.
-const MAX_FREE_RUNS: usize = 1 << 22;
-/// Most per-group notes per file system (the rest are summarised).
-const MAX_GROUP_NOTES: usize = 8;
 /// Largest GPT partition entry array read.
 const MAX_GPT_ARRAY: u64 = 1 << 20;
-
-struct Disk<'a, R: ?Sized> {
-    r: &'a R,
-    size: u64,
-}
-
-impl<R: ReadAt + ?Sized> Disk<'_, R> {
-    /// Reads `len` bytes at `off`, refusing reads outside the target.
-    fn read(&self, off: u64, len: u64) -> Result<Vec<u8>, String> {
-        if off.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(format!("read of {len} bytes at byte {off} is past the end"));
-        }
-        let n = usize::try_from(len).map_err(|_| "read too large".to_string())?;
-        let mut buf = vec![0u8; n];
-        self.r
-            .read_exact_at(&mut buf, off)
-            .map_err(|e| format!("read error at byte {off}: {e}"))?;
-        Ok(buf)
-    }
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at.saturating_add(2)) {
-        Some(s) => u16::from_le_bytes([s[0], s[1]]),
-        None => 0,
-    }
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at.saturating_add(4)) {
-        Some(s) => u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
-        None => 0,
-    }
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at.saturating_add(4))) << 32)
-}
 
 // ------------------------------------------------------------- disk layout
 
@@ -470,21 +379,6 @@ impl<R: ReadAt + ?Sized> State<'_, R> {
             notes: self.notes,
         }
     }
-}
-
-/// Sorts and merges `(start, end)` ranges, dropping empty ones and joining
-/// touching ones.
-fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.retain(|&(a, b)| b > a);
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (a, b) in v {
-        match out.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => out.push((a, b)),
-        }
-    }
-    out
 }
 
 fn sectors(p: &Part) -> String {

@@ -27,7 +27,7 @@ use super::session::{Counters, Plan, begin, open_link};
 use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
-use crate::engine::source::WireChunk;
+use crate::engine::source::{SourceError, WireChunk};
 use crate::node::agent_link::{AgentLink, Tx};
 use crate::proto::{self, Msg};
 
@@ -423,7 +423,7 @@ impl Coordinator {
                     left_out += 1;
                     continue;
                 }
-                Ok(Err(e)) => return self.abandon(e).await,
+                Ok(Err(e)) => return self.abandon(e.to_string()).await,
                 Err(e) => return self.abandon(e.to_string()).await,
             };
             self.job.on_wire(chunk.data.len() as u64).await;
@@ -690,7 +690,7 @@ async fn send_direct(
     for &c in chunks {
         let out = delta::outgoing(&job.source, c, blocks.get(&c).cloned())
             .await
-            .map_err(NodeError::Image)?;
+            .map_err(NodeError::from)?;
         job.on_wire(out.wire_len()).await;
         let mut tx = tx.lock().await;
         out.write(&mut *tx)
@@ -737,12 +737,12 @@ async fn streamed(
     source: Arc<crate::engine::source::ChunkSource>,
     c: usize,
     nodes: Option<Vec<Arc<BlockMap>>>,
-) -> Result<Option<Arc<WireChunk>>, String> {
+) -> Result<Option<Arc<WireChunk>>, SourceError> {
     if let Some(nodes) = nodes {
         let s = source.clone();
         let differing = tokio::task::spawn_blocking(move || delta::differing_total(&s, c, &nodes))
             .await
-            .map_err(|e| format!("chunk reader failed: {e}"))??;
+            .map_err(|e| SourceError::Reader(e.to_string()))??;
         if delta::worth_patching(differing, source.manifest().chunk_len(c)) {
             return Ok(None);
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::engine::error::NodeError;
-use crate::engine::source::{ChunkSource, WireChunk};
+use crate::engine::source::{ChunkSource, SourceError, WireChunk};
 use crate::fmt::human_bytes;
 use crate::image::digest::{BlockDigest, DELTA_BLOCK, block_count, block_digests};
 use crate::image::manifest::Manifest;
@@ -137,12 +137,12 @@ pub(super) async fn outgoing(
     source: &Arc<ChunkSource>,
     c: usize,
     theirs: Option<Vec<BlockDigest>>,
-) -> Result<Outgoing, String> {
+) -> Result<Outgoing, SourceError> {
     if let Some(theirs) = theirs {
         let s = source.clone();
         let patch = tokio::task::spawn_blocking(move || make_patch(&s, c, &theirs))
             .await
-            .map_err(|e| format!("chunk reader failed: {e}"))??;
+            .map_err(|e| SourceError::Reader(e.to_string()))??;
         if let Some(patch) = patch {
             return Ok(Outgoing::Patch(Box::new(patch)));
         }
@@ -154,7 +154,7 @@ fn make_patch(
     source: &ChunkSource,
     c: usize,
     theirs: &[BlockDigest],
-) -> Result<Option<Patch>, String> {
+) -> Result<Option<Patch>, SourceError> {
     let raw = source.raw(c)?;
     let ours = block_digests(&raw);
     if ours.len() != theirs.len() {
@@ -195,7 +195,7 @@ pub(super) fn differing_total(
     source: &ChunkSource,
     c: usize,
     theirs: &[Arc<BlockMap>],
-) -> Result<u64, String> {
+) -> Result<u64, SourceError> {
     let raw = source.raw(c)?;
     let ours = block_digests(&raw);
     let mut total = 0;

@@ -155,7 +155,7 @@ async fn run_session(
             let out = next
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))?
-                .map_err(NodeError::Image)?;
+                .map_err(NodeError::from)?;
             job.on_wire(out.wire_len()).await;
             watch.sending(Instant::now());
             out.write(tx).await?;

@@ -5,13 +5,24 @@ use std::io::{self};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::ui::view::View;
 
-use super::{Input, KEY_POLL, UiState};
+use super::state::UiState;
+
+/// How long the key reader waits before checking whether it should stop.
+const KEY_POLL: Duration = Duration::from_millis(100);
+
+/// What the loop gets besides engine events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    Key(KeyEvent),
+    Resize,
+}
 
 /// What a key asks the loop to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -103,8 +103,15 @@ fn load_writes_identical_targets_then_recognises_them_and_sends_only_changes() {
     let s = summary(&out);
     assert_eq!(out.status.code(), Some(0), "{s}");
     assert_eq!(node(&s, "node03")["state"], "done");
-    // Chunks 1 and 62 hold data; chunk 30 is a zero chunk, restored on the node without sending.
-    assert_eq!(node(&s, "node03")["bytes_sent"], 2 * MIB as u64, "{s}");
+    // Chunks 1 and 62 hold data; chunk 30 is a zero chunk, restored on the
+    // node without sending. Of chunks 1 and 62 only the 16 KiB block that
+    // changed travels (block-level delta).
+    assert_eq!(node(&s, "node03")["bytes_sent"], 2 * 16 * 1024, "{s}");
+    assert_eq!(
+        node(&s, "node03")["bytes_written"],
+        MIB as u64 + 2 * 16 * 1024,
+        "{s}"
+    );
     for other in ["node01", "node02", "node04"] {
         assert_eq!(node(&s, other)["state"], "up-to-date");
     }

@@ -26,6 +26,10 @@ pub enum AgentError {
     /// Another run holds the target: not worth a retry while it runs.
     #[error("{0}")]
     Busy(String),
+    /// A patch did not verify over what the target holds: the target
+    /// changed since the check. Nothing was written; a fresh attempt helps.
+    #[error("{0}")]
+    Stale(String),
 }
 
 impl AgentError {
@@ -40,6 +44,7 @@ impl AgentError {
             AgentError::Verify(_) => ErrorKind::Verify,
             AgentError::Peer(_) => ErrorKind::Other,
             AgentError::Relay(_) => ErrorKind::Relay,
+            AgentError::Stale(_) => ErrorKind::Stale,
         }
     }
 
@@ -54,7 +59,8 @@ impl AgentError {
             | AgentError::Closed(_)
             | AgentError::Peer(_)
             | AgentError::Relay(_)
-            | AgentError::Busy(_) => 3,
+            | AgentError::Busy(_)
+            | AgentError::Stale(_) => 3,
         }
     }
 }

@@ -7,6 +7,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use std::os::unix::fs::FileTypeExt;
 
+use crate::agent::delta::{
+    Budget, DIGEST_BUDGET, HeldBlocks, apply_patch, held_blocks, send_needed,
+};
 use crate::agent::env::{AgentEnv, RECEIVE_QUEUE, WORKERS};
 use crate::agent::error::{AgentError, closed_as, malformed};
 use crate::agent::lock::{Mode, TargetLock};
@@ -36,6 +39,7 @@ pub(super) fn load<R: Read + Send, W: Write>(
             up_to_date: true,
             bitmap: vec![],
             bytes_written: 0,
+            block_digests: 0,
         })?;
         return match read_msg_sync(input) {
             Err(ProtocolError::Closed) => Ok(()),
@@ -61,12 +65,8 @@ pub(super) fn load<R: Read + Send, W: Write>(
             ))
         })?;
     }
-    let (needed, zeroed) = plan(&target, req)?;
-    out.reply(&Msg::Needed {
-        up_to_date: false,
-        bitmap: needed.clone(),
-        bytes_written: zeroed,
-    })?;
+    let (needed, zeroed, held) = plan(&target, req, &Budget::new(DIGEST_BUDGET))?;
+    send_needed(out, &needed, zeroed, held)?;
 
     let (tx, rx) = sync_channel(RECEIVE_QUEUE);
     std::thread::scope(|s| {
@@ -114,15 +114,23 @@ fn lock_and_open(env: &AgentEnv, req: &LoadRequest) -> Result<(TargetLock, Targe
     }
 }
 
+/// What a target lacks: the needed bitmap, the bytes written while
+/// zeroing, and the block digests of needed chunks that held data.
+pub(super) type Plan = (Vec<u8>, u64, Vec<HeldBlocks>);
+
 /// Decide which chunks the target lacks, zeroing on the way the regions
-/// that must read as zero and do not. Returns the needed bitmap and the
-/// bytes written while zeroing.
-pub(super) fn plan(target: &Target, req: &LoadRequest) -> Result<(Vec<u8>, u64), AgentError> {
+/// that must read as zero and do not; keep the block digests of needed
+/// chunks whose region held data, as far as `budget` allows.
+pub(super) fn plan(
+    target: &Target,
+    req: &LoadRequest,
+    budget: &Budget,
+) -> Result<Plan, AgentError> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let outcomes: Vec<Result<(Vec<usize>, u64), AgentError>> = std::thread::scope(|s| {
+    let outcomes: Vec<Result<Worked, AgentError>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..WORKERS)
-            .map(|_| s.spawn(|| plan_worker(target, req, &next, &failed)))
+            .map(|_| s.spawn(|| plan_worker(target, req, budget, &next, &failed)))
             .collect();
         workers
             .into_iter()
@@ -134,33 +142,46 @@ pub(super) fn plan(target: &Target, req: &LoadRequest) -> Result<(Vec<u8>, u64),
     });
     let mut bitmap = vec![0u8; bitmap_len(req.layout.chunks)];
     let mut zeroed = 0;
+    let mut held = Vec::new();
     for outcome in outcomes {
-        let (needed, bytes) = outcome?;
+        let (needed, bytes, blocks) = outcome?;
         for i in needed {
             set_bit(&mut bitmap, i);
         }
         zeroed += bytes;
+        held.extend(blocks);
     }
-    Ok((bitmap, zeroed))
+    held.sort_unstable_by_key(|h| h.0);
+    Ok((bitmap, zeroed, held))
 }
+
+/// One checking thread's share: needed chunks, bytes zeroed, block digests.
+type Worked = (Vec<usize>, u64, Vec<HeldBlocks>);
 
 pub(super) fn plan_worker(
     target: &Target,
     req: &LoadRequest,
+    budget: &Budget,
     next: &AtomicUsize,
     failed: &AtomicBool,
-) -> Result<(Vec<usize>, u64), AgentError> {
+) -> Result<Worked, AgentError> {
     let mut buf = Vec::new();
     let mut needed = Vec::new();
+    let mut held = Vec::new();
     let mut zeroed = 0u64;
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= req.layout.chunks || failed.load(Ordering::Relaxed) {
-            return Ok((needed, zeroed));
+            return Ok((needed, zeroed, held));
         }
         match check_chunk(target, req, i, &mut buf) {
             Ok(Check::Present) => {}
-            Ok(Check::Needed) => needed.push(i),
+            Ok(Check::Needed) => {
+                needed.push(i);
+                if let Some(digests) = held_blocks(target, req, i, &buf, budget) {
+                    held.push((i, digests));
+                }
+            }
             Ok(Check::Zeroed(bytes)) => zeroed += bytes,
             Err(e) => {
                 failed.store(true, Ordering::Relaxed);
@@ -246,6 +267,7 @@ pub(super) fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
         let more = matches!(
             msg,
             Ok(Msg::Chunk { .. }
+                | Msg::Patch { .. }
                 | Msg::StreamChunk { .. }
                 | Msg::StreamPiece { .. }
                 | Msg::StreamEnd
@@ -320,6 +342,17 @@ pub(super) fn receive<W: Write>(
                 let i = load.chunk_index(index).map_err(malformed)?;
                 let bytes = unpacker.unpack(req, i, codec, &data)?;
                 load.write(out, i, bytes)?;
+            }
+            Msg::Patch {
+                index,
+                blocks,
+                codec,
+                data,
+            } => {
+                let i = load.chunk_index(index).map_err(malformed)?;
+                let Unpacker { decompressor, buf } = &mut unpacker;
+                let bytes = apply_patch(target, req, decompressor, buf, i, &blocks, codec, &data)?;
+                load.acknowledge(out, i, bytes)?;
             }
             Msg::StreamChunk { index, codec, data } => {
                 let i = load.chunk_index(index).map_err(malformed)?;
@@ -430,7 +463,17 @@ impl Loading<'_> {
         bytes: &[u8],
     ) -> Result<(), AgentError> {
         self.target.write_data(bytes, self.req.layout.offset(i))?;
-        self.bytes_written += bytes.len() as u64;
+        self.acknowledge(out, i, bytes.len() as u64)
+    }
+
+    /// Chunk `i` is verified and written (`bytes` of it): acknowledge it.
+    pub(super) fn acknowledge<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        i: usize,
+        bytes: u64,
+    ) -> Result<(), AgentError> {
+        self.bytes_written += bytes;
         if let Some(b) = self.outstanding.get_mut(i / 8) {
             *b &= !(1 << (i % 8));
         }
@@ -815,7 +858,8 @@ mod tests {
                 Msg::Needed {
                     up_to_date: true,
                     bitmap: vec![],
-                    bytes_written: 0
+                    bytes_written: 0,
+                    block_digests: 0
                 },
                 Msg::Finished { bytes_written: 0 }
             ]

@@ -20,6 +20,7 @@
 //! session with `Msg::Error` and a non-zero exit code, never a panic.
 
 mod clean;
+mod delta;
 mod env;
 mod error;
 mod links;

@@ -218,6 +218,7 @@ pub(super) fn needed(replies: &[Msg]) -> (bool, Vec<u8>, u64) {
             up_to_date,
             bitmap,
             bytes_written,
+            ..
         } => (*up_to_date, bitmap.clone(), *bytes_written),
         other => panic!("expected Needed, got {other:?}"),
     }

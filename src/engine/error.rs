@@ -67,7 +67,9 @@ impl NodeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             NodeError::Lost(_) | NodeError::Stalled { .. } | NodeError::AgentStart(_) => true,
-            NodeError::Agent { kind, .. } => *kind == ErrorKind::Closed,
+            // A patch met a target that changed since it was checked: a
+            // fresh attempt checks it again.
+            NodeError::Agent { kind, .. } => matches!(kind, ErrorKind::Closed | ErrorKind::Stale),
             NodeError::Ssh(_)
             | NodeError::NoAgent(_)
             | NodeError::NotBack(_)
@@ -83,6 +85,17 @@ impl NodeError {
             | NodeError::Cancelled
             | NodeError::Internal(_) => false,
         }
+    }
+
+    /// The agent refused a patch: the target changed since it was checked.
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            NodeError::Agent {
+                kind: ErrorKind::Stale,
+                ..
+            }
+        )
     }
 
     /// The state a node ends in with this error.

@@ -113,6 +113,20 @@ impl ChunkSource {
     }
 
     fn prepare(&self, index: usize) -> Result<WireChunk, SourceError> {
+        let raw = self.raw(index)?;
+        let raw_len = raw.len() as u64;
+        let (codec, data) = self.compress(raw);
+        Ok(WireChunk {
+            index: index as u32,
+            codec,
+            data,
+            raw_len,
+        })
+    }
+
+    /// Chunk `index`'s bytes, read (blocking) and checked against the
+    /// manifest; not cached. For a node's patch, whose blocks are its own.
+    pub fn raw(&self, index: usize) -> Result<Vec<u8>, SourceError> {
         let m = &self.manifest;
         let len = m.chunk_len(index) as usize;
         let mut raw = vec![0u8; len];
@@ -123,13 +137,19 @@ impl ChunkSource {
         if crate::image::digest::chunk_digest(&raw) != m.digests[index] {
             return Err(SourceError::Changed { index });
         }
-        let (codec, data) = self.compress(raw);
-        Ok(WireChunk {
-            index: index as u32,
-            codec,
-            data,
-            raw_len: len as u64,
-        })
+        Ok(raw)
+    }
+
+    /// `raw` as it travels: compressed at the run's level when that makes
+    /// it smaller, else as it is.
+    pub fn pack(&self, raw: Vec<u8>) -> (Codec, Vec<u8>) {
+        if self.level <= 0 {
+            return (Codec::Raw, raw);
+        }
+        match zstd::bulk::compress(&raw, self.level) {
+            Ok(packed) if packed.len() < raw.len() / 100 * 97 => (Codec::Zstd, packed),
+            _ => (Codec::Raw, raw),
+        }
     }
 
     fn compress(&self, raw: Vec<u8>) -> (Codec, Vec<u8>) {

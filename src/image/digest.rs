@@ -9,6 +9,31 @@ pub fn chunk_digest(data: &[u8]) -> ChunkDigest {
     xxhash_rust::xxh3::xxh3_128(data)
 }
 
+/// The block of a chunk's delta: when a chunk differs on a node, the
+/// controller and the agent compare digests of its blocks of this size (at
+/// fixed offsets: disk images do not shift) and only the blocks that differ
+/// travel. The last block of a chunk may be shorter. 16 KiB: 20 scattered
+/// small changes cost 320 KiB on the wire, less than rsync sends for them
+/// (64 KiB blocks cost 1.25 MiB, and a reload on a 100 Mbit/s link 1.12× the
+/// time of rsync's).
+pub const DELTA_BLOCK: usize = 16 << 10;
+
+/// Digest of one delta block: xxh3-64 (a block that collides still fails
+/// its chunk's xxh3-128 check, so it is never written wrong).
+pub type BlockDigest = u64;
+
+/// The digests of `data`'s [`DELTA_BLOCK`]s, in order.
+pub fn block_digests(data: &[u8]) -> Vec<BlockDigest> {
+    data.chunks(DELTA_BLOCK)
+        .map(xxhash_rust::xxh3::xxh3_64)
+        .collect()
+}
+
+/// Delta blocks in a chunk of `len` bytes.
+pub fn block_count(len: usize) -> usize {
+    len.div_ceil(DELTA_BLOCK)
+}
+
 /// Digest of `len` zero bytes. An image has at most two chunk lengths (full
 /// and last), so the few most recent answers are kept.
 pub fn zero_digest(len: usize) -> ChunkDigest {
@@ -60,6 +85,21 @@ mod tests {
             v[at] = 0;
         }
         assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn block_digests_cover_every_block_and_tell_them_apart() {
+        let mut data = vec![5u8; 3 * DELTA_BLOCK + 10];
+        let d = block_digests(&data);
+        assert_eq!(d.len(), 4);
+        assert_eq!(block_count(data.len()), 4);
+        assert_eq!(d[0], d[1]);
+        assert_ne!(d[2], d[3], "the short last block is digested alone");
+        data[DELTA_BLOCK + 7] = 6;
+        let e = block_digests(&data);
+        assert_eq!((d[0], d[2], d[3]), (e[0], e[2], e[3]));
+        assert_ne!(d[1], e[1]);
+        assert!(block_digests(&[]).is_empty());
     }
 
     #[test]

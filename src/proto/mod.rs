@@ -6,8 +6,9 @@
 //! [`MAX_FRAME`] before allocating it, and decoding checks every length
 //! against what is left, so garbage gives an error, never a panic.
 //!
-//! Load:  C→A Hello, A→C Hello, C→A LoadBegin, A→C Needed,
-//!        C→A Chunk… (A→C Written after each), C→A Finish, A→C Finished.
+//! Load:  C→A Hello, A→C Hello, C→A LoadBegin, A→C Needed, A→C BlockDigests…
+//!        (as many as Needed announces), C→A Chunk or Patch… (A→C Written
+//!        after each), C→A Finish, A→C Finished.
 //! Save:  C→A Hello, A→C Hello, C→A SaveBegin, A→C SaveInfo, A→C SaveChunk…, A→C SaveEnd;
 //!        A→C Note (a line for the run's log) may come anywhere after SaveInfo.
 //! Status: C→A Hello, A→C Hello, C→A StatusBegin, A→C StatusReport (the
@@ -36,6 +37,9 @@ use std::io;
 
 use cursor::{Cursor, Truncated};
 
+use crate::image::digest::BlockDigest;
+pub use crate::image::digest::DELTA_BLOCK;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 8] = *b"IMAGING\0";
@@ -50,7 +54,9 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// 8: VerifyResult carries the bitmap of the chunks that differ.
 /// 9: RelayConnect carries `lossy` (and port 0 drops the successor);
 /// RelayStats.
-pub const VERSION: u16 = 9;
+/// 10: block-level delta: Needed announces BlockDigests, Patch, the error
+/// kind Stale.
+pub const VERSION: u16 = 10;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.
@@ -68,6 +74,9 @@ pub enum ErrorKind {
     Closed = 4,
     /// The relay listener or link failed.
     Relay = 5,
+    /// A patch did not verify over what the target holds: the target
+    /// changed since the agent checked it. A fresh attempt sorts it out.
+    Stale = 6,
 }
 
 impl ErrorKind {
@@ -78,6 +87,7 @@ impl ErrorKind {
             3 => ErrorKind::Verify,
             4 => ErrorKind::Closed,
             5 => ErrorKind::Relay,
+            6 => ErrorKind::Stale,
             _ => ErrorKind::Other,
         }
     }
@@ -135,6 +145,25 @@ pub enum Msg {
         bitmap: Vec<u8>,
         /// Bytes the agent already wrote while checking (zeroing regions).
         bytes_written: u64,
+        /// BlockDigests frames that follow, one per needed chunk whose
+        /// region on the target held data (within the agent's memory bound).
+        block_digests: u32,
+    },
+    /// The digests of a needed chunk's [`DELTA_BLOCK`]s as the target holds
+    /// them: the controller may answer with a Patch instead of the Chunk.
+    BlockDigests {
+        index: u32,
+        digests: Vec<BlockDigest>,
+    },
+    /// Chunk `index` as the blocks that differ from what the target holds:
+    /// bit k of `blocks` set means block k is in `data` (the blocks in order,
+    /// concatenated, then packed with `codec`). The agent lays them over its
+    /// copy and writes them only if the whole chunk then verifies.
+    Patch {
+        index: u32,
+        blocks: Vec<u8>,
+        codec: Codec,
+        data: Vec<u8>,
     },
     Chunk {
         index: u32,
@@ -295,6 +324,8 @@ impl Msg {
             Msg::Error { .. } => "Error",
             Msg::LoadBegin { .. } => "LoadBegin",
             Msg::Needed { .. } => "Needed",
+            Msg::BlockDigests { .. } => "BlockDigests",
+            Msg::Patch { .. } => "Patch",
             Msg::Chunk { .. } => "Chunk",
             Msg::Written { .. } => "Written",
             Msg::Finish => "Finish",
@@ -358,6 +389,8 @@ impl Msg {
             Msg::VerifyResult(_) => 54,
             Msg::CleanBegin(_) => 55,
             Msg::CleanReport(_) => 56,
+            Msg::BlockDigests { .. } => 60,
+            Msg::Patch { .. } => 61,
         }
     }
 
@@ -414,10 +447,30 @@ impl Msg {
                 up_to_date,
                 bitmap,
                 bytes_written,
+                block_digests,
             } => {
                 b.push(*up_to_date as u8);
                 put_bytes(&mut b, bitmap);
                 b.extend_from_slice(&bytes_written.to_le_bytes());
+                b.extend_from_slice(&block_digests.to_le_bytes());
+            }
+            Msg::BlockDigests { index, digests } => {
+                b.extend_from_slice(&index.to_le_bytes());
+                b.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    b.extend_from_slice(&d.to_le_bytes());
+                }
+            }
+            Msg::Patch {
+                index,
+                blocks,
+                codec,
+                data,
+            } => {
+                b.extend_from_slice(&index.to_le_bytes());
+                put_bytes(&mut b, blocks);
+                b.push(*codec as u8);
+                put_bytes(&mut b, data);
             }
             Msg::Chunk { index, codec, data } | Msg::StreamChunk { index, codec, data } => {
                 b.extend_from_slice(&index.to_le_bytes());
@@ -602,6 +655,27 @@ impl Msg {
                 up_to_date: r.bool("up_to_date")?,
                 bitmap: r.bytes("bitmap")?,
                 bytes_written: r.u64("bytes_written")?,
+                block_digests: r.u32("block_digests")?,
+            },
+            60 => {
+                let index = r.u32("index")?;
+                let n = r.u32("block digest count")? as usize;
+                if n > r.remaining() / 8 {
+                    return Err(ProtocolError::Malformed(format!(
+                        "BlockDigests announces {n} digests but the frame holds fewer"
+                    )));
+                }
+                let mut digests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    digests.push(r.u64("block digest")?);
+                }
+                Msg::BlockDigests { index, digests }
+            }
+            61 => Msg::Patch {
+                index: r.u32("index")?,
+                blocks: r.bytes("blocks")?,
+                codec: r.codec()?,
+                data: r.bytes("data")?,
             },
             12 => Msg::Chunk {
                 index: r.u32("index")?,

@@ -26,6 +26,17 @@ fn samples() -> Vec<Msg> {
             up_to_date: false,
             bitmap: vec![0xff, 0x01],
             bytes_written: 7,
+            block_digests: 2,
+        },
+        Msg::BlockDigests {
+            index: 9,
+            digests: vec![0, 1, u64::MAX],
+        },
+        Msg::Patch {
+            index: 9,
+            blocks: vec![0b101],
+            codec: Codec::Zstd,
+            data: vec![3; 40],
         },
         Msg::Chunk {
             index: 3,
@@ -231,6 +242,16 @@ fn huge_digest_count_is_refused_without_allocating() {
     body.extend_from_slice(&u32::MAX.to_le_bytes());
     let err = Msg::decode(&body).unwrap_err().to_string();
     assert!(err.contains("digests"), "{err}");
+}
+
+#[test]
+fn huge_block_digest_count_is_refused_without_allocating() {
+    let mut body = vec![60u8];
+    body.extend_from_slice(&3u32.to_le_bytes());
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.extend_from_slice(&7u64.to_le_bytes());
+    let err = Msg::decode(&body).unwrap_err().to_string();
+    assert!(err.contains("BlockDigests announces"), "{err}");
 }
 
 #[tokio::test]

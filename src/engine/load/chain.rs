@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::delta::{self, BlockMap, Tally};
 use super::job::LoadJob;
 use super::refusals::Refusals;
 use super::session::{Counters, Plan, begin, open_link};
@@ -32,7 +33,7 @@ use super::slow::{Reading, Sample, Verdict, Watch};
 use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
-use crate::engine::source::WireChunk;
+use crate::engine::source::{SourceError, WireChunk};
 use crate::node::agent_link::{AgentLink, Tx};
 use crate::proto::{self, Msg};
 
@@ -50,6 +51,9 @@ pub(super) enum ToCoord {
         node: usize,
         tx: SharedTx,
         needed: Vec<usize>,
+        /// Its block digests: chunks that all their nodes can take as
+        /// small patches stay out of the stream.
+        blocks: Arc<BlockMap>,
         cut: oneshot::Sender<String>,
         counters: Arc<Counters>,
     },
@@ -337,11 +341,12 @@ impl Coordinator {
                     node,
                     tx,
                     needed,
+                    blocks,
                     cut,
                     counters,
                 }) => {
                     settled.insert(node);
-                    joined.push((node, needed));
+                    joined.push((node, needed, blocks));
                     self.chain.push(Member {
                         node,
                         tx,
@@ -372,7 +377,11 @@ impl Coordinator {
         if self.chain.is_empty() {
             return self.drain().await;
         }
-        let union: BTreeSet<usize> = joined.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+        let union: BTreeSet<usize> = joined
+            .iter()
+            .flat_map(|(_, n, _)| n.iter().copied())
+            .collect();
+        let patchable = patchable(&joined);
         let order: Vec<&str> = self.chain.iter().map(|m| self.name(m.node)).collect();
         self.report.log(
             None,
@@ -443,20 +452,26 @@ impl Coordinator {
         }
 
         // 3. The stream, to whoever heads the chain; repairs between chunks.
+        // A chunk that every node lacking it can take as a patch, for less
+        // than the chunk, stays out: those nodes get patches in the catch-up.
         let mut ahead = std::collections::VecDeque::new();
         let mut queue = union.iter().copied();
+        let source = self.job.source.clone();
+        let prepare = |c: usize| {
+            let (source, nodes) = (source.clone(), patchable.get(&c).cloned());
+            tokio::spawn(async move { streamed(source, c, nodes).await })
+        };
         for _ in 0..3 {
             if let Some(c) = queue.next() {
-                let source = self.job.source.clone();
-                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+                ahead.push_back(prepare(c));
             }
         }
         // Chunks streamed so far, in order.
-        let mut streamed = Vec::new();
+        let mut in_stream = Vec::new();
+        let mut left_out = 0;
         while let Some(next) = ahead.pop_front() {
             if let Some(c) = queue.next() {
-                let source = self.job.source.clone();
-                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+                ahead.push_back(prepare(c));
             }
             while let Ok(event) = self.rx.try_recv() {
                 if !self.handle(Some(event)).await {
@@ -464,9 +479,13 @@ impl Coordinator {
                 }
             }
             let chunk = match next.await {
-                Ok(Ok(chunk)) => {
-                    streamed.push(chunk.index as usize);
+                Ok(Ok(Some(chunk))) => {
+                    in_stream.push(chunk.index as usize);
                     chunk
+                }
+                Ok(Ok(None)) => {
+                    left_out += 1;
+                    continue;
                 }
                 Ok(Err(e)) => return self.abandon(e.to_string()).await,
                 Err(e) => return self.abandon(e.to_string()).await,
@@ -507,12 +526,22 @@ impl Coordinator {
             // on yet: the stream goes back to the oldest of that, once
             // through the chain rather than to each of them after it.
             if let Some(from) = self.route_around_slow().await {
-                let again: Vec<usize> = streamed.iter().copied().filter(|&c| c >= from).collect();
+                let again: Vec<usize> = in_stream.iter().copied().filter(|&c| c >= from).collect();
                 for &c in again.iter().rev() {
                     let source = self.job.source.clone();
-                    ahead.push_front(tokio::spawn(async move { source.get(c).await }));
+                    ahead.push_front(tokio::spawn(async move { source.get(c).await.map(Some) }));
                 }
             }
+        }
+        if left_out > 0 {
+            self.report.log(
+                None,
+                format!(
+                    "relay chain: {left_out} chunk{} left out of the stream: the nodes that lack {} get block patches directly",
+                    if left_out == 1 { "" } else { "s" },
+                    if left_out == 1 { "it" } else { "them" },
+                ),
+            );
         }
         self.stream_ended = true;
         while let Some(head) = self.chain.first().map(|m| m.node) {
@@ -669,7 +698,7 @@ async fn member_inner(
         Ok(link) => link,
         Err(e) => return (out(Err(e)), None),
     };
-    let (needed, base, total) = match begin(i, job, report, counters, &mut link).await {
+    let (needed, base, mut total, blocks) = match begin(i, job, report, counters, &mut link).await {
         Err(e) => {
             let e = e.explained(&mut link.rx).await;
             let end = close_pipes(link);
@@ -683,7 +712,8 @@ async fn member_inner(
             needed,
             base,
             total,
-        }) => (needed, base, total),
+            blocks,
+        }) => (needed, base, total, Arc::new(blocks)),
     };
     let AgentLink { tx, mut rx, end } = link;
     let tx: SharedTx = Arc::new(Mutex::new(tx));
@@ -697,6 +727,7 @@ async fn member_inner(
             node: i,
             tx: tx.clone(),
             needed: needed.clone(),
+            blocks: blocks.clone(),
             cut: cut_tx,
             counters: counters.clone(),
         });
@@ -705,7 +736,7 @@ async fn member_inner(
     let mut sent_direct = std::collections::HashSet::new();
     if needed.is_empty() {
         finish_sent = true;
-        if let Err(e) = send_direct(job, &tx, &[], counters).await {
+        if let Err(e) = send_direct(job, &tx, &[], counters, &blocks).await {
             return (Err(e.explained(&mut rx).await), Some(end));
         }
     }
@@ -754,8 +785,14 @@ async fn member_inner(
                     }
                     report.state(i, NodeState::Syncing, None);
                     finish_sent = true;
-                    if let Err(e) = send_direct(job, &tx, &missing, counters).await {
-                        break Err(e);
+                    match send_direct(job, &tx, &missing, counters, &blocks).await {
+                        Ok(tally) => {
+                            total = total.saturating_sub(tally.spared());
+                            if let Some(line) = tally.line() {
+                                report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
+                            }
+                        }
+                        Err(e) => break Err(e),
                     }
                 }
                 Ok(Msg::Finished { bytes_written }) => {
@@ -804,22 +841,27 @@ fn close_pipes(link: AgentLink) -> crate::node::agent_link::LinkEnd {
     end
 }
 
-/// Chunks a member lacks after the stream, straight from the controller,
-/// then Finish.
+/// Chunks a member lacks after the stream, straight from the controller
+/// (as patches where its block digests allow), then Finish.
 async fn send_direct(
     job: &LoadJob,
     tx: &SharedTx,
     chunks: &[usize],
     counters: &Counters,
-) -> Result<(), NodeError> {
+    blocks: &BlockMap,
+) -> Result<Tally, NodeError> {
+    let mut tally = Tally::default();
     for &c in chunks {
-        let chunk = job.source.get(c).await.map_err(NodeError::from)?;
-        job.on_wire(chunk.data.len() as u64).await;
+        let out = delta::outgoing(&job.source, c, blocks.get(&c).cloned())
+            .await
+            .map_err(NodeError::from)?;
+        job.on_wire(out.wire_len()).await;
         let mut tx = tx.lock().await;
-        proto::write_chunk(&mut *tx, chunk.index, chunk.codec, &chunk.data)
+        out.write(&mut *tx)
             .await
             .map_err(|e| NodeError::Lost(format!("sending chunk {c}: {e}")))?;
-        counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
+        counters.sent.fetch_add(out.raw_len(), Ordering::Relaxed);
+        tally.add(&out);
     }
     let mut tx = tx.lock().await;
     proto::write_msg(&mut *tx, &Msg::Finish)
@@ -827,5 +869,47 @@ async fn send_direct(
         .map_err(|e| NodeError::Lost(format!("sending Finish: {e}")))?;
     tx.flush()
         .await
-        .map_err(|e| NodeError::Lost(format!("sending Finish: {e}")))
+        .map_err(|e| NodeError::Lost(format!("sending Finish: {e}")))?;
+    Ok(tally)
+}
+
+/// Per chunk of the stream that every member lacking it holds block
+/// digests for: those members' digests. The other chunks are streamed.
+fn patchable(joined: &[(usize, Vec<usize>, Arc<BlockMap>)]) -> HashMap<usize, Vec<Arc<BlockMap>>> {
+    let mut chunks: HashMap<usize, Option<Vec<Arc<BlockMap>>>> = HashMap::new();
+    if joined.iter().all(|(_, _, blocks)| blocks.is_empty()) {
+        return HashMap::new();
+    }
+    for (_, needed, blocks) in joined {
+        for &c in needed {
+            let entry = chunks.entry(c).or_insert_with(|| Some(Vec::new()));
+            match entry {
+                Some(nodes) if blocks.contains_key(&c) => nodes.push(blocks.clone()),
+                _ => *entry = None,
+            }
+        }
+    }
+    chunks
+        .into_iter()
+        .filter_map(|(c, nodes)| nodes.map(|n| (c, n)))
+        .collect()
+}
+
+/// Chunk `c` for the stream, or None when the members that lack it (with
+/// their block digests in `nodes`) together take less as patches.
+async fn streamed(
+    source: Arc<crate::engine::source::ChunkSource>,
+    c: usize,
+    nodes: Option<Vec<Arc<BlockMap>>>,
+) -> Result<Option<Arc<WireChunk>>, SourceError> {
+    if let Some(nodes) = nodes {
+        let s = source.clone();
+        let differing = tokio::task::spawn_blocking(move || delta::differing_total(&s, c, &nodes))
+            .await
+            .map_err(|e| SourceError::Reader(e.to_string()))??;
+        if delta::worth_patching(differing, source.manifest().chunk_len(c)) {
+            return Ok(None);
+        }
+    }
+    source.get(c).await.map(Some)
 }

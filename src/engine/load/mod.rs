@@ -19,6 +19,7 @@ use crate::engine::report::Reporter;
 use crate::node::hooks;
 
 mod chain;
+mod delta;
 mod job;
 mod refusals;
 mod session;
@@ -268,7 +269,12 @@ async fn load_image(
                 return Ok(NodeState::UpToDate);
             }
             match coord {
-                Some(coord) => chain::member(i, &job, &report, &counters, coord).await,
+                Some(coord) => match chain::member(i, &job, &report, &counters, coord).await {
+                    Err(e) if e.is_stale() => {
+                        star::after_stale(i, &job, &report, &counters, e).await
+                    }
+                    r => r,
+                },
                 None => star::transfer(i, &job, &report, &counters).await,
             }
         })

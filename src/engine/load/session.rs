@@ -2,7 +2,7 @@
 //! open the agent link and begin the load. What goes wrong is a
 //! [`NodeError`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -14,6 +14,7 @@ use crate::engine::wait;
 use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
+use super::delta::BlockMap;
 use super::job::LoadJob;
 
 /// Byte counters of one node, over all its attempts.
@@ -22,6 +23,8 @@ pub(super) struct Counters {
     pub sent: AtomicU64,
     pub written_before: AtomicU64,
     pub written: AtomicU64,
+    /// A patch met a target that changed: later attempts send whole chunks.
+    pub no_delta: AtomicBool,
 }
 
 pub(super) async fn open_link(
@@ -65,8 +68,12 @@ pub(super) enum Plan {
         needed: Vec<usize>,
         /// Bytes written before this attempt plus those zeroed while checking.
         base: u64,
-        /// What the node will have written when done.
+        /// What the node will have written when done (less what patches
+        /// spare, as they go).
         total: u64,
+        /// Block digests of needed chunks that the target held data for:
+        /// those may travel as patches.
+        blocks: BlockMap,
     },
 }
 
@@ -100,15 +107,16 @@ pub(super) async fn begin(
     )
     .await?;
     link.tx.flush().await.map_err(ProtocolError::from)?;
-    let (bitmap, zeroed) = match proto::read_msg(&mut link.rx).await? {
+    let (bitmap, zeroed, announced) = match proto::read_msg(&mut link.rx).await? {
         Msg::Needed {
             up_to_date: true, ..
         } => return Ok(Plan::UpToDate),
         Msg::Needed {
             bitmap,
             bytes_written,
+            block_digests,
             ..
-        } => (bitmap, bytes_written),
+        } => (bitmap, bytes_written, block_digests),
         Msg::Error { kind, message } => return Err(NodeError::Agent { kind, message }),
         other => {
             return Err(NodeError::Protocol(format!(
@@ -120,6 +128,10 @@ pub(super) async fn begin(
     let needed: Vec<usize> = (0..m.chunk_count())
         .filter(|&c| proto::bit(&bitmap, c))
         .collect();
+    let mut blocks = super::delta::read_block_digests(m, &bitmap, announced, &mut link.rx).await?;
+    if counters.no_delta.load(Ordering::Relaxed) {
+        blocks.clear();
+    }
     let before = counters.written_before.load(Ordering::Relaxed);
     let total = before + zeroed + needed.iter().map(|&c| m.chunk_len(c)).sum::<u64>();
     counters.written.store(zeroed, Ordering::Relaxed);
@@ -133,5 +145,6 @@ pub(super) async fn begin(
         needed,
         base: before,
         total,
+        blocks,
     })
 }

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -16,6 +16,7 @@ use crate::engine::report::Reporter;
 use crate::node::agent_link::AgentLink;
 use crate::proto::{self, Msg, ProtocolError};
 
+use super::delta::{self, Tally};
 use super::job::LoadJob;
 use super::session::{Counters, Plan, begin, open_link};
 
@@ -38,6 +39,9 @@ pub(super) async fn transfer(
             Err(e) => {
                 let reason = e.to_string();
                 failures += 1;
+                if e.is_stale() {
+                    counters.no_delta.store(true, Ordering::Relaxed);
+                }
                 let written = counters.written.swap(0, Ordering::Relaxed);
                 counters
                     .written_before
@@ -66,6 +70,31 @@ pub(super) async fn transfer(
     }
 }
 
+/// A chain member whose catch-up patch met a target that changed since it
+/// was checked: the node starts over on its own, as in a star load, with
+/// whole chunks.
+pub(super) async fn after_stale(
+    i: usize,
+    job: &LoadJob,
+    report: &Reporter,
+    counters: &Counters,
+    e: NodeError,
+) -> Result<NodeState, NodeError> {
+    report.log(
+        Some(i),
+        format!(
+            "{}: {e}; it starts again on its own, with whole chunks",
+            job.nodes[i].name
+        ),
+    );
+    counters.no_delta.store(true, Ordering::Relaxed);
+    let written = counters.written.swap(0, Ordering::Relaxed);
+    counters
+        .written_before
+        .fetch_add(written, Ordering::Relaxed);
+    transfer(i, job, report, counters).await
+}
+
 async fn attempt(
     i: usize,
     job: &LoadJob,
@@ -89,14 +118,17 @@ async fn run_session(
     counters: &Counters,
     link: &mut AgentLink,
 ) -> Result<NodeState, NodeError> {
-    let (needed, before, total) = match begin(i, job, report, counters, link).await? {
+    let (needed, before, total, mut blocks) = match begin(i, job, report, counters, link).await? {
         Plan::UpToDate => return Ok(NodeState::UpToDate),
         Plan::Send {
             needed,
             base,
             total,
-        } => (needed, base, total),
+            blocks,
+        } => (needed, base, total, blocks),
     };
+    // Patches write less than their chunks: the total shrinks as they go.
+    let total = AtomicU64::new(total);
     report.state(i, NodeState::Transferring, None);
 
     let AgentLink { tx, rx, .. } = link;
@@ -104,28 +136,38 @@ async fn run_session(
     let send = async {
         let mut ahead = VecDeque::new();
         let mut queue = needed.iter().copied();
+        // Each chunk whole, or as a patch where the node's block digests
+        // show that few of its blocks differ.
+        let mut prepare = |c: usize| {
+            let (source, theirs) = (job.source.clone(), blocks.remove(&c));
+            tokio::spawn(async move { delta::outgoing(&source, c, theirs).await })
+        };
         for _ in 0..LOOKAHEAD {
             if let Some(c) = queue.next() {
-                let source = job.source.clone();
-                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+                ahead.push_back(prepare(c));
             }
         }
+        let mut tally = Tally::default();
         while let Some(next) = ahead.pop_front() {
             if let Some(c) = queue.next() {
-                let source = job.source.clone();
-                ahead.push_back(tokio::spawn(async move { source.get(c).await }));
+                ahead.push_back(prepare(c));
             }
-            let chunk = next
+            let out = next
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))?
                 .map_err(NodeError::from)?;
-            job.on_wire(chunk.data.len() as u64).await;
+            job.on_wire(out.wire_len()).await;
             watch.sending(Instant::now());
-            proto::write_chunk(tx, chunk.index, chunk.codec, &chunk.data).await?;
-            counters.sent.fetch_add(chunk.raw_len, Ordering::Relaxed);
+            out.write(tx).await?;
+            counters.sent.fetch_add(out.raw_len(), Ordering::Relaxed);
+            total.fetch_sub(out.spared(), Ordering::Relaxed);
+            tally.add(&out);
         }
         proto::write_msg(tx, &Msg::Finish).await?;
         tx.flush().await.map_err(ProtocolError::from)?;
+        if let Some(line) = tally.line() {
+            report.log(Some(i), format!("{}: {line}", job.nodes[i].name));
+        }
         report.state(i, NodeState::Syncing, None);
         Ok::<(), NodeError>(())
     };
@@ -139,7 +181,7 @@ async fn run_session(
                         i,
                         counters.sent.load(Ordering::Relaxed),
                         before + bytes_written,
-                        total,
+                        total.load(Ordering::Relaxed),
                     );
                 }
                 Msg::Finished { bytes_written } => {

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{Rig, assert_same, imaging, lines, node, summary};
+use common::{Rig, assert_same, imaging, lines, node, output_text, summary};
 
 const MIB: usize = 1 << 20;
 
@@ -21,14 +21,6 @@ fn write_image(path: &Path, seed: u64) -> Vec<u8> {
     rng.fill(&mut data[3 * MIB..]);
     fs::write(path, &data).unwrap();
     data
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A layer whose target is `targets/{name}/FILE` (FILE may be `{image}`).
@@ -89,7 +81,7 @@ fn clean_removes_the_unkept_images_imaging_wrote_and_nothing_else() {
     for (image, nodes) in [("a.img", "1-2"), ("b.img", "1-2"), ("c.img", "1")] {
         let cfg = layer(&rig, image);
         let out = run(&rig, &cfg, &["load", "--json", "-i", image, nodes]);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     }
     // node01: a file imaging never wrote. node02: a.img changed since its load.
     fs::write(dir(1).join("mine.img"), b"someone else's disk").unwrap();
@@ -103,7 +95,7 @@ fn clean_removes_the_unkept_images_imaging_wrote_and_nothing_else() {
     let pattern = layer(&rig, "{image}");
     // status lists every file of the {image} directory.
     let out = run(&rig, &pattern, &["status", "--json", "1-2"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let s = summary(&out);
     let held: Vec<(String, String)> = node(&s, "node01")["targets"]
         .as_array()
@@ -133,7 +125,7 @@ fn clean_removes_the_unkept_images_imaging_wrote_and_nothing_else() {
         &pattern,
         &["clean", "-n", "--json", "1-2", "--keep", "b"],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let s = summary(&out);
     let n1 = files(&s, "node01");
     let actions: Vec<(&str, &str)> = n1
@@ -166,7 +158,7 @@ fn clean_removes_the_unkept_images_imaging_wrote_and_nothing_else() {
 
     // For real.
     let out = run(&rig, &pattern, &["clean", "1-2", "--keep", "b.img"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let said = String::from_utf8_lossy(&out.stdout);
     eprintln!("{said}");
     assert!(said.contains("removed 2 files, freed 4.0 MiB"), "{said}");
@@ -198,8 +190,12 @@ fn clean_refuses_a_target_without_image_and_an_empty_keep() {
     let rig = Rig::new_stopped(1);
     let cfg = layer(&rig, "a.img");
     let out = run(&rig, &cfg, &["clean", "1", "--keep", "a.img"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("holding {image}"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("holding {image}"),
+        "{}",
+        output_text(&out)
+    );
     let cfg = layer(&rig, "{image}");
     for args in [
         &["clean", "1", "--keep", ","][..],
@@ -208,6 +204,11 @@ fn clean_refuses_a_target_without_image_and_an_empty_keep() {
         &["clean", "-c", "1", "--keep", "a"],
     ] {
         let out = run(&rig, &cfg, args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            output_text(&out)
+        );
     }
 }

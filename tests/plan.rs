@@ -7,29 +7,11 @@ mod common;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, SystemTime};
 
-use common::{Rig, imaging, summary};
+use common::{Rig, imaging, output_text, summary, write_8mib_image};
 
 const MIB: u64 = 1 << 20;
-
-/// 8 MiB in 1 MiB chunks: data in chunks 0-2 and 6-7, zeros in 3-5.
-fn write_image(path: &Path, seed: u64) {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut data = vec![0u8; 8 * MIB as usize];
-    rng.fill(&mut data[..3 * MIB as usize]);
-    rng.fill(&mut data[6 * MIB as usize..]);
-    fs::write(path, &data).unwrap();
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// 1 MiB chunks.
 fn layer(rig: &Rig) -> PathBuf {
@@ -42,10 +24,10 @@ fn layer(rig: &Rig) -> PathBuf {
 fn plan(rig: &Rig, cfg: &Path, args: &[&str]) -> serde_json::Value {
     let out = imaging(rig, cfg).args(args).output().unwrap();
     // A node that is down is part of the plan, not its failure.
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "{}", text(&out));
+    assert_eq!(lines.len(), 1, "{}", output_text(&out));
     let plan: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(plan["event"], "plan", "{plan}");
     plan
@@ -77,7 +59,7 @@ fn stamps(rig: &Rig, cfg: &Path) -> Vec<serde_json::Value> {
         .args(["status", "--json", "1-3"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let s = summary(&out);
     ["node01", "node02", "node03"]
         .iter()
@@ -92,14 +74,14 @@ fn dry_run_says_what_each_node_would_receive_from_stamps_and_digests_and_writes_
         rig.start(i);
     }
     let cfg = layer(&rig);
-    write_image(&rig.dir().join("images/a.img"), 1);
+    write_8mib_image(&rig.dir().join("images/a.img"), 1);
     let data = 5 * MIB;
 
     let out = imaging(&rig, &cfg)
         .args(["load", "--json", "-i", "a.img", "1-2"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     // Node 3 holds 2 MiB imaging never wrote; node 4 is down.
     let mut other = vec![0u8; 2 * MIB as usize];
     fastrand::Rng::with_seed(9).fill(&mut other);
@@ -179,7 +161,7 @@ fn dry_run_says_what_each_node_would_receive_from_stamps_and_digests_and_writes_
         .args(["load", "-n", "--verify", "-i", "a.img", "1-4"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let t = String::from_utf8_lossy(&out.stdout);
     let row = |name: &str| {
         t.lines()
@@ -215,7 +197,7 @@ fn a_node_that_never_answers_is_reported_within_the_timeout() {
         "[[node]]\nname = \"mute\"\naddress = \"127.0.0.1\"\nport = {mute_port}\n"
     ));
     let cfg = layer(&rig);
-    write_image(&rig.dir().join("images/a.img"), 2);
+    write_8mib_image(&rig.dir().join("images/a.img"), 2);
     let started = std::time::Instant::now();
     let p = plan(
         &rig,

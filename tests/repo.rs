@@ -9,19 +9,9 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{Rig, assert_same, imaging, lines, summary};
+use common::{Rig, assert_same, imaging, lines, output_text, summary, write_8mib_image};
 
 const MIB: usize = 1 << 20;
-
-/// 8 MiB of random data with a zero region.
-fn write_image(path: &Path, seed: u64) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut data = vec![0u8; 8 * MIB];
-    rng.fill(&mut data[..3 * MIB]);
-    rng.fill(&mut data[6 * MIB..]);
-    fs::write(path, &data).unwrap();
-    data
-}
 
 /// A config layer: 1 MiB chunks, plus `extra`.
 fn layer(rig: &Rig, extra: &str) -> PathBuf {
@@ -34,14 +24,6 @@ fn images(rig: &Rig) -> PathBuf {
     rig.dir().join("images")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn run(rig: &Rig, cfg: &Path, args: &[&str]) -> Output {
     imaging(rig, cfg).args(args).output().unwrap()
 }
@@ -49,7 +31,7 @@ fn run(rig: &Rig, cfg: &Path, args: &[&str]) -> Output {
 /// `list --json` rows by name.
 fn list(rig: &Rig, cfg: &Path) -> Vec<serde_json::Value> {
     let out = run(rig, cfg, &["list", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     lines(&out)
 }
 
@@ -84,11 +66,11 @@ fn entries(dir: &Path) -> Vec<String> {
 fn save_records_comment_node_and_held_image_which_list_shows_and_load_logs() {
     let rig = Rig::new(1);
     let cfg = layer(&rig, "");
-    let base = write_image(&images(&rig).join("base.img"), 1);
+    let base = write_8mib_image(&images(&rig).join("base.img"), 1);
 
     // The node holds base.img, then changes (as a node one saves does).
     let out = run(&rig, &cfg, &["load", "--json", "-i", "base", "1"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert_same(&rig.nodes()[0].target, &base);
     {
         use std::os::unix::fs::FileExt;
@@ -105,8 +87,8 @@ fn save_records_comment_node_and_held_image_which_list_shows_and_load_logs() {
         &cfg,
         &["save", "--json", "1", "-o", "gold", "-m", "with nginx"],
     );
-    assert_eq!(summary(&out)["ok"], true, "{}", text(&out));
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(summary(&out)["ok"], true, "{}", output_text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let saved = saved_as(&rig, "__gold.img");
     assert_same(&images(&rig).join(&saved), &on_node);
     assert!(
@@ -117,7 +99,7 @@ fn save_records_comment_node_and_held_image_which_list_shows_and_load_logs() {
 
     let base_id = {
         let out = run(&rig, &cfg, &["resolve", "--json", "base"]);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
         lines(&out)[0]["identity"].as_str().unwrap().to_string()
     };
     let rows = list(&rig, &cfg);
@@ -148,14 +130,14 @@ fn save_records_comment_node_and_held_image_which_list_shows_and_load_logs() {
 
     // Loading the saved image logs where it came from, once.
     let out = run(&rig, &cfg, &["load", "--json", "-i", &saved, "1"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let logged: Vec<String> = lines(&out)
         .iter()
         .filter(|l| l["event"] == "log")
         .filter_map(|l| l["text"].as_str().map(str::to_string))
         .filter(|t| t.starts_with(&format!("image {saved}: saved from node01 on ")))
         .collect();
-    assert_eq!(logged.len(), 1, "{}", text(&out));
+    assert_eq!(logged.len(), 1, "{}", output_text(&out));
     assert!(
         logged[0].contains(" by ") && logged[0].ends_with(", held base.img, comment: with nginx"),
         "{}",
@@ -163,7 +145,7 @@ fn save_records_comment_node_and_held_image_which_list_shows_and_load_logs() {
     );
     // And the node's stamp now names the saved image: a second save says so.
     let out = run(&rig, &cfg, &["save", "--json", "1", "-o", "again"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let again = saved_as(&rig, "__again.img");
     let rows = list(&rig, &cfg);
     let p = &row(&rows, &again)["provenance"];
@@ -176,11 +158,11 @@ fn alias_resolve_and_broken_aliases() {
     let rig = Rig::new_stopped(1);
     let cfg = layer(&rig, "");
     let repo = images(&rig);
-    let data = write_image(&repo.join("ubuntu.img"), 2);
-    write_image(&repo.join("fedora.img"), 3);
+    let data = write_8mib_image(&repo.join("ubuntu.img"), 2);
+    write_8mib_image(&repo.join("fedora.img"), 3);
 
     let out = run(&rig, &cfg, &["alias", "gold", "ubuntu"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert_eq!(
         fs::read_link(repo.join("gold.img")).unwrap(),
         Path::new("ubuntu.img")
@@ -188,7 +170,7 @@ fn alias_resolve_and_broken_aliases() {
 
     // resolve: the file -i gold loads, its size and identity.
     let out = run(&rig, &cfg, &["resolve", "gold"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let shown = String::from_utf8_lossy(&out.stdout).into_owned();
     let file = fs::canonicalize(repo.join("ubuntu.img")).unwrap();
     assert_eq!(
@@ -209,11 +191,11 @@ fn alias_resolve_and_broken_aliases() {
 
     // Refusals: an alias never replaces an image; an alias moves only with -f.
     let out = run(&rig, &cfg, &["alias", "fedora", "ubuntu"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
-        text(&out).contains("never replaces an image"),
+        output_text(&out).contains("never replaces an image"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert!(
         fs::symlink_metadata(repo.join("fedora.img"))
@@ -221,14 +203,14 @@ fn alias_resolve_and_broken_aliases() {
             .is_file()
     );
     let out = run(&rig, &cfg, &["alias", "gold", "fedora"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("-f"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("-f"), "{}", output_text(&out));
     assert_eq!(
         fs::read_link(repo.join("gold.img")).unwrap(),
         Path::new("ubuntu.img")
     );
     let out = run(&rig, &cfg, &["alias", "-f", "gold", "fedora"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert_eq!(
         fs::read_link(repo.join("gold.img")).unwrap(),
         Path::new("fedora.img")
@@ -253,16 +235,20 @@ fn alias_resolve_and_broken_aliases() {
 
     // load -i of a broken alias: said so, exit 2, the node untouched.
     let out = run(&rig, &cfg, &["load", "-i", "old", "1"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
-        text(&out).contains("old.img is a broken alias to gone.img"),
+        output_text(&out).contains("old.img is a broken alias to gone.img"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert!(!rig.nodes()[0].target.exists());
     let out = run(&rig, &cfg, &["resolve", "old"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("broken alias"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("broken alias"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 #[test]
@@ -275,16 +261,16 @@ fn share_moves_into_the_shared_repository_and_list_says_where() {
         &format!("[repository]\nshared = [{:?}]\n", shared.to_str().unwrap()),
     );
     let repo = images(&rig);
-    let data = write_image(&repo.join("gold.img"), 4);
+    let data = write_8mib_image(&repo.join("gold.img"), 4);
     symlink("gold.img", repo.join("default.img")).unwrap();
     // A manifest and a provenance sidecar travel with it.
     let out = run(&rig, &cfg, &["resolve", "gold"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     fs::write(repo.join(".gold.img.info"), b"{\"note\":\"kept\"}").unwrap();
     assert!(repo.join(".gold.img.manifest").is_file());
 
     let out = run(&rig, &cfg, &["share", "gold", "--as", "golden"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert_eq!(
         entries(&shared),
         [
@@ -294,7 +280,7 @@ fn share_moves_into_the_shared_repository_and_list_says_where() {
             "golden.img"
         ],
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert_same(&shared.join("gold.img"), &data);
     assert_eq!(entries(&repo), ["default.img"]);
@@ -331,7 +317,7 @@ fn share_moves_into_the_shared_repository_and_list_says_where() {
     // -i finds it in the shared repository, by name and through the aliases.
     for name in ["gold", "golden", "default"] {
         let out = run(&rig, &cfg, &["resolve", "--json", name]);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
         let r = &lines(&out)[0];
         assert_eq!(
             r["file"],
@@ -343,20 +329,24 @@ fn share_moves_into_the_shared_repository_and_list_says_where() {
     }
 
     // Sharing onto an existing name: refused, nothing moved.
-    let second = write_image(&repo.join("gold.img"), 5);
+    let second = write_8mib_image(&repo.join("gold.img"), 5);
     let out = run(&rig, &cfg, &["share", "gold.img"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("already exists"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("already exists"),
+        "{}",
+        output_text(&out)
+    );
     assert_same(&repo.join("gold.img"), &second);
     assert_same(&shared.join("gold.img"), &data);
     // Without a shared repository configured: refused.
     let plain = layer(&rig, "");
     let out = run(&rig, &plain, &["share", "gold"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
-        text(&out).contains("no shared repository"),
+        output_text(&out).contains("no shared repository"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -365,11 +355,11 @@ fn rm_removes_images_with_sidecars_and_refuses_aliased_ones() {
     let rig = Rig::new_stopped(1);
     let cfg = layer(&rig, "");
     let repo = images(&rig);
-    write_image(&repo.join("a.img"), 6);
-    write_image(&repo.join("b.img"), 7);
+    write_8mib_image(&repo.join("a.img"), 6);
+    write_8mib_image(&repo.join("b.img"), 7);
     for image in ["a", "b"] {
         let out = run(&rig, &cfg, &["resolve", image]);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     }
     fs::write(repo.join(".a.img.info"), b"{}").unwrap();
     symlink("b.img", repo.join("keep.img")).unwrap();
@@ -377,16 +367,16 @@ fn rm_removes_images_with_sidecars_and_refuses_aliased_ones() {
     // b is aliased: refused, and a (named first) is untouched too.
     let before = entries(&repo);
     let out = run(&rig, &cfg, &["rm", "a", "b"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
-        text(&out).contains("b.img is aliased by keep.img"),
+        output_text(&out).contains("b.img is aliased by keep.img"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert_eq!(entries(&repo), before);
 
     let out = run(&rig, &cfg, &["rm", "-n", "a"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         said.contains("would remove a.img (8.0 MiB on disk)"),
@@ -396,7 +386,7 @@ fn rm_removes_images_with_sidecars_and_refuses_aliased_ones() {
     assert_eq!(entries(&repo), before);
 
     let out = run(&rig, &cfg, &["rm", "a"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("removed a.img"), "{said}");
     assert!(said.contains("removed 1 entry, freed 8.0 MiB"), "{said}");
@@ -404,16 +394,16 @@ fn rm_removes_images_with_sidecars_and_refuses_aliased_ones() {
 
     // -f removes an aliased image; the alias is then listed as broken.
     let out = run(&rig, &cfg, &["rm", "-f", "b"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert_eq!(entries(&repo), ["keep.img"]);
     assert_eq!(row(&list(&rig, &cfg), "keep.img")["broken"], true);
     // An alias itself is removed as a link.
     let out = run(&rig, &cfg, &["rm", "keep"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed alias keep.img"));
     assert!(entries(&repo).is_empty());
     let out = run(&rig, &cfg, &["rm", "nothing"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
 }
 
 #[test]
@@ -430,15 +420,15 @@ fn prune_keeps_the_newest_saves_of_each_node_and_name() {
         "saving__fit01__2026-11-23@09-00.img",
     ];
     for (k, s) in saves.iter().enumerate() {
-        write_image(&repo.join(s), 10 + k as u64);
+        write_8mib_image(&repo.join(s), 10 + k as u64);
         fs::write(repo.join(format!(".{s}.info")), b"{}").unwrap();
     }
-    write_image(&repo.join("ubuntu.img"), 20);
+    write_8mib_image(&repo.join("ubuntu.img"), 20);
     symlink(saves[0], repo.join("first.img")).unwrap();
 
     let before = entries(&repo);
     let out = run(&rig, &cfg, &["prune", "-n", "--keep", "1"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         said.contains(&format!("would remove {}", saves[1])),
@@ -459,7 +449,7 @@ fn prune_keeps_the_newest_saves_of_each_node_and_name() {
     assert_eq!(entries(&repo), before);
 
     let out = run(&rig, &cfg, &["prune", "--keep", "1", "*__gold.img"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("removed 1 entry, freed 8.0 MiB"), "{said}");
     assert!(!repo.join(saves[1]).exists());
@@ -476,7 +466,7 @@ fn prune_keeps_the_newest_saves_of_each_node_and_name() {
     }
 
     let out = run(&rig, &cfg, &["prune", "--keep", "1"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     assert!(!repo.join(saves[4]).exists());
     assert!(repo.join(saves[5]).exists());
     let out = run(&rig, &cfg, &["prune", "--keep", "x"]);

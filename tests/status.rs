@@ -10,27 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Instant;
 
-use common::{Rig, closed_port, imaging, lines, node, summary};
+use common::{Rig, closed_port, imaging, lines, node, output_text, summary, write_8mib_image};
 
 const MIB: usize = 1 << 20;
-
-/// 8 MiB: random data, a zero region, random data.
-fn write_image(path: &Path, seed: u64) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut data = vec![0u8; 8 * MIB];
-    rng.fill(&mut data[..3 * MIB]);
-    rng.fill(&mut data[6 * MIB..]);
-    fs::write(path, &data).unwrap();
-    data
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// 1 MiB chunks.
 fn layer(rig: &Rig) -> PathBuf {
@@ -53,7 +35,7 @@ fn node_event(out: &Output, name: &str) -> serde_json::Value {
     lines(out)
         .into_iter()
         .find(|l| l["event"] == "node" && l["name"] == name)
-        .unwrap_or_else(|| panic!("no node event for {name}: {}", text(out)))
+        .unwrap_or_else(|| panic!("no node event for {name}: {}", output_text(out)))
 }
 
 #[test]
@@ -66,11 +48,11 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
     ));
     let cfg = layer(&rig);
     let images = rig.dir().join("images");
-    write_image(&images.join("a.img"), 1);
-    write_image(&images.join("b.img"), 2);
+    write_8mib_image(&images.join("a.img"), 1);
+    write_8mib_image(&images.join("b.img"), 2);
     for (image, nodes) in [("a.img", "1-2"), ("b.img", "3")] {
         let out = run(&rig, &cfg, &["load", "--json", "-i", image, nodes]);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     }
     let t = |i: usize| rig.nodes()[i].target.clone();
     // 8 bytes written in place into node02's target (chunk 1).
@@ -84,7 +66,7 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
     let started = Instant::now();
     let out = run(&rig, &cfg, &["status", "--json", "1-3"]);
     let three = started.elapsed();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     eprintln!("status of 3 nodes: {three:?}");
     // Generous: the goal is under 2 s; a busy 2-core machine is slower.
     assert!(three.as_secs_f64() < 10.0, "{three:?}");
@@ -149,7 +131,7 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
 
     // --verify reads node02's target: one chunk differs.
     let out = run(&rig, &cfg, &["status", "--json", "--verify", "2"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let s = summary(&out);
     let target = &targets(&s, "node02")[0];
     assert_eq!(target["state"], "modified", "{target}");
@@ -165,7 +147,7 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
             .iter()
             .any(|l| l["event"] == "progress" && l["done"] == true && l["node"] == "node02"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     // node01 verifies clean.
     let out = run(&rig, &cfg, &["status", "--json", "--verify", "1"]);
@@ -174,9 +156,9 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
     assert_eq!(targets(&s, "node01")[0]["state"], "intact");
 
     // a.img changes in the repository: nodes 1-2 hold an outdated a.img.
-    write_image(&images.join("a.img"), 3);
+    write_8mib_image(&images.join("a.img"), 3);
     let out = run(&rig, &cfg, &["status", "--json", "1-3"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let s = summary(&out);
     for (name, state, current) in [
         ("node01", "intact", false),
@@ -202,7 +184,7 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
 
     // Unknown, missing, down: exit 1 for the node that is down.
     let out = run(&rig, &cfg, &["status", "--json", "4-6"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     let s = summary(&out);
     assert_eq!(s["ok"], false);
     let unknown = &targets(&s, "node04")[0];
@@ -222,7 +204,7 @@ fn status_tells_intact_modified_outdated_unknown_missing_and_down_without_readin
 
     // The table, as a person reads it.
     let out = run(&rig, &cfg, &["status", "1-6"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     let table = String::from_utf8_lossy(&out.stdout);
     eprintln!("{table}");
     let row = |name: &str| {
@@ -254,16 +236,16 @@ fn status_refuses_the_dashboard_and_bad_specs() {
     let rig = Rig::new_stopped(1);
     let cfg = layer(&rig);
     let out = run(&rig, &cfg, &["status", "-c", "1"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
-        text(&out).contains("-c has no effect on `status`"),
+        output_text(&out).contains("-c has no effect on `status`"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let out = run(&rig, &cfg, &["status", "9"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     let out = run(&rig, &cfg, &["status", "-t", "-3", "1"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
 }
 
 #[test]
@@ -281,7 +263,7 @@ fn a_node_that_never_speaks_ssh_is_down_at_the_deadline() {
         &["status", "--json", "-t", "3", "node01", "mute"],
     );
     let took = started.elapsed();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     // The deadline really ends it (generous margin for a busy machine).
     assert!(took.as_secs_f64() < 10.0, "{took:?}");
     let s = summary(&out);
@@ -312,7 +294,7 @@ fn with_power_status_configured_each_node_says_its_power() {
     )
     .unwrap();
     let out = run(&rig, &cfg, &["status", "--json", "-t", "5", "1-2"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     assert_eq!(node_event(&out, "node01")["power"], "on");
     assert_eq!(node_event(&out, "node02")["power"], "off");
     assert_eq!(node(&summary(&out), "node02")["ssh"], "down");

@@ -336,6 +336,26 @@ pub fn imaging(rig: &Rig, layer: &Path) -> Command {
     c
 }
 
+/// A command's stdout and stderr, labelled, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An 8 MiB image at `path`: random data in MiB 0-2 and 6-7, zeros in 3-5.
+pub fn write_8mib_image(path: &Path, seed: u64) -> Vec<u8> {
+    const MIB: usize = 1 << 20;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut data = vec![0u8; 8 * MIB];
+    rng.fill(&mut data[..3 * MIB]);
+    rng.fill(&mut data[6 * MIB..]);
+    fs::write(path, &data).unwrap();
+    data
+}
+
 /// The last line of a `--json` run: the summary.
 pub fn summary(out: &Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);

@@ -772,7 +772,9 @@ def write_report(b, cases_run, skipped):
         "",
         f"Produced by `scripts/links-bench.sh` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
         f"{b.version}, commit {commit or 'unknown'}), cases: {' '.join(cases_run)}. "
-        f"Every link {RATE} both ways unless said, nodes in network namespaces on one "
+        f"Every link {RATE} both ways unless said, shaped by tbf (from 10mbit up with "
+        "a 128 KiB bucket, so that TCP's 64 KiB TSO packets pass whole: see `burst_for` "
+        "in `scripts/lab.sh`), nodes in network namespaces on one "
         f"{os.cpu_count()}-core machine (`scripts/lab.sh`). Medians of {RUNS} runs, "
         "each interleaved with its reference; seconds, wall clock of the whole command "
         "from the controller namespace, SSH login included; every target compared with "

@@ -272,7 +272,8 @@ pub(super) fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
                 | Msg::StreamPiece { .. }
                 | Msg::StreamEnd
                 | Msg::RelayListen { .. }
-                | Msg::RelayConnect { .. })
+                | Msg::RelayConnect { .. }
+                | Msg::Replay { .. })
         );
         if tx.send(Event::Control(msg)).is_err() || !more {
             return;
@@ -301,10 +302,17 @@ pub(super) fn receive<W: Write>(
         outstanding,
         bytes_written,
         assembly: None,
+        replay: None,
+        pass_on_whole: None,
     };
     loop {
         if let Some(stats) = relay.stats_due() {
             out.reply(&stats)?;
+        }
+        // A Replay waits for the successor it is for (the RelayConnect
+        // before it links in the background).
+        if relay.successor.is_some() && load.replay.is_some() {
+            load.replay(out, relay)?;
         }
         let event = rx
             .recv()
@@ -391,6 +399,16 @@ pub(super) fn receive<W: Write>(
                 port,
                 lossy,
             } => relay.connect(&secret, addr, port, lossy)?,
+            Msg::Replay { bitmap } => {
+                if bitmap.len() != bitmap_len(req.layout.chunks) {
+                    return Err(malformed(format!(
+                        "Replay bitmap of {} bytes for {} chunks",
+                        bitmap.len(),
+                        req.layout.chunks
+                    )));
+                }
+                load.replay = Some(bitmap);
+            }
             Msg::Finish => {
                 let layout = req.layout;
                 let outstanding = &load.outstanding;
@@ -423,6 +441,11 @@ pub(super) struct Loading<'a> {
     pub(super) bytes_written: u64,
     /// The pieces received so far of the chunk being streamed in pieces.
     pub(super) assembly: Option<Assembly>,
+    /// Chunks to pass on again (Replay), once the successor is linked.
+    pub(super) replay: Option<Vec<u8>>,
+    /// A chunk of a Replay that was being assembled then: its first pieces
+    /// went to the old successor, so it goes on whole once complete.
+    pub(super) pass_on_whole: Option<usize>,
 }
 
 /// A chunk arriving in [`Msg::StreamPiece`]s, in order.
@@ -644,10 +667,67 @@ impl Loading<'_> {
             return Ok(());
         };
         match unpacker.unpack(self.req, i, whole.codec, &whole.data) {
-            Ok(bytes) => self.write(out, i, bytes),
+            Ok(bytes) => {
+                self.write(out, i, bytes)?;
+                if self.pass_on_whole.take_if(|&mut c| c == i).is_some() {
+                    self.pass_on(out, relay, i, bytes)?;
+                }
+                Ok(())
+            }
             Err(AgentError::Verify(reason)) => out.reply(&refuse(reason)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Forward chunk `i`'s verified data, whole, to the successor.
+    fn pass_on<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+        i: usize,
+        bytes: &[u8],
+    ) -> Result<(), AgentError> {
+        // i came from a u32.
+        let frame = Frame::Stream {
+            index: i as u32,
+            codec: Codec::Raw,
+            place: None,
+            data: bytes,
+        };
+        match relay.forward(frame) {
+            Some(lost) => out.reply(&lost),
+            None => Ok(()),
+        }
+    }
+
+    /// Replay: the chunks asked for that this node holds go to the
+    /// successor again, read back from the target and verified first (one
+    /// that no longer verifies is left to the catch-up); one still being
+    /// assembled goes once complete; the others are still to come.
+    pub(super) fn replay<W: Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        relay: &mut Relay<'_, '_>,
+    ) -> Result<(), AgentError> {
+        let Some(bitmap) = self.replay.take() else {
+            return Ok(());
+        };
+        let layout = self.req.layout;
+        let mut buf = Vec::new();
+        for i in (0..layout.chunks).filter(|&i| bit(&bitmap, i)) {
+            if bit(&self.outstanding, i) {
+                if self.assembly.as_ref().is_some_and(|a| a.i == i) {
+                    self.pass_on_whole = Some(i);
+                }
+                continue;
+            }
+            buf.resize(layout.chunk_len(i), 0);
+            self.target.read_at(&mut buf, layout.offset(i))?;
+            if chunk_digest(&buf) == self.req.digests[i] {
+                self.pass_on(out, relay, i, &buf)?;
+            }
+        }
+        Ok(())
     }
 
     /// Pass the end of the stream on, then tell the controller what is missing.

@@ -25,6 +25,8 @@
 //! each agent answers it with Missing. Missing chunks then come as Chunk;
 //! Finish ends the load as without a relay. While it forwards, an agent
 //! sends A→C RelayStats now and then (how long it waited on its successor).
+//! After a slow member is moved out, C→A Replay asks its predecessor to pass
+//! the chunks it holds on again to its new successor, from its own target.
 
 pub mod cursor;
 pub mod pipes;
@@ -56,7 +58,8 @@ pub const MAGIC: [u8; 8] = *b"IMAGING\0";
 /// RelayStats.
 /// 10: block-level delta: Needed announces BlockDigests, Patch, the error
 /// kind Stale.
-pub const VERSION: u16 = 10;
+/// 11: Replay.
+pub const VERSION: u16 = 11;
 
 /// What an `Error` frame is about, so the other side acts on it without
 /// reading its text.
@@ -238,6 +241,13 @@ pub enum Msg {
         forwarded: u64,
         blocked_ms: u64,
     },
+    /// To the predecessor of a member moved out of the chain: forward the
+    /// chunks of `bitmap` to the successor again, read back from this
+    /// node's target (each verified first), the ones it holds now and the
+    /// ones it completes later; the members after the moved one lack them.
+    Replay {
+        bitmap: Vec<u8>,
+    },
     /// Reply to RelayConnect: connected and authenticated.
     RelayLinked {
         addr: String,
@@ -339,6 +349,7 @@ impl Msg {
             Msg::RelayPort { .. } => "RelayPort",
             Msg::RelayConnect { .. } => "RelayConnect",
             Msg::RelayStats { .. } => "RelayStats",
+            Msg::Replay { .. } => "Replay",
             Msg::RelayLinked { .. } => "RelayLinked",
             Msg::RelayLost { .. } => "RelayLost",
             Msg::RelayRefused { .. } => "RelayRefused",
@@ -382,6 +393,7 @@ impl Msg {
             Msg::StreamPiece { .. } => STREAM_PIECE_TAG,
             Msg::Missing { .. } => 38,
             Msg::RelayStats { .. } => 39,
+            Msg::Replay { .. } => 40,
             Msg::StatusBegin { .. } => 50,
             Msg::StatusReport(_) => 51,
             Msg::VerifyBegin(_) => 52,
@@ -579,7 +591,7 @@ impl Msg {
                 put_bytes(&mut b, peer.as_bytes());
                 put_bytes(&mut b, reason.as_bytes());
             }
-            Msg::Missing { bitmap } => put_bytes(&mut b, bitmap),
+            Msg::Missing { bitmap } | Msg::Replay { bitmap } => put_bytes(&mut b, bitmap),
             Msg::StatusBegin { targets } => {
                 b.extend_from_slice(&(targets.len() as u32).to_le_bytes());
                 for t in targets {
@@ -765,6 +777,9 @@ impl Msg {
             39 => Msg::RelayStats {
                 forwarded: r.u64("forwarded")?,
                 blocked_ms: r.u64("blocked_ms")?,
+            },
+            40 => Msg::Replay {
+                bitmap: r.bytes("bitmap")?,
             },
             50 => {
                 let n = r.u32("target count")? as usize;

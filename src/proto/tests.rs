@@ -123,6 +123,9 @@ fn samples() -> Vec<Msg> {
         Msg::Missing {
             bitmap: vec![0, 0b100],
         },
+        Msg::Replay {
+            bitmap: vec![0b11, 0],
+        },
     ]
 }
 

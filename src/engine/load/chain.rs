@@ -41,6 +41,9 @@ use crate::proto::{self, Msg};
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A head that takes no data for this long is cut out.
 const STALL: Duration = Duration::from_secs(10);
+/// How often the chain's waits are looked at while the head takes a chunk
+/// (members report them every 250 ms).
+const WATCH_EVERY: Duration = Duration::from_millis(250);
 
 pub(super) type SharedTx = Arc<Mutex<Tx>>;
 
@@ -492,16 +495,42 @@ impl Coordinator {
             };
             self.job.on_wire(chunk.data.len() as u64).await;
             // A head that cannot take the chunk is cut; the next one heads.
+            let mut moved_from = None;
             while let Some(head) = self.chain.first() {
                 let (node, tx) = (head.node, head.tx.clone());
-                let sent = tokio::time::timeout(STALL, async {
+                let piece = chunk.clone();
+                let mut write = tokio::spawn(tokio::time::timeout(STALL, async move {
                     let mut tx = tx.lock().await;
-                    stream_chunk(&mut tx, &chunk)
+                    stream_chunk(&mut tx, &piece)
                         .await
                         .map_err(|e| e.to_string())?;
                     tx.flush().await.map_err(|e| e.to_string())
-                })
-                .await;
+                }));
+                // While the head takes the chunk (seconds, behind a slow
+                // member), the chain is watched: a move need not wait for
+                // the chunk's end.
+                let mut tick = tokio::time::interval(WATCH_EVERY);
+                tick.tick().await;
+                let sent = loop {
+                    tokio::select! {
+                        done = &mut write => break done,
+                        _ = tick.tick() => {
+                            while let Ok(event) = self.rx.try_recv() {
+                                if !self.handle(Some(event)).await {
+                                    write.abort();
+                                    return;
+                                }
+                            }
+                            if let Some(from) = self.route_around_slow(&in_stream).await {
+                                moved_from = Some(from);
+                            }
+                        }
+                    }
+                };
+                let sent = match sent {
+                    Ok(sent) => sent,
+                    Err(e) => Ok(Err(e.to_string())),
+                };
                 match sent {
                     Ok(Ok(())) => {
                         for m in &self.chain {
@@ -523,9 +552,14 @@ impl Coordinator {
                 break;
             }
             // The members after a moved one lost what it had not passed
-            // on yet: the stream goes back to the oldest of that, once
-            // through the chain rather than to each of them after it.
-            if let Some(from) = self.route_around_slow().await {
+            // on yet; if its predecessor could not be asked to pass that on
+            // again, the stream goes back to the oldest of it, once through
+            // the chain rather than to each of them after it.
+            let moved_from = match moved_from {
+                Some(from) => Some(from),
+                None => self.route_around_slow(&in_stream).await,
+            };
+            if let Some(from) = moved_from {
                 let again: Vec<usize> = in_stream.iter().copied().filter(|&c| c >= from).collect();
                 for &c in again.iter().rev() {
                     let source = self.job.source.clone();
@@ -555,8 +589,9 @@ impl Coordinator {
 
     /// Look at the chain's waits; move a member that holds it back to the
     /// tail. Between chunks, so no relink waits on the head's stream.
-    /// Returns the chunk to stream again from, after a move.
-    async fn route_around_slow(&mut self) -> Option<usize> {
+    /// Returns the chunk to stream again from, after a move whose Replay
+    /// could not be sent.
+    async fn route_around_slow(&mut self, in_stream: &[usize]) -> Option<usize> {
         if self.moves_left == 0 {
             return None;
         }
@@ -576,13 +611,16 @@ impl Coordinator {
             members,
         };
         let verdict = self.watch.observe(sample)?;
-        self.move_to_tail(verdict).await
+        self.move_to_tail(verdict, in_stream).await
     }
 
     /// Move a slow member to the tail of the chain: its predecessor is
     /// linked to its successor and the tail to it, without waiting for it.
-    /// One already at the tail stays there, fed without waiting.
-    async fn move_to_tail(&mut self, verdict: Verdict) -> Option<usize> {
+    /// One already at the tail stays there, fed without waiting. What the
+    /// members after it lack of the stream so far, the predecessor passes
+    /// on again from its own target (Replay): that costs the links from
+    /// the predecessor on, not the whole chain from the controller.
+    async fn move_to_tail(&mut self, verdict: Verdict, in_stream: &[usize]) -> Option<usize> {
         let node = verdict.node;
         let p = self.position(node)?;
         if p == 0 || !self.slow.insert(node) {
@@ -623,7 +661,16 @@ impl Coordinator {
         self.link(tail, node).await;
         self.link(pred, succ).await;
         self.unlink(node).await;
-        from
+        let from = from?;
+        let mut bitmap = vec![0u8; proto::bitmap_len(self.job.source.manifest().digests.len())];
+        for &c in in_stream.iter().filter(|&&c| c >= from) {
+            proto::set_bit(&mut bitmap, c);
+        }
+        if self.send(pred, &Msg::Replay { bitmap }).await {
+            None
+        } else {
+            Some(from)
+        }
     }
 
     /// Tell `node` to forward to nobody: it ends the chain now.

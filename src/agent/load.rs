@@ -19,7 +19,9 @@ use crate::agent::stamp::StampFile;
 use crate::agent::successor::Frame;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
 use crate::image::digest::{chunk_digest, is_zero};
-use crate::proto::{Codec, MAX_FRAME, Msg, ProtocolError, bit, bitmap_len, read_msg_sync, set_bit};
+use crate::proto::{
+    Codec, MAX_FRAME, Msg, ProtocolError, STREAM_PIECE, bit, bitmap_len, read_msg_sync, set_bit,
+};
 
 pub(super) fn load<R: Read + Send, W: Write>(
     input: &mut R,
@@ -304,6 +306,7 @@ pub(super) fn receive<W: Write>(
         assembly: None,
         replay: None,
         pass_on_whole: None,
+        mid_chunk: false,
     };
     loop {
         if let Some(stats) = relay.stats_due() {
@@ -311,7 +314,7 @@ pub(super) fn receive<W: Write>(
         }
         // A Replay waits for the successor it is for (the RelayConnect
         // before it links in the background).
-        if relay.successor.is_some() && load.replay.is_some() {
+        if relay.successor.is_some() && load.replay.is_some() && !load.mid_chunk {
             load.replay(out, relay)?;
         }
         let event = rx
@@ -446,6 +449,8 @@ pub(super) struct Loading<'a> {
     /// A chunk of a Replay that was being assembled then: its first pieces
     /// went to the old successor, so it goes on whole once complete.
     pub(super) pass_on_whole: Option<usize>,
+    /// The last piece forwarded did not end its chunk.
+    pub(super) mid_chunk: bool,
 }
 
 /// A chunk arriving in [`Msg::StreamPiece`]s, in order.
@@ -593,6 +598,7 @@ impl Loading<'_> {
         if let Some(lost) = relay.forward(frame) {
             out.reply(&lost)?;
         }
+        self.mid_chunk = false;
         match bytes {
             Some(bytes) => self.write(out, i, bytes),
             None => Ok(()),
@@ -641,6 +647,7 @@ impl Loading<'_> {
         if let Some(lost) = relay.forward(frame) {
             out.reply(&lost)?;
         }
+        self.mid_chunk = end < u64::from(total);
         if !bit(&self.outstanding, i) {
             return Ok(());
         }
@@ -679,7 +686,11 @@ impl Loading<'_> {
         }
     }
 
-    /// Forward chunk `i`'s verified data, whole, to the successor.
+    /// Forward chunk `i`'s verified data to the successor, whole, in
+    /// pieces (so each member passes them on as they come, as with the
+    /// controller's stream). Only between the stream's chunks: a piece of
+    /// another chunk in the middle of one would break the successor's
+    /// assembly.
     fn pass_on<W: Write>(
         &mut self,
         out: &mut Replies<W>,
@@ -687,17 +698,20 @@ impl Loading<'_> {
         i: usize,
         bytes: &[u8],
     ) -> Result<(), AgentError> {
-        // i came from a u32.
-        let frame = Frame::Stream {
-            index: i as u32,
-            codec: Codec::Raw,
-            place: None,
-            data: bytes,
-        };
-        match relay.forward(frame) {
-            Some(lost) => out.reply(&lost),
-            None => Ok(()),
+        // i came from a u32, and a chunk's length fits one (MAX_FRAME).
+        let total = bytes.len() as u32;
+        for (k, data) in bytes.chunks(STREAM_PIECE).enumerate() {
+            let frame = Frame::Stream {
+                index: i as u32,
+                codec: Codec::Raw,
+                place: Some(((k * STREAM_PIECE) as u32, total)),
+                data,
+            };
+            if let Some(lost) = relay.forward(frame) {
+                return out.reply(&lost);
+            }
         }
+        Ok(())
     }
 
     /// Replay: the chunks asked for that this node holds go to the

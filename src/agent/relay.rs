@@ -217,8 +217,9 @@ impl<'scope, 'env> Relay<'scope, 'env> {
 
     /// Send a frame to the successor, if any. On failure the successor is
     /// dropped and the RelayLost for the controller returned. A lossy
-    /// successor is never waited for (but for the end of the stream): a
-    /// chunk it cannot take at once is skipped.
+    /// successor is never waited for: a chunk it cannot take at once is
+    /// skipped, and at the end of the stream, if it has not taken the one
+    /// it was being passed, it is dropped.
     pub(super) fn forward(&mut self, frame: Frame<'_>) -> Option<Msg> {
         let successor = self.successor.as_mut()?;
         let started = Instant::now();
@@ -571,6 +572,60 @@ mod tests {
         for target in &targets {
             assert!(std::fs::read(target).unwrap() == image.data, "{target:?}");
         }
+    }
+
+    /// After a slow member is moved out, its predecessor passes on again
+    /// what the members after it lack: what it holds, from its target, in
+    /// pieces, each chunk checked first; what it does not hold yet comes
+    /// through the stream as usual.
+    #[test]
+    fn a_replay_passes_on_held_chunks_from_the_target_and_skips_a_changed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rrrrrr", 0, 31);
+        let data = image.data_chunks();
+        assert_eq!(data.len(), 6);
+        let (a_target, b_target) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::thread::scope(|s| {
+            let (mut a, _, _) = Driven::start(s, &env, "a", image.begin(&a_target, false));
+            let (mut b, _, _) = Driven::start(s, &env, "b", image.begin(&b_target, false));
+            // Chunks 0 to 2 reach A while it has no successor (B lacks them).
+            for &i in &data[..3] {
+                for piece in pieces(image.chunk(i), 50_000) {
+                    a.send(&piece);
+                }
+            }
+            a.wait_for("chunk 2 written", |m| {
+                matches!(m, Msg::Written { index: 2, .. })
+            });
+            // Chunk 1 changed on A's disk since: A must not pass it on.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&a_target)
+                .unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&file, b"changed", image.layout().offset(1))
+                .unwrap();
+            let b_port = b.listen();
+            a.link(b_port);
+            let mut bitmap = vec![0u8; bitmap_len(image.layout().chunks)];
+            for &i in &data {
+                crate::proto::set_bit(&mut bitmap, i);
+            }
+            a.send(&Msg::Replay { bitmap });
+            for &i in &data[3..] {
+                for piece in pieces(image.chunk(i), 50_000) {
+                    a.send(&piece);
+                }
+            }
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            // B got 0 and 2 from A's target, 3 to 5 from the stream.
+            assert_eq!(bits(&b.missing(), image.layout().chunks), vec![1]);
+            assert_eq!(b.count("RelayRefused"), 0);
+            b.send(&image.chunk(1));
+            assert_eq!(b.finish(), image.bytes_of(&data));
+        });
+        assert!(std::fs::read(&b_target).unwrap() == image.data);
     }
 
     #[test]

@@ -720,8 +720,12 @@ def report_slow(b, checks, notes):
         f"| ratio | {fmt_ratio(ratio(h_with, h_alone))} | {fmt_ratio(ratio(h_with_med, h_alone_med))} | | |",
     ]
     tag = "" if srcs == {"summary"} else f" [per-node times from {'/'.join(sorted(srcs))}]"
-    check_line(checks, f"slow node: {SLOW_K - 1} healthy nodes done, with / without "
-               f"{slow_name} at {SLOW_RATE}{tag}", ratio(h_with, h_alone), GOAL_SLOW)
+    # The goal as the issue puts it: the healthy nodes' median elapsed_s.
+    check_line(checks, f"slow node: median of the {SLOW_K - 1} healthy nodes' times, with / "
+               f"without {slow_name} at {SLOW_RATE}{tag}", ratio(h_with_med, h_alone_med),
+               GOAL_SLOW)
+    notes.append(f"info: slow node: the last healthy node done, with / without "
+                 f"{slow_name} = {fmt(ratio(h_with, h_alone), 2)}")
     ok_slow = bool(all_slow) and all(r["ok"] for r in all_slow)
     check_bool(checks, f"slow node {slow_name} succeeds", ok_slow,
                f"{sum(r['ok'] for r in all_slow)} of {len(all_slow)} runs done and verified")
@@ -738,9 +742,9 @@ def report_slow(b, checks, notes):
         f"(both ways; `LAB_SLOW={SLOW_NODE}:{SLOW_RATE} scripts/lab.sh up`), {SLOW_MIB} MiB "
         f"random image (seed {SEED + 2}). Each rep: `imaging load --fanout chain -i slow.img "
         f"1-{SLOW_K}`, then the reference `… 1-{SLOW_K} ~{SLOW_NODE}` (the {SLOW_K - 1} "
-        "others alone). *Healthy nodes all done*: per run the latest of the healthy "
-        "nodes' times, median over runs (the goal's measure); the median healthy node "
-        f"is shown too. Per-node times: {source}.",
+        "others alone). *Median healthy node*: per run the median of the healthy nodes' "
+        "times, median over runs (the goal's measure, as the issue words it); *healthy "
+        f"nodes all done*: per run the latest of them. Per-node times: {source}.",
         "",
         *rows,
         "",

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 /// How long the pattern must hold before a member is moved. The chain
 /// moves at the slow member's pace until then: on the lab, 2 s of it cost
-/// the healthy members a fifth of their time alone.
-pub(super) const WINDOW: Duration = Duration::from_secs(1);
+/// the healthy members a fifth of their time alone, and 1 s a tenth.
+pub(super) const WINDOW: Duration = Duration::from_millis(500);
 /// A member waited on its successor at least this share of the window.
 pub(super) const WAITED: f64 = 0.5;
 /// Of the members that waited, the last one whose wait is at least this
@@ -24,8 +24,9 @@ pub(super) const NEARLY: f64 = 0.8;
 /// A member is slow below this share of the median speed of the members
 /// before it when they are not waiting on it.
 pub(super) const SLOWER: f64 = 0.5;
-/// At least this much passed to the slow member within the window.
-pub(super) const MIN_DATA: u64 = 1 << 20;
+/// At least this much passed to the slow member within the window: a
+/// member slower than 1 MiB/s is never judged (too little to judge by).
+pub(super) const MIN_DATA: u64 = 512 << 10;
 
 /// What one member had reported at some moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +252,7 @@ mod tests {
         );
         // Too little data to judge.
         assert_eq!(
-            none(&[(0, MIB / 2, 2900), (1, MIB / 2, 0), (2, 0, 0)]),
+            none(&[(0, MIB / 4, 2900), (1, MIB / 4, 0), (2, 0, 0)]),
             None
         );
         // Waiting half the time: 3 MiB/s against 6 MiB/s is not below half.
@@ -281,20 +282,20 @@ mod tests {
                 &[(0, fwd, blocked), (1, fwd, 0), (2, 0, 0)],
             )
         };
-        assert_eq!(WINDOW, Duration::from_secs(1));
+        assert_eq!(WINDOW, Duration::from_millis(500));
         // 2 MiB/s, node 0 waiting 90% of the time.
-        for ms in (0..1000).step_by(250) {
+        for ms in (0..500).step_by(125) {
             assert_eq!(
                 watch.observe(at(ms, ms * 2 * MIB / 1000, ms * 9 / 10)),
                 None
             );
         }
-        let v = watch.observe(at(1000, 2 * MIB, 900)).unwrap();
+        let v = watch.observe(at(500, MIB, 450)).unwrap();
         assert_eq!(v.node, 1);
         // After a reset it needs another full window.
         watch.reset();
-        assert_eq!(watch.observe(at(1250, 5 * MIB / 2, 1125)), None);
-        assert_eq!(watch.observe(at(2000, 4 * MIB, 1800)), None);
-        assert!(watch.observe(at(2250, 9 * MIB / 2, 2025)).is_some());
+        assert_eq!(watch.observe(at(625, 5 * MIB / 4, 562)), None);
+        assert_eq!(watch.observe(at(1000, 2 * MIB, 900)), None);
+        assert!(watch.observe(at(1125, 9 * MIB / 4, 1012)).is_some());
     }
 }

@@ -306,7 +306,8 @@ pub(super) fn receive<W: Write>(
         assembly: None,
         replay: None,
         pass_on_whole: None,
-        mid_chunk: false,
+        mid_chunk: None,
+        orphaned: None,
     };
     loop {
         if let Some(stats) = relay.stats_due() {
@@ -314,7 +315,7 @@ pub(super) fn receive<W: Write>(
         }
         // A Replay waits for the successor it is for (the RelayConnect
         // before it links in the background).
-        if relay.successor.is_some() && load.replay.is_some() && !load.mid_chunk {
+        if relay.successor.is_some() && load.replay.is_some() && load.mid_chunk.is_none() {
             load.replay(out, relay)?;
         }
         let event = rx
@@ -338,6 +339,12 @@ pub(super) fn receive<W: Write>(
             } => {
                 if let Some(reply) = relay.linked(attempt, addr, port, result) {
                     out.reply(&reply)?;
+                }
+                // Linked in the middle of passing a chunk on: the rest of
+                // it is of no use to the new successor (nor to anyone after
+                // it), which has not had its start.
+                if relay.successor.is_some() {
+                    load.orphaned = load.mid_chunk;
                 }
                 continue;
             }
@@ -449,8 +456,11 @@ pub(super) struct Loading<'a> {
     /// A chunk of a Replay that was being assembled then: its first pieces
     /// went to the old successor, so it goes on whole once complete.
     pub(super) pass_on_whole: Option<usize>,
-    /// The last piece forwarded did not end its chunk.
-    pub(super) mid_chunk: bool,
+    /// The chunk whose pieces are being passed on, until its last one.
+    pub(super) mid_chunk: Option<usize>,
+    /// A chunk whose start the successor did not get (it was linked in the
+    /// middle of it): its other pieces are not passed on.
+    pub(super) orphaned: Option<usize>,
 }
 
 /// A chunk arriving in [`Msg::StreamPiece`]s, in order.
@@ -598,7 +608,7 @@ impl Loading<'_> {
         if let Some(lost) = relay.forward(frame) {
             out.reply(&lost)?;
         }
-        self.mid_chunk = false;
+        self.mid_chunk = None;
         match bytes {
             Some(bytes) => self.write(out, i, bytes),
             None => Ok(()),
@@ -644,10 +654,19 @@ impl Loading<'_> {
             place,
             data,
         };
-        if let Some(lost) = relay.forward(frame) {
+        if self.orphaned.is_some_and(|c| c != i || offset == 0) {
+            self.orphaned = None;
+        }
+        if self.orphaned.is_none()
+            && let Some(lost) = relay.forward(frame)
+        {
             out.reply(&lost)?;
         }
-        self.mid_chunk = end < u64::from(total);
+        let last = end == u64::from(total);
+        if last {
+            self.orphaned = None;
+        }
+        self.mid_chunk = (!last).then_some(i);
         if !bit(&self.outstanding, i) {
             return Ok(());
         }

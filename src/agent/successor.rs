@@ -206,6 +206,65 @@ mod tests {
     use crate::proto::Msg;
     use crate::proto::relay::accept_handshake_within;
 
+    /// A successor linked in the middle of a chunk gets none of that
+    /// chunk's other pieces (useless without its start), and the next
+    /// chunk from its start.
+    #[test]
+    fn a_successor_linked_mid_chunk_gets_nothing_of_that_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rr", 0, 37);
+        let target = dir.path().join("a.img");
+        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            let first = pieces(image.chunk(0), 10_000);
+            assert!(first.len() > 4);
+            for piece in &first[..3] {
+                a.send(piece);
+            }
+            let next = s.spawn(|| {
+                let (stream, _) = listener.accept().unwrap();
+                accept_handshake_within(&stream, &SECRET, Duration::from_secs(5)).unwrap();
+                stream
+            });
+            assert!(matches!(
+                a.connect_fed(port, &SECRET, false),
+                Msg::RelayLinked { .. }
+            ));
+            let stream = next.join().unwrap();
+            for piece in first[3..].iter().chain(&pieces(image.chunk(1), 10_000)) {
+                a.send(piece);
+            }
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+            let mut input = std::io::BufReader::new(&stream);
+            let mut chunk1 = Vec::new();
+            loop {
+                match crate::proto::read_msg_sync(&mut input).unwrap() {
+                    Msg::StreamPiece {
+                        index,
+                        offset,
+                        data,
+                        ..
+                    } => {
+                        assert_eq!(index, 1, "a piece of chunk 0 at {offset} went on");
+                        assert_eq!(offset as usize, chunk1.len());
+                        chunk1.extend(data);
+                    }
+                    Msg::StreamEnd => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(chunk1, image.chunk_data(1));
+            a.finish();
+            a_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
     #[test]
     fn a_lossy_successor_is_never_waited_for_gets_whole_chunks_and_is_dropped_at_the_end() {
         let dir = tempfile::tempdir().unwrap();

@@ -305,7 +305,6 @@ pub(super) fn receive<W: Write>(
         bytes_written,
         assembly: None,
         replay: None,
-        pass_on_whole: None,
         mid_chunk: None,
         orphaned: None,
     };
@@ -453,9 +452,6 @@ pub(super) struct Loading<'a> {
     pub(super) assembly: Option<Assembly>,
     /// Chunks to pass on again (Replay), once the successor is linked.
     pub(super) replay: Option<Vec<u8>>,
-    /// A chunk of a Replay that was being assembled then: its first pieces
-    /// went to the old successor, so it goes on whole once complete.
-    pub(super) pass_on_whole: Option<usize>,
     /// The chunk whose pieces are being passed on, until its last one.
     pub(super) mid_chunk: Option<usize>,
     /// A chunk whose start the successor did not get (it was linked in the
@@ -693,13 +689,7 @@ impl Loading<'_> {
             return Ok(());
         };
         match unpacker.unpack(self.req, i, whole.codec, &whole.data) {
-            Ok(bytes) => {
-                self.write(out, i, bytes)?;
-                if self.pass_on_whole.take_if(|&mut c| c == i).is_some() {
-                    self.pass_on(out, relay, i, bytes)?;
-                }
-                Ok(())
-            }
+            Ok(bytes) => self.write(out, i, bytes),
             Err(AgentError::Verify(reason)) => out.reply(&refuse(reason)),
             Err(e) => Err(e),
         }
@@ -735,8 +725,9 @@ impl Loading<'_> {
 
     /// Replay: the chunks asked for that this node holds go to the
     /// successor again, read back from the target and verified first (one
-    /// that no longer verifies is left to the catch-up); one still being
-    /// assembled goes once complete; the others are still to come.
+    /// that no longer verifies is left to the catch-up). It runs between
+    /// the stream's chunks, so none is half assembled; the others are still
+    /// to come with the stream.
     pub(super) fn replay<W: Write>(
         &mut self,
         out: &mut Replies<W>,
@@ -749,9 +740,6 @@ impl Loading<'_> {
         let mut buf = Vec::new();
         for i in (0..layout.chunks).filter(|&i| bit(&bitmap, i)) {
             if bit(&self.outstanding, i) {
-                if self.assembly.as_ref().is_some_and(|a| a.i == i) {
-                    self.pass_on_whole = Some(i);
-                }
                 continue;
             }
             buf.resize(layout.chunk_len(i), 0);

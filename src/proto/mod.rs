@@ -242,9 +242,10 @@ pub enum Msg {
         blocked_ms: u64,
     },
     /// To the predecessor of a member moved out of the chain: forward the
-    /// chunks of `bitmap` to the successor again, read back from this
-    /// node's target (each verified first), the ones it holds now and the
-    /// ones it completes later; the members after the moved one lack them.
+    /// chunks of `bitmap` that this node holds to the successor again, read
+    /// back from its target (each verified first), between the stream's
+    /// chunks; the others still come with the stream. The members after the
+    /// moved one lack them.
     Replay {
         bitmap: Vec<u8>,
     },

@@ -662,7 +662,7 @@ impl Coordinator {
         self.link(pred, succ).await;
         self.unlink(node).await;
         let from = from?;
-        let mut bitmap = vec![0u8; proto::bitmap_len(self.job.source.manifest().digests.len())];
+        let mut bitmap = vec![0u8; proto::bitmap_len(self.job.source.manifest().chunk_count())];
         for &c in in_stream.iter().filter(|&&c| c >= from) {
             proto::set_bit(&mut bitmap, c);
         }

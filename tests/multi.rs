@@ -512,3 +512,84 @@ fn a_failing_after_hook_fails_every_image_of_its_node_and_runs_once() {
     }
     assert_eq!(log.lines().count(), 2, "{log}");
 }
+
+/// `save` from a host holding several images (`{image}` in its target):
+/// `-i` says which file; without it the run is refused before any node is
+/// contacted, instead of reading the template with `{image}` left empty.
+#[test]
+fn save_from_an_image_templated_target_takes_the_file_named_by_dash_i() {
+    let rig = Rig::new(1);
+    write_image(&rig.dir().join("images/a.img"), 3, 0, &[0, 2], 11);
+    let b = write_image(&rig.dir().join("images/b.img"), 2, 300, &[1, 2], 12);
+    let cfg = layer(&rig, "s.conf", &image_target(&rig));
+    let out = imaging(&rig, &cfg)
+        .args(["load", "--json", "-i", "a.img", "-i", "b.img", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let saved = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(rig.dir().join("images"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("saving__"))
+            .collect();
+        names.sort();
+        names
+    };
+
+    // Without -i: which of the node's images? Refused, naming the way out.
+    let out = imaging(&rig, &cfg)
+        .args(["save", "--json", "1", "-o", "none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("{image}") && err.contains("-i"), "{err}");
+    assert!(saved().is_empty(), "{:?}", saved());
+
+    // A path is not a file name on the node.
+    let out = imaging(&rig, &cfg)
+        .args(["save", "--json", "1", "-i", "../b.img"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    // -i b.img saves node01-b.img, byte for byte, and records it as the origin.
+    let out = imaging(&rig, &cfg)
+        .args(["save", "--json", "1", "-i", "b.img", "-o", "bcopy"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let names = saved();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with("__bcopy.img"), "{names:?}");
+    assert_same(&rig.dir().join("images").join(&names[0]), &b);
+    let out = imaging(&rig, &cfg)
+        .args(["list", "-l", &names[0]])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("b.img"),
+        "{}",
+        text(&out)
+    );
+
+    // A target without {image} takes no -i.
+    let plain = layer(
+        &rig,
+        "p.conf",
+        &format!("target = \"{}/targets/plain\"", rig.dir().display()),
+    );
+    let out = imaging(&rig, &plain)
+        .args(["save", "--json", "1", "-i", "b.img"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("{image}"),
+        "{}",
+        text(&out)
+    );
+}

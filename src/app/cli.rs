@@ -34,6 +34,7 @@ const SAVE_HELP: &str = "\
 Examples:
   imaging save 3 -o golden     saving__fit03__<date>__golden.img in the repository
   imaging save -n 1-4          the names the images would get
+  imaging save -i web.qcow2 hv-west   from a target templated with {image}: that file
 
 Exit codes:
   0    every selected node succeeded
@@ -398,6 +399,16 @@ pub struct SaveArgs {
         help_heading = "Transfer"
     )]
     pub output: Option<String>,
+    /// With a target templated with {image} (a host holding several
+    /// images): which of them to save, by its file name on the node (as
+    /// `status` shows it); a repository alias is followed to its file
+    #[arg(
+        short = 'i',
+        long = "image",
+        value_name = "IMAGE",
+        help_heading = "Transfer"
+    )]
+    pub image: Option<String>,
     /// A comment recorded with the image's provenance (shown by list -l)
     #[arg(short = 'm', long = "message", value_name = "COMMENT")]
     pub message: Option<String>,

@@ -211,6 +211,7 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<Exit, UsageError> {
     let save = SaveArgs {
         nodes: node_args("1"),
         output: Some("demo-copy".into()),
+        image: None,
         raw: false,
         timeout: None,
         dry_run: false,

@@ -3,6 +3,7 @@
 use crate::app::cli::{self, Cli};
 use crate::app::drive::{drive, run_check, run_info};
 use crate::app::exit::{Exit, UsageError};
+use crate::app::repo_cmds;
 use crate::app::settings::{deadline, output_mode, repository, select, ssh_and_agent, targets};
 use crate::config::Loaded;
 use crate::engine::save;
@@ -25,7 +26,12 @@ pub(crate) async fn run_save(
         .map_err(|e| UsageError::Other(format!("-o: {e}")))?;
     // A name that exists already (a save in the same minute) is numbered
     // when the image is complete: `…__golden-2.img`.
-    let targets = targets(loaded, &nodes);
+    let image = args
+        .image
+        .as_deref()
+        .map(|arg| file_on_node(loaded, arg))
+        .transpose()?;
+    let targets = targets(loaded, &nodes, image.as_deref())?;
     if args.dry_run {
         for ((n, t), name) in nodes.iter().zip(&targets).zip(&names) {
             crate::outln!(
@@ -68,4 +74,22 @@ pub(crate) async fn run_save(
         save::save_all(job, report, cancel)
     })
     .await)
+}
+
+/// The file `-i` names in a host's `{image}` directory: an image or alias
+/// of the repositories gives its image's file name (what `load` wrote
+/// there); any other plain file name is taken as it is, so an image the
+/// repository no longer has can still be saved.
+fn file_on_node(loaded: &Loaded, arg: &str) -> Result<String, UsageError> {
+    if arg.is_empty() || arg == "." || arg == ".." || arg.contains('/') {
+        return Err(UsageError::Other(format!(
+            "-i {arg:?}: the image's file name on the node (as `imaging status` shows it), \
+             not a path"
+        )));
+    }
+    let name = repo_cmds::repos(loaded)
+        .resolve(arg)
+        .ok()
+        .and_then(|r| r.file.file_name().map(|f| f.to_string_lossy().into_owned()));
+    Ok(name.unwrap_or_else(|| arg.to_string()))
 }

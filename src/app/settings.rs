@@ -53,14 +53,42 @@ pub(crate) fn timeout_secs(secs: f64) -> Result<Duration, UsageError> {
 }
 
 /// Each node's target: its own, else `[load] target`, placeholders filled.
-pub(crate) fn targets(loaded: &Loaded, nodes: &[Node]) -> Vec<String> {
-    nodes
-        .iter()
-        .map(|n| {
-            let template = n.target.as_deref().unwrap_or(&loaded.config.load.target);
-            hooks::expand(template, n, "", "")
-        })
-        .collect()
+/// Each node's target, to be read back (`save`). A template holding
+/// `{image}` (a host with one file per image) needs `image`, the file to
+/// read: without it `{image}` would be empty and name no image's file.
+pub(crate) fn targets(
+    loaded: &Loaded,
+    nodes: &[Node],
+    image: Option<&str>,
+) -> Result<Vec<String>, UsageError> {
+    let mut out = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        let template = n.target.as_deref().unwrap_or(&loaded.config.load.target);
+        let whose = match &n.target {
+            Some(_) => format!("node {}'s own target", n.name),
+            None => format!("[load] target (for node {})", n.name),
+        };
+        let templated = template.contains("{image}");
+        let image = match (templated, image) {
+            (true, Some(image)) => image,
+            (true, None) => {
+                return Err(UsageError::Other(format!(
+                    "{whose} is \"{template}\": one file per image ({{image}}); say which to \
+                     save with -i IMAGE (its file name there, as `imaging status {}` shows)",
+                    n.name
+                )));
+            }
+            (false, Some(image)) => {
+                return Err(UsageError::Other(format!(
+                    "-i {image}: {whose} is \"{template}\", without {{image}}: the node \
+                     holds one image there, and save reads it without -i"
+                )));
+            }
+            (false, None) => "",
+        };
+        out.push(hooks::expand(template, n, image, ""));
+    }
+    Ok(out)
 }
 
 /// The `[ssh]` settings; a configured identity file must exist.

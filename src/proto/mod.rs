@@ -28,11 +28,13 @@
 //! After a slow member is moved out, C→A Replay asks its predecessor to pass
 //! the chunks it holds on again to its new successor, from its own target.
 
+mod bulk;
 pub mod cursor;
 pub mod pipes;
 pub mod relay;
 pub mod status;
 
+pub use bulk::read_msg_sync;
 pub use relay::RELAY_SECRET_LEN;
 
 use std::io;
@@ -937,16 +939,6 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtocolEr
 pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), ProtocolError> {
     w.write_all(&frame(msg)).await?;
     Ok(())
-}
-
-/// [`read_msg`] for blocking readers (the agent), with the same framing and limits.
-pub fn read_msg_sync<R: io::Read>(r: &mut R) -> Result<Msg, ProtocolError> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).map_err(length_error)?;
-    let len = body_len(len)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| body_error(e, len))?;
-    Msg::decode(&body)
 }
 
 /// [`write_msg`] for blocking writers (the agent).

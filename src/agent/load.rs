@@ -18,6 +18,7 @@ use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::successor::Frame;
 use crate::agent::target::{LoadRequest, Target, TargetKind, open_load_target};
+use crate::agent::writeback::Writeback;
 use crate::image::digest::{chunk_digest, is_zero};
 use crate::proto::{
     Codec, MAX_FRAME, Msg, ProtocolError, STREAM_PIECE, bit, bitmap_len, read_msg_sync, set_bit,
@@ -75,10 +76,23 @@ pub(super) fn load<R: Read + Send, W: Write>(
         let control = tx.clone();
         s.spawn(move || forward_frames(input, control));
         let mut relay = Relay::new(s, tx);
-        let result = receive(rx, out, &mut relay, &target, req, needed, zeroed);
-        // Close the listener and the relay links: their threads end before
-        // the scope waits for them.
+        let writeback = Writeback::start(s, &target.file);
+        let loading = Loading {
+            target: &target,
+            writeback: &writeback,
+            req,
+            outstanding: needed,
+            bytes_written: zeroed,
+            assembly: None,
+            replay: None,
+            mid_chunk: None,
+            orphaned: None,
+        };
+        let result = receive(rx, out, &mut relay, loading);
+        // Close the listener, the relay links and the writeback requests:
+        // their threads end before the scope waits for them.
         drop(relay);
+        drop(writeback);
         match result {
             Ok(bytes_written) => {
                 if let Some(stamp) = &stamp {
@@ -292,22 +306,10 @@ pub(super) fn receive<W: Write>(
     rx: Receiver<Event>,
     out: &mut Replies<W>,
     relay: &mut Relay<'_, '_>,
-    target: &Target,
-    req: &LoadRequest,
-    outstanding: Vec<u8>,
-    bytes_written: u64,
+    mut load: Loading<'_>,
 ) -> Result<u64, AgentError> {
+    let (target, req) = (load.target, load.req);
     let mut unpacker = Unpacker::new()?;
-    let mut load = Loading {
-        target,
-        req,
-        outstanding,
-        bytes_written,
-        assembly: None,
-        replay: None,
-        mid_chunk: None,
-        orphaned: None,
-    };
     loop {
         if let Some(stats) = relay.stats_due() {
             out.reply(&stats)?;
@@ -444,6 +446,8 @@ pub(super) fn receive<W: Write>(
 /// A load between Needed and Finish.
 pub(super) struct Loading<'a> {
     pub(super) target: &'a Target,
+    /// Starts each written chunk on its way to the disk.
+    pub(super) writeback: &'a Writeback,
     pub(super) req: &'a LoadRequest,
     /// Bit i set: chunk i is needed and not yet written.
     pub(super) outstanding: Vec<u8>,
@@ -496,7 +500,9 @@ impl Loading<'_> {
         i: usize,
         bytes: &[u8],
     ) -> Result<(), AgentError> {
-        self.target.write_data(bytes, self.req.layout.offset(i))?;
+        let offset = self.req.layout.offset(i);
+        self.target.write_data(bytes, offset)?;
+        self.writeback.written(offset, bytes.len() as u64);
         self.acknowledge(out, i, bytes.len() as u64)
     }
 

@@ -40,6 +40,7 @@ mod target;
 mod testkit;
 mod throttle;
 pub mod used;
+mod writeback;
 
 pub use env::AgentEnv;
 pub use error::AgentError;

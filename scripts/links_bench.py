@@ -17,7 +17,8 @@ Cases (CASES picks some, in any order; they run in this order):
             (mtime not kept, so rsync compares content) and, for information,
             `rsync -t` (its size+mtime quick check, like imaging's stamp).
   one       one node, target deleted before every run: `imaging load` vs
-            `ssh node 'cat > target' < image`, and both vs the line rate RATE/8.
+            `ssh node 'cat > target' < image` and vs a plain TCP stream (no
+            SSH), and all three vs the line rate RATE/8.
   chain     `imaging load --fanout chain` of a CHAIN_MIB image onto N nodes
             (CHAIN_NODES), default chunk size and each of CHAIN_CHUNKS.
   slow      a lab of SLOW_K nodes with node SLOW_NODE's link at SLOW_RATE: a
@@ -473,6 +474,62 @@ def case_one(b):
         remove(ref)
         b.reference("one", "ssh cat", cat, timeout, stdin_path=image,
                     verify=[(ref, image)])
+        remove(ref)
+        plain_tcp(b, image, ref, timeout)
+
+
+# What the link carries with nothing but TCP: a receiver in node 1's
+# namespace, started (and listening) before the clock starts; the timed
+# sender connects, sendfile()s the image and waits until the receiver has
+# written all of it and closed. No SSH, no login, no sync.
+TCP_PORT = 5201
+TCP_RECV = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(float(sys.argv[4]))
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(float(sys.argv[4]))
+with open(sys.argv[3], "wb") as f:
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        f.write(b)
+c.close()
+"""
+TCP_SEND = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
+with open(sys.argv[3], "rb") as f:
+    c.sendfile(f)
+c.shutdown(socket.SHUT_WR)
+while c.recv(1 << 16):
+    pass
+"""
+
+
+def plain_tcp(b, image, ref, timeout):
+    addr = node_addr(1)
+    recv = subprocess.Popen(
+        ["ip", "netns", "exec", node_name(1), sys.executable, "-c", TCP_RECV,
+         addr, str(TCP_PORT), ref, str(timeout)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if recv.stdout.readline().strip() != "ready":
+            log("plain TCP: the receiver did not start; row left out")
+            return
+        send = [sys.executable, "-c", TCP_SEND, addr, str(TCP_PORT), image, str(timeout)]
+        b.reference("one", "plain TCP", send, timeout, verify=[(ref, image)])
+    finally:
+        try:
+            recv.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            recv.kill()
+            recv.wait()
 
 
 def chain_variants():
@@ -626,7 +683,7 @@ def report_one(b, checks, notes):
     line = rate_bytes(RATE)
     rows = ["| tool | s (median) | MB/s | / line rate | / ssh cat |", "|---|---|---|---|---|"]
     cat_s = b.med_s("one", "ssh cat")
-    for label in ("imaging", "ssh cat"):
+    for label in ("imaging", "ssh cat", "plain TCP"):
         s = b.med_s("one", label)
         thr = size / s if s else None
         rows.append(f"| {label} | {fmt(s, 2)} | {fmt(thr and thr / 1e6, 2)} | "
@@ -635,14 +692,20 @@ def report_one(b, checks, notes):
     s = b.med_s("one", "imaging")
     check_line(checks, f"one node, {SIZE_MIB} MiB: imaging throughput / line rate",
                ratio(size / s if s else None, line), GOAL_ONE, op=">=")
+    tcp_s = b.med_s("one", "plain TCP")
     notes.append(f"info: one node: imaging throughput / ssh cat's = {fmt(ratio(cat_s, s), 2)}; "
-                 f"ssh cat / line rate = {fmt(ratio(size / cat_s if cat_s else None, line), 2)}")
+                 f"ssh cat / line rate = {fmt(ratio(size / cat_s if cat_s else None, line), 2)}; "
+                 f"imaging / plain TCP = {fmt(ratio(tcp_s, s), 2)}; "
+                 f"plain TCP / line rate = {fmt(ratio(size / tcp_s if tcp_s else None, line), 2)}")
     return [
         f"## One node, {SIZE_MIB} MiB",
         "",
         "Before every run node 1's target and load stamps are deleted. imaging: "
         "`imaging load -i base.img 1`; reference: `ssh root@node 'cat > TARGET' < image` "
-        f"in the same rep. Throughput = image size / wall time (SSH login included); "
+        "in the same rep, and plain TCP: a Python receiver in the node's namespace "
+        "(listening before the clock starts) and a sender that `sendfile()`s the image "
+        "and waits for the receiver to close: what the link carries without SSH, login "
+        f"or sync. Throughput = image size / wall time (SSH login included); "
         f"line rate = {RATE}/8 = {line / 1e6:.2f} MB/s (tbf counts Ethernet frames, so "
         "TCP payload tops out a few % below it).",
         "",

@@ -160,11 +160,17 @@ pub(crate) async fn run_load(
         .filter_map(|i| i.named.origin.clone())
         .collect();
     let image_names: Vec<String> = images.iter().map(|i| i.named.name.clone()).collect();
+    let cache = source::cache_share(images.len());
     let images: Vec<load::ImageLoad> = images
         .into_iter()
         .map(|i| load::ImageLoad {
             name: i.named.name,
-            source: source::ChunkSource::new(i.file, Arc::new(i.manifest), config.load.compression),
+            source: source::ChunkSource::new(
+                i.file,
+                Arc::new(i.manifest),
+                config.load.compression,
+                cache,
+            ),
             targets: i.targets,
             is_image: i.is_image,
         })

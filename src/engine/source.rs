@@ -44,8 +44,16 @@ pub enum SourceError {
     Reader(String),
 }
 
-/// Memory kept for chunks already prepared, whatever the image size.
+/// Memory kept for chunks already prepared, whatever the image size: for
+/// the whole run, shared by its images ([`cache_share`]).
 pub const CACHE_BYTES: u64 = 128 << 20;
+
+/// Each image's part of [`CACHE_BYTES`] in a run of `images` images, which
+/// load at the same time: four base images pushed to hypervisors keep
+/// 128 MiB of chunks in all, not 512 MiB.
+pub fn cache_share(images: usize) -> u64 {
+    CACHE_BYTES / images.max(1) as u64
+}
 
 type Slot = Arc<OnceCell<Arc<WireChunk>>>;
 
@@ -60,8 +68,15 @@ pub struct ChunkSource {
 }
 
 impl ChunkSource {
-    pub fn new(file: ImageReader, manifest: Arc<Manifest>, level: i32) -> Arc<Self> {
-        let max_slots = (CACHE_BYTES / manifest.chunk_size.max(1)).max(4) as usize;
+    /// A source keeping up to `cache_bytes` of prepared chunks (at least
+    /// four chunks).
+    pub fn new(
+        file: ImageReader,
+        manifest: Arc<Manifest>,
+        level: i32,
+        cache_bytes: u64,
+    ) -> Arc<Self> {
+        let max_slots = (cache_bytes / manifest.chunk_size.max(1)).max(4) as usize;
         Arc::new(ChunkSource {
             file: Arc::new(file),
             manifest,
@@ -230,7 +245,12 @@ mod tests {
         fastrand::Rng::with_seed(7).fill(&mut data);
         std::fs::write(&path, &data).unwrap();
         let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
-        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest.clone(), 3);
+        let source = ChunkSource::new(
+            ImageReader::open(&path).unwrap(),
+            manifest.clone(),
+            3,
+            CACHE_BYTES,
+        );
         let mut nodes = Vec::new();
         for _ in 0..4 {
             let source = source.clone();
@@ -254,13 +274,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_share_of_the_cache_keeps_that_many_chunks_and_reads_the_rest_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut data = vec![0u8; 16 << 16];
+        fastrand::Rng::with_seed(8).fill(&mut data);
+        std::fs::write(&path, &data).unwrap();
+        let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
+        // Room for 8 of the 16 chunks.
+        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 0, 8 << 16);
+        for i in 0..16 {
+            source.get(i).await.unwrap();
+        }
+        // The last 8 are kept, the first 8 were let go.
+        for i in 8..16 {
+            source.get(i).await.unwrap();
+        }
+        assert_eq!(source.reads.load(Ordering::Relaxed), 16);
+        source.get(0).await.unwrap();
+        assert_eq!(source.reads.load(Ordering::Relaxed), 17);
+        // Four images share the run's cache; one has all of it.
+        assert_eq!(cache_share(1), CACHE_BYTES);
+        assert_eq!(cache_share(4), CACHE_BYTES / 4);
+        assert_eq!(cache_share(0), CACHE_BYTES);
+    }
+
+    #[tokio::test]
     async fn a_changed_image_is_refused_not_sent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, vec![1u8; 1 << 16]).unwrap();
         let manifest = Arc::new(Manifest::build(&path, 1 << 16).unwrap());
         std::fs::write(&path, vec![2u8; 1 << 16]).unwrap();
-        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3);
+        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3, CACHE_BYTES);
         let err = source.get(0).await.unwrap_err();
         assert!(matches!(err, SourceError::Changed { index: 0 }), "{err:?}");
         assert!(err.to_string().contains("image changed"), "{err}");
@@ -286,13 +332,13 @@ mod tests {
         }
         std::fs::write(&path, &data).unwrap();
         let manifest = Arc::new(Manifest::build(&path, chunk as u64).unwrap());
-        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3);
+        let source = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3, CACHE_BYTES);
         let codecs: Vec<Codec> = (0..3).map(|i| source.prepare(i).unwrap().codec).collect();
         assert_eq!(codecs, [Codec::Raw, Codec::Zstd, Codec::Zstd]);
         assert!(!worth_compressing(&data[..chunk], 3));
         // Compression off: everything raw.
         let manifest = Arc::new(Manifest::build(&path, chunk as u64).unwrap());
-        let off = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 0);
+        let off = ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 0, CACHE_BYTES);
         assert_eq!(off.prepare(2).unwrap().codec, Codec::Raw);
     }
 

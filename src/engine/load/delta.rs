@@ -254,7 +254,12 @@ mod tests {
         let path = dir.path().join("img");
         std::fs::write(&path, data).unwrap();
         let manifest = Arc::new(Manifest::build(&path, chunk).unwrap());
-        ChunkSource::new(ImageReader::open(&path).unwrap(), manifest, 3)
+        ChunkSource::new(
+            ImageReader::open(&path).unwrap(),
+            manifest,
+            3,
+            crate::engine::source::CACHE_BYTES,
+        )
     }
 
     #[tokio::test]

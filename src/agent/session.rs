@@ -72,40 +72,9 @@ pub(super) fn session<R: Read + Send, W: Write>(
         other => other?,
     };
     match request {
-        Msg::LoadBegin {
-            target,
-            size,
-            chunk_size,
-            identity,
-            force,
-            force_mounted,
-            verify,
-            holder,
-            digests,
-            zero,
-            image,
-            user,
-            host,
-        } => {
-            let mut req = LoadRequest::new(
-                target,
-                size,
-                chunk_size,
-                identity,
-                force,
-                force_mounted,
-                verify,
-                holder,
-                digests,
-                zero,
-            )?;
-            req.image = image;
-            req.origin = crate::agent::origin::Origin {
-                loaded_at: String::new(),
-                host,
-                user,
-                tool,
-            };
+        Msg::LoadBegin(begin) => {
+            let mut req = LoadRequest::new(begin)?;
+            req.origin.tool = tool;
             load(input, out, env, &req)
         }
         Msg::SaveBegin {
@@ -132,7 +101,7 @@ mod tests {
 
     use crate::agent::stamp::Stamp;
     use crate::agent::testkit::*;
-    use crate::proto::{Codec, MAGIC, Msg, VERSION};
+    use crate::proto::{Codec, LoadBegin, MAGIC, Msg, VERSION};
 
     #[test]
     fn hello_only_is_a_clean_probe() {
@@ -188,69 +157,28 @@ mod tests {
             "unexpected SaveEnd",
         );
         for chunk_size in [0, 1000, CS / 2, 3 * CS, MAX_CHUNK_SIZE * 2, u32::MAX] {
-            let Msg::LoadBegin {
-                target,
-                size,
-                identity,
-                digests,
-                zero,
-                ..
-            } = image.begin(&target, false)
-            else {
-                unreachable!()
-            };
-            let begin = Msg::LoadBegin {
-                target: target.clone(),
-                size,
-                chunk_size,
-                identity,
-                force: false,
-                force_mounted: false,
-                verify: false,
-                holder: String::new(),
-                digests,
-                zero,
-                image: String::new(),
-                user: String::new(),
-                host: String::new(),
-            };
-            assert_malformed(&env, &with_hello(&[begin]), "chunk size");
+            let base = image.load_begin(&target, false);
             let save = Msg::SaveBegin {
-                target,
+                target: base.target.clone(),
                 chunk_size,
                 level: 3,
                 raw: false,
                 holder: String::new(),
             };
+            let begin = Msg::LoadBegin(LoadBegin { chunk_size, ..base });
+            assert_malformed(&env, &with_hello(&[begin]), "chunk size");
             assert_malformed(&env, &with_hello(&[save]), "chunk size");
         }
         let fresh = dir.path().join("fresh.img");
-        let Msg::LoadBegin {
-            target: t,
-            size,
-            identity,
-            mut digests,
-            zero,
-            ..
-        } = image.begin(&fresh, false)
-        else {
-            unreachable!()
-        };
+        let base = image.load_begin(&fresh, false);
+        let (mut digests, zero) = (base.digests.clone(), base.zero.clone());
         digests.push(1);
-        let begin = |digests: Vec<u128>, zero: Vec<u8>| Msg::LoadBegin {
-            target: t.clone(),
-            size,
-            chunk_size: CS,
-            identity,
-            force: false,
-            force_mounted: false,
-            verify: false,
-            holder: String::new(),
-            digests,
-            zero,
-            image: String::new(),
-            user: String::new(),
-            host: String::new(),
+        let begin = |digests: Vec<u128>, zero: Vec<u8>| {
+            Msg::LoadBegin(LoadBegin {
+                digests,
+                zero,
+                ..base.clone()
+            })
         };
         assert_malformed(
             &env,

@@ -22,7 +22,7 @@ use crate::image::sparse;
 use crate::proto::status::{
     FileKind, StampInfo, StatusReport, TargetStatus, VerifyBegin, VerifyResult,
 };
-use crate::proto::{Msg, ProtocolError, bitmap_len, read_msg_sync, set_bit};
+use crate::proto::{LoadBegin, Msg, ProtocolError, bitmap_len, read_msg_sync, set_bit};
 
 /// The placeholder that makes a target a pattern over its directory.
 pub(super) const IMAGE_PLACEHOLDER: &str = "{image}";
@@ -202,18 +202,17 @@ fn verify<W: Write>(
     env: &AgentEnv,
     v: &VerifyBegin,
 ) -> Result<VerifyResult, AgentError> {
-    let req = LoadRequest::new(
-        v.target.clone(),
-        v.size,
-        v.chunk_size,
-        v.identity,
-        false,
-        false,
-        true,
-        v.holder.clone(),
-        v.digests.clone(),
-        v.zero.clone(),
-    )?;
+    let req = LoadRequest::new(LoadBegin {
+        target: v.target.clone(),
+        size: v.size,
+        chunk_size: v.chunk_size,
+        identity: v.identity,
+        verify: true,
+        holder: v.holder.clone(),
+        digests: v.digests.clone(),
+        zero: v.zero.clone(),
+        ..LoadBegin::default()
+    })?;
     let name = v.target.clone();
     let path = Path::new(&name);
     let meta = std::fs::metadata(path)
@@ -400,26 +399,15 @@ mod tests {
             .0
             .unwrap();
         let begin = || {
-            let Msg::LoadBegin {
-                target,
-                size,
-                chunk_size,
-                identity,
-                digests,
-                zero,
-                ..
-            } = image.begin(&target, false)
-            else {
-                unreachable!()
-            };
+            let b = image.load_begin(&target, false);
             Msg::VerifyBegin(VerifyBegin {
-                target,
-                size,
-                chunk_size,
-                identity,
+                target: b.target,
+                size: b.size,
+                chunk_size: b.chunk_size,
+                identity: b.identity,
                 holder: "test".into(),
-                digests,
-                zero,
+                digests: b.digests,
+                zero: b.zero,
             })
         };
         let verified = |env: &AgentEnv| {

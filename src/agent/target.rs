@@ -13,7 +13,7 @@ use crate::image::digest::{ChunkDigest, is_zero};
 use crate::image::fileio::HOLE_BLOCK;
 use crate::image::geometry::Geometry;
 use crate::image::sparse;
-use crate::proto::bitmap_len;
+use crate::proto::{LoadBegin, bitmap_len};
 
 /// Geometry shared by loads and saves.
 #[derive(Debug, Clone, Copy)]
@@ -75,19 +75,26 @@ pub(super) struct LoadRequest {
 }
 
 impl LoadRequest {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        target: String,
-        size: u64,
-        chunk_size: u32,
-        identity: u128,
-        force: bool,
-        force_mounted: bool,
-        verify: bool,
-        holder: String,
-        digests: Vec<ChunkDigest>,
-        zero: Vec<u8>,
-    ) -> Result<LoadRequest, AgentError> {
+    /// The request a LoadBegin makes, checked: its image's size, chunk
+    /// size, digests and zero map agree, and it names a target. The stamp's
+    /// origin takes the controller's user and host; its build is the
+    /// caller's to set.
+    pub(super) fn new(begin: LoadBegin) -> Result<LoadRequest, AgentError> {
+        let LoadBegin {
+            target,
+            size,
+            chunk_size,
+            identity,
+            force,
+            force_mounted,
+            verify,
+            holder,
+            digests,
+            zero,
+            image,
+            user,
+            host,
+        } = begin;
         check_chunk_size(chunk_size)?;
         if size == 0 {
             // An empty image is a bad image, not a reason to truncate a disk.
@@ -124,8 +131,13 @@ impl LoadRequest {
             holder,
             digests,
             zero,
-            image: String::new(),
-            origin: Default::default(),
+            image,
+            origin: crate::agent::origin::Origin {
+                loaded_at: String::new(),
+                host,
+                user,
+                tool: String::new(),
+            },
         })
     }
 }

@@ -16,7 +16,7 @@ use crate::image::digest::{chunk_digest, is_zero};
 use crate::proto::relay::Secret;
 use crate::proto::relay::connect_handshake;
 use crate::proto::{Codec, Msg, ProtocolError, RELAY_SECRET_LEN, bit, bitmap_len, read_msg_sync};
-use crate::proto::{set_bit, write_msg_sync};
+use crate::proto::{LoadBegin, set_bit, write_msg_sync};
 
 pub(super) const CS: u32 = MIN_CHUNK_SIZE;
 pub(super) const CSU: usize = CS as usize;
@@ -95,7 +95,12 @@ impl Image {
     }
 
     pub(super) fn begin(&self, target: &Path, force: bool) -> Msg {
-        Msg::LoadBegin {
+        Msg::LoadBegin(self.load_begin(target, force))
+    }
+
+    /// The LoadBegin of [`Image::begin`], to vary a field of.
+    pub(super) fn load_begin(&self, target: &Path, force: bool) -> LoadBegin {
+        LoadBegin {
             target: target.to_string_lossy().into_owned(),
             size: self.data.len() as u64,
             chunk_size: CS,

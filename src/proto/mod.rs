@@ -30,11 +30,13 @@
 
 mod bulk;
 pub mod cursor;
+mod load_begin;
 pub mod pipes;
 pub mod relay;
 pub mod status;
 
 pub use bulk::read_msg_sync;
+pub use load_begin::LoadBegin;
 pub use relay::RELAY_SECRET_LEN;
 
 use std::io;
@@ -119,31 +121,7 @@ pub enum Msg {
         kind: ErrorKind,
         message: String,
     },
-    LoadBegin {
-        target: String,
-        size: u64,
-        chunk_size: u32,
-        identity: u128,
-        /// Rewrite everything: no stamp shortcut, every chunk needed.
-        force: bool,
-        /// Write to a block device even if it is mounted.
-        force_mounted: bool,
-        /// Ignore the stamp: check every chunk's digest (zero chunks too).
-        verify: bool,
-        /// Who asks, for the target's lock record: controller host, pid and
-        /// command line.
-        holder: String,
-        digests: Vec<u128>,
-        /// Bit i set: chunk i of the image is all zeros (never sent).
-        zero: Vec<u8>,
-        /// The image's file name, recorded in the target's stamp (provenance
-        /// of later saves). Optional on the wire: absent decodes as "".
-        image: String,
-        /// The controller's user and host, recorded in the stamp. Optional
-        /// on the wire, after `image`: absent decodes as "".
-        user: String,
-        host: String,
-    },
+    LoadBegin(LoadBegin),
     Needed {
         up_to_date: bool,
         /// Bit i set: the agent needs chunk i's data.
@@ -335,7 +313,7 @@ impl Msg {
         match self {
             Msg::Hello { .. } => "Hello",
             Msg::Error { .. } => "Error",
-            Msg::LoadBegin { .. } => "LoadBegin",
+            Msg::LoadBegin(_) => "LoadBegin",
             Msg::Needed { .. } => "Needed",
             Msg::BlockDigests { .. } => "BlockDigests",
             Msg::Patch { .. } => "Patch",
@@ -374,7 +352,7 @@ impl Msg {
         match self {
             Msg::Hello { .. } => 1,
             Msg::Error { .. } => 2,
-            Msg::LoadBegin { .. } => 10,
+            Msg::LoadBegin(_) => 10,
             Msg::Needed { .. } => 11,
             Msg::Chunk { .. } => 12,
             Msg::Written { .. } => 13,
@@ -426,38 +404,7 @@ impl Msg {
                 b.push(*kind as u8);
                 put_bytes(&mut b, message.as_bytes());
             }
-            Msg::LoadBegin {
-                target,
-                size,
-                chunk_size,
-                identity,
-                force,
-                force_mounted,
-                verify,
-                holder,
-                digests,
-                zero,
-                image,
-                user,
-                host,
-            } => {
-                put_bytes(&mut b, target.as_bytes());
-                b.extend_from_slice(&size.to_le_bytes());
-                b.extend_from_slice(&chunk_size.to_le_bytes());
-                b.extend_from_slice(&identity.to_le_bytes());
-                b.push(*force as u8);
-                b.push(*force_mounted as u8);
-                b.push(*verify as u8);
-                put_bytes(&mut b, holder.as_bytes());
-                b.extend_from_slice(&(digests.len() as u32).to_le_bytes());
-                for d in digests {
-                    b.extend_from_slice(&d.to_le_bytes());
-                }
-                put_bytes(&mut b, zero);
-                put_bytes(&mut b, image.as_bytes());
-                put_bytes(&mut b, user.as_bytes());
-                put_bytes(&mut b, host.as_bytes());
-            }
+            Msg::LoadBegin(begin) => begin.encode(&mut b),
             Msg::Needed {
                 up_to_date,
                 bitmap,
@@ -631,41 +578,7 @@ impl Msg {
                 kind: ErrorKind::from_u8(r.u8("kind")?),
                 message: r.string("message")?,
             },
-            10 => {
-                let target = r.string("target")?;
-                let size = r.u64("size")?;
-                let chunk_size = r.u32("chunk_size")?;
-                let identity = r.u128("identity")?;
-                let force = r.bool("force")?;
-                let force_mounted = r.bool("force_mounted")?;
-                let verify = r.bool("verify")?;
-                let holder = r.string("holder")?;
-                let n = r.u32("digest count")? as usize;
-                if n > r.remaining() / 16 {
-                    return Err(ProtocolError::Malformed(format!(
-                        "LoadBegin announces {n} digests but the frame holds fewer"
-                    )));
-                }
-                let mut digests = Vec::with_capacity(n);
-                for _ in 0..n {
-                    digests.push(r.u128("digest")?);
-                }
-                Msg::LoadBegin {
-                    target,
-                    size,
-                    chunk_size,
-                    identity,
-                    force,
-                    force_mounted,
-                    verify,
-                    holder,
-                    digests,
-                    zero: r.bytes("zero bitmap")?,
-                    image: r.optional_string("image")?,
-                    user: r.optional_string("user")?,
-                    host: r.optional_string("host")?,
-                }
-            }
+            10 => Msg::LoadBegin(LoadBegin::decode(&mut r)?),
             11 => Msg::Needed {
                 up_to_date: r.bool("up_to_date")?,
                 bitmap: r.bytes("bitmap")?,

@@ -7,7 +7,7 @@ fn samples() -> Vec<Msg> {
             kind: ErrorKind::Target,
             message: "disk full".into(),
         },
-        Msg::LoadBegin {
+        Msg::LoadBegin(LoadBegin {
             target: "/dev/sda".into(),
             size: 1 << 30,
             chunk_size: 4 << 20,
@@ -21,7 +21,7 @@ fn samples() -> Vec<Msg> {
             image: "ubuntu.img".into(),
             user: "alice".into(),
             host: "gateway".into(),
-        },
+        }),
         Msg::Needed {
             up_to_date: false,
             bitmap: vec![0xff, 0x01],
@@ -139,21 +139,18 @@ fn every_message_round_trips() {
 /// `m` as peers that predate some of its optional trailing fields send it.
 fn older_forms(m: &Msg) -> Vec<Msg> {
     match m {
-        Msg::LoadBegin { image, user, .. } => {
+        Msg::LoadBegin(begin) => {
             // The same message with its trailing fields as an older peer
             // leaves them: empty.
-            let with = |older_image: &str, older_user: &str| {
-                let mut older = m.clone();
-                if let Msg::LoadBegin {
-                    image, user, host, ..
-                } = &mut older
-                {
-                    *image = older_image.into();
-                    *user = older_user.into();
-                    host.clear();
-                }
-                older
+            let with = |image: &str, user: &str| {
+                Msg::LoadBegin(LoadBegin {
+                    image: image.into(),
+                    user: user.into(),
+                    host: String::new(),
+                    ..begin.clone()
+                })
             };
+            let (image, user) = (&begin.image, &begin.user);
             let mut forms = vec![with("", ""), with(image, ""), with(image, user)];
             forms.retain(|f| f != m);
             forms
@@ -197,13 +194,10 @@ fn messages_of_older_peers_still_decode() {
     put_bytes(&mut begin, b"lab 42 imaging load");
     begin.extend_from_slice(&0u32.to_le_bytes());
     put_bytes(&mut begin, &[]);
-    let Msg::LoadBegin {
-        image, identity, ..
-    } = Msg::decode(&begin).unwrap()
-    else {
+    let Msg::LoadBegin(begin) = Msg::decode(&begin).unwrap() else {
         panic!("not a LoadBegin");
     };
-    assert_eq!((image.as_str(), identity), ("", 7));
+    assert_eq!((begin.image.as_str(), begin.identity), ("", 7));
     let mut info = vec![21u8];
     info.extend_from_slice(&99u64.to_le_bytes());
     assert_eq!(

@@ -5,7 +5,7 @@ use super::*;
 use crate::agent::load::plan;
 use crate::agent::target::open_load_target;
 use crate::agent::testkit::{Driven, env, err_of, run, stamps};
-use crate::proto::{ErrorKind, set_bit};
+use crate::proto::{ErrorKind, LoadBegin, set_bit};
 
 /// Four delta blocks to a chunk.
 const CSU: usize = 4 * DELTA_BLOCK;
@@ -33,7 +33,11 @@ fn digests(data: &[u8]) -> Vec<u128> {
 
 /// LoadBegin of `data` (no zero chunks) onto `target`, chunks of [`CS`].
 fn begin(data: &[u8], target: &Path, force: bool) -> Msg {
-    Msg::LoadBegin {
+    Msg::LoadBegin(load_begin(data, target, force))
+}
+
+fn load_begin(data: &[u8], target: &Path, force: bool) -> LoadBegin {
+    LoadBegin {
         target: target.to_string_lossy().into_owned(),
         size: data.len() as u64,
         chunk_size: CS,
@@ -264,33 +268,7 @@ fn block_digests_only_for_data_the_target_held_and_within_the_budget() {
     f.write_all_at(&old[4 * CSU..], 4 * CSU as u64).unwrap();
     drop(f);
 
-    let req = |force| {
-        let Msg::LoadBegin {
-            target,
-            size,
-            chunk_size,
-            identity,
-            digests,
-            zero,
-            ..
-        } = begin(&data, &path, force)
-        else {
-            unreachable!()
-        };
-        LoadRequest::new(
-            target,
-            size,
-            chunk_size,
-            identity,
-            force,
-            false,
-            false,
-            String::new(),
-            digests,
-            zero,
-        )
-        .unwrap()
-    };
+    let req = |force| LoadRequest::new(load_begin(&data, &path, force)).unwrap();
     let all = |bitmap: &[u8]| (0..6).all(|i| bit(bitmap, i));
     let per_chunk = 4 * size_of::<BlockDigest>();
 

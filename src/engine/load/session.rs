@@ -89,7 +89,7 @@ pub(super) async fn begin(
     report.state(i, NodeState::Checking, None);
     proto::write_msg(
         &mut link.tx,
-        &Msg::LoadBegin {
+        &Msg::LoadBegin(proto::LoadBegin {
             target: job.targets[i].clone(),
             size: m.size,
             chunk_size: m.chunk_size as u32,
@@ -103,7 +103,7 @@ pub(super) async fn begin(
             image: job.image_name.clone(),
             user: crate::image::provenance::current_user(),
             host: crate::image::provenance::host_name(),
-        },
+        }),
     )
     .await?;
     link.tx.flush().await.map_err(ProtocolError::from)?;

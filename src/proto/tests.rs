@@ -404,3 +404,89 @@ proptest::proptest! {
         let _ = Msg::decode(&body);
     }
 }
+
+// read_msg_sync's path for data-carrying frames.
+mod bulk {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::{self, Read};
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// A reader that hands out one byte per read, as a slow pipe might.
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let Some((&b, rest)) = self.0.split_first() else {
+                return Ok(0);
+            };
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            buf[0] = b;
+            self.0 = rest;
+            Ok(1)
+        }
+    }
+
+    /// The same frame read whole: what the reader must agree with.
+    fn whole(body: &[u8]) -> Result<Msg, String> {
+        Msg::decode(body).map_err(|e| e.to_string())
+    }
+
+    proptest! {
+        /// A data-carrying frame, its data length right, short or long, and
+        /// its codec byte anything: the reader gives what decoding the whole
+        /// body gives, message or error, even one byte per read.
+        #[test]
+        fn agrees_with_decoding_the_whole_body(
+            tag in prop::sample::select(vec![CHUNK_TAG, STREAM_CHUNK_TAG, STREAM_PIECE_TAG]),
+            fields in prop::collection::vec(any::<u8>(), 13),
+            codec in 0u8..3,
+            data in prop::collection::vec(any::<u8>(), 0..300),
+            skew in -3i64..3,
+        ) {
+            let fixed = if tag == STREAM_PIECE_TAG { 12 } else { 4 };
+            let mut body = vec![tag];
+            body.extend_from_slice(&fields[..4]);
+            body.push(codec);
+            body.extend_from_slice(&fields[4..4 + fixed - 4]);
+            let n = (data.len() as i64 + skew).max(0) as u32;
+            body.extend_from_slice(&n.to_le_bytes());
+            body.extend_from_slice(&data);
+            let frame = framed(&body);
+            let fast = read_msg_sync(&mut &frame[..]).map_err(|e| e.to_string());
+            prop_assert_eq!(&fast, &whole(&body));
+            let slow = read_msg_sync(&mut Trickle(&frame)).map_err(|e| e.to_string());
+            prop_assert_eq!(&slow, &whole(&body));
+        }
+
+        /// Any body at all, framed: never a panic, the same answer.
+        #[test]
+        fn any_frame_reads_as_it_decodes(body in prop::collection::vec(any::<u8>(), 1..64)) {
+            let frame = framed(&body);
+            let read = read_msg_sync(&mut &frame[..]).map_err(|e| e.to_string());
+            prop_assert_eq!(read, whole(&body));
+        }
+    }
+
+    #[test]
+    fn a_stream_cut_inside_the_data_is_a_truncated_frame() {
+        let msg = Msg::StreamPiece {
+            index: 3,
+            codec: crate::proto::Codec::Raw,
+            offset: 0,
+            total: 1000,
+            data: vec![7; 1000],
+        };
+        let mut frame = framed(&msg.encode());
+        assert_eq!(read_msg_sync(&mut &frame[..]).unwrap(), msg);
+        frame.truncate(frame.len() - 1);
+        let err = read_msg_sync(&mut &frame[..]).unwrap_err();
+        assert!(err.to_string().contains("truncated frame"), "{err}");
+    }
+}

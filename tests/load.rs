@@ -514,3 +514,61 @@ fn chunks_half_data_half_zeros_take_half_the_space_on_file_targets() {
         );
     }
 }
+
+/// A run killed while it uploaded the agent (with a version that renamed
+/// whatever had arrived into place) left a cut copy under the name every
+/// later run of that binary starts: they all failed with "the agent did not
+/// start". Now the cached copy that does not start is replaced, and the
+/// node keeps an upload only when all of it arrived (the script is tested
+/// in `node::agent_link`).
+#[test]
+fn a_cut_agent_left_in_the_nodes_cache_is_replaced() {
+    let rig = Rig::new(1);
+    let image = common::write_8mib_image(&rig.dir().join("images/small.img"), 9);
+    // A copy of the binary with bytes of its own after the ELF data: it runs
+    // the same, but its digest, and so its name in the node's cache, is its
+    // own (the other tests' cached agent is left alone).
+    let exe = rig.dir().join("bin").join("imaging");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_imaging")).unwrap();
+    bytes.extend_from_slice(rig.dir().to_string_lossy().as_bytes());
+    std::fs::write(&exe, &bytes).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let digest = format!("{:032x}", imaging::image::digest::chunk_digest(&bytes));
+    // The rig's nodes log in as this user, into its home directory.
+    // SAFETY: getpwuid of our own uid; the record is read at once.
+    let home = unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        assert!(!pw.is_null());
+        std::ffi::CStr::from_ptr((*pw).pw_dir)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let cached = Path::new(&home)
+        .join(".cache/imaging")
+        .join(format!("agent-{}", &digest[..16]));
+    std::fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    std::fs::write(&cached, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::set_permissions(&cached, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+
+    let cfg = rig.dir().join("defaults.conf");
+    std::fs::write(&cfg, "").unwrap();
+    let out = rig
+        .imaging_at(&exe)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["load", "--json", "-i", "small.img", "1"])
+        .output()
+        .unwrap();
+    let whole = std::fs::read(&cached).unwrap_or_default() == bytes;
+    let _ = std::fs::remove_file(&cached);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        summary(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&rig.nodes()[0].target, &image);
+    assert!(whole, "the node's cached agent is not this binary");
+}

@@ -23,13 +23,17 @@ pub struct AgentSource {
     pub digest_hex: String,
 }
 
+/// The running executable: `/proc/self/exe` is its own file even after a
+/// package upgrade replaced the path it was started from.
+const SELF_EXE: &str = "/proc/self/exe";
+
 impl AgentSource {
     pub fn new(configured: &str) -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
-        let bytes = std::fs::read(&exe)?;
+        let bytes = read_self(&exe)?;
         Ok(AgentSource {
             configured: (!configured.is_empty()).then(|| configured.to_string()),
-            digest_hex: format!("{:032x}", crate::image::digest::chunk_digest(&bytes)),
+            digest_hex: digest_hex(&bytes),
             exe,
         })
     }
@@ -43,9 +47,11 @@ impl AgentSource {
     }
 
     /// Start the agent on the node and exchange Hellos. The cached copy is
-    /// started directly (one SSH channel); only if it is missing is this
-    /// executable uploaded into the user's cache there (to a temporary name,
-    /// renamed when complete) and started again.
+    /// started directly (one SSH channel); if it is missing, or there but
+    /// does not start (a copy a killed run of an older version left cut
+    /// short), this executable is uploaded into the user's cache there (to
+    /// a temporary name, renamed only once all of it arrived) and started
+    /// again.
     pub async fn start(&self, session: Session) -> Result<AgentLink, StartError> {
         let session = Arc::new(session);
         let path = self.remote_path();
@@ -62,20 +68,13 @@ impl AgentSource {
                 "the agent did not start: {first}"
             )));
         }
-        if !missing || self.configured.is_some() {
-            let why = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            return Err(match (self.configured.is_some(), why.is_empty()) {
-                (true, _) if missing => StartError::Missing(format!(
+        if self.configured.is_some() {
+            return Err(if missing {
+                StartError::Missing(format!(
                     "no agent at {path} on the node ([load] agent_path)"
-                )),
-                (_, true) => StartError::Failed(format!("the agent did not start: {first}")),
-                (_, false) => StartError::Failed(format!("the agent did not start: {why}")),
+                ))
+            } else {
+                start_failed(&first, &stderr)
             });
         }
         self.upload(&session, &path)
@@ -84,28 +83,102 @@ impl AgentSource {
         let mut link = AgentLink::over_ssh(session, &path)
             .await
             .map_err(|e| StartError::Failed(e.to_string()))?;
-        link.handshake().await?;
-        Ok(link)
+        match link.handshake().await {
+            Ok(()) => Ok(link),
+            Err(StartError::Failed(_)) if !missing => {
+                // The fresh copy fails like the cached one did: say why.
+                let second = link.end_quietly().await.1;
+                Err(start_failed(&first, &second))
+            }
+            Err(e) => Err(e),
+        }
     }
 
+    /// Send this executable (the bytes its digest names) to `path` on the
+    /// node. The node renames it into place only when every byte arrived, so
+    /// a cut upload (a killed run, a dropped link) never leaves a broken
+    /// agent under the name later runs trust.
     async fn upload(&self, session: &Session, path: &str) -> Result<(), String> {
-        let file = std::fs::File::open(&self.exe)
-            .map_err(|e| format!("cannot read {}: {e}", self.exe.display()))?;
-        let script = format!(
-            "umask 077 && mkdir -p .cache/imaging && t={path}.$$ && cat > $t && chmod 700 $t && mv -f $t {path}"
-        );
-        let status = session
-            .shell(&script)
-            .stdin(openssh::Stdio::from(file))
+        use tokio::io::AsyncWriteExt;
+        let bytes = self.bytes()?;
+        let mut child = session
+            .shell(upload_script(path, bytes.len()))
+            .stdin(openssh::Stdio::piped())
             .stdout(openssh::Stdio::null())
             .stderr(openssh::Stdio::null())
-            .status()
+            .spawn()
             .await
             .map_err(|e| ssh::describe(&e).to_string())?;
+        let mut stdin = child
+            .stdin()
+            .take()
+            .ok_or_else(|| "the upload's stdin is missing".to_string())?;
+        let sent = stdin.write_all(&bytes).await;
+        drop(stdin);
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| ssh::describe(&e).to_string())?;
+        if let Err(e) = sent {
+            return Err(format!("uploading the agent to {path} failed: {e}"));
+        }
         if !status.success() {
             return Err(format!("uploading the agent to {path} failed ({status})"));
         }
         Ok(())
+    }
+}
+
+impl AgentSource {
+    /// The bytes the digest names, read again: an executable changed in
+    /// place since the run started is refused rather than sent under the
+    /// old name.
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        let bytes =
+            read_self(&self.exe).map_err(|e| format!("cannot read {}: {e}", self.exe.display()))?;
+        if digest_hex(&bytes) != self.digest_hex {
+            return Err(format!(
+                "{} changed on disk since this run started (rebuilt in place?): run again",
+                self.exe.display()
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// This executable's bytes: those of the running file, else of `exe`.
+fn read_self(exe: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(SELF_EXE).or_else(|_| std::fs::read(exe))
+}
+
+fn digest_hex(bytes: &[u8]) -> String {
+    format!("{:032x}", crate::image::digest::chunk_digest(bytes))
+}
+
+/// The node's side of an upload of `size` bytes to `path` (relative to the
+/// login directory): into a temporary file, which becomes `path` only if it
+/// holds exactly `size` bytes; otherwise it is removed and the script fails.
+fn upload_script(path: &str, size: usize) -> String {
+    format!(
+        "umask 077 && mkdir -p .cache/imaging && t={path}.$$ && cat > \"$t\" \
+         && [ \"$(wc -c < \"$t\")\" -eq {size} ] && chmod 700 \"$t\" && mv -f \"$t\" {path} \
+         || {{ rm -f \"$t\"; exit 1; }}"
+    )
+}
+
+/// The agent did not answer: its last words on stderr, else what the
+/// handshake saw.
+fn start_failed(first: &StartError, stderr: &str) -> StartError {
+    let why = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if why.is_empty() {
+        StartError::Failed(format!("the agent did not start: {first}"))
+    } else {
+        StartError::Failed(format!("the agent did not start: {why}"))
     }
 }
 
@@ -416,5 +489,55 @@ mod tests {
             took >= LAST_WORD_WAIT && took < LAST_WORD_WAIT * 3,
             "{took:?}"
         );
+    }
+
+    /// The node's side of an upload, run by a real shell in a directory of
+    /// its own: all the bytes become the agent; fewer (the controller was
+    /// killed, the link dropped) leave nothing under the agent's name.
+    #[test]
+    fn an_upload_is_renamed_into_place_only_when_every_byte_arrived() {
+        let path = ".cache/imaging/agent-0123456789abcdef";
+        let run = |dir: &std::path::Path, sent: &[u8], size: usize| {
+            use std::io::Write;
+            let mut child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(upload_script(path, size))
+                .current_dir(dir)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(sent).unwrap();
+            child.wait().unwrap()
+        };
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!run(dir.path(), &data[..60_000], data.len()).success());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(".cache/imaging"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "a cut upload left {left:?}");
+
+        assert!(run(dir.path(), &data, data.len()).success());
+        assert_eq!(std::fs::read(dir.path().join(path)).unwrap(), data);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(path))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    /// The bytes uploaded are the ones the digest (the agent's name on the
+    /// node) was taken of: a file that changed since is refused.
+    #[test]
+    fn the_agent_is_read_from_the_running_file_and_checked_against_its_digest() {
+        let mut source = AgentSource::new("").unwrap();
+        assert_eq!(source.bytes().unwrap(), std::fs::read(&source.exe).unwrap());
+        source.digest_hex = format!("{:032x}", 1);
+        let e = source.bytes().unwrap_err();
+        assert!(e.contains("changed on disk since this run started"), "{e}");
     }
 }

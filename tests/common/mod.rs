@@ -209,9 +209,14 @@ impl Rig {
     /// `HOME`, so the invoking user's real `~/.ssh/config` still applies to
     /// ssh processes the binary spawns.
     pub fn imaging(&self) -> Command {
+        self.imaging_at(Path::new(env!("CARGO_BIN_EXE_imaging")))
+    }
+
+    /// [`Rig::imaging`] with another copy of the binary (named `imaging`).
+    pub fn imaging_at(&self, exe: &Path) -> Command {
         let dir = self.dir();
         let xdg = dir.join("xdg");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imaging"));
+        let mut cmd = Command::new(exe);
         cmd.current_dir(dir)
             .env("IMAGING_CONFIG", &self.config)
             .env("HOME", dir.join("home"))

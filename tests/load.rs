@@ -515,6 +515,88 @@ fn chunks_half_data_half_zeros_take_half_the_space_on_file_targets() {
     }
 }
 
+/// What a load negotiates, as the node's sshd logs it: with the default
+/// `[ssh] ciphers = "auto"` on a CPU with AES instructions, AES-GCM (ssh's
+/// own first choice is chacha20-poly1305, which costs both ends more CPU);
+/// with `ciphers = "ssh"`, ssh's own choice. A node whose sshd allows only
+/// chacha20-poly1305 is still loaded: nothing is taken out of ssh's list.
+#[test]
+fn a_load_offers_aes_gcm_first_and_a_node_without_it_still_loads() {
+    let mut rig = Rig::new(1);
+    let image = common::write_8mib_image(&rig.dir().join("images/small.img"), 5);
+    let lab_config = std::fs::read_to_string(rig.nodes()[0].sshd_config()).unwrap();
+    // sshd keeps the first value of a keyword: these lines go before the lab's.
+    let restart = |rig: &mut Rig, first: &str| {
+        let path = rig.nodes()[0].sshd_config().to_path_buf();
+        std::fs::write(&path, format!("LogLevel DEBUG1\n{first}{lab_config}")).unwrap();
+        rig.kill(0);
+        rig.start(0);
+    };
+    let load = |rig: &Rig, extra: &str| -> String {
+        let target = &rig.nodes()[0].target;
+        let _ = std::fs::remove_file(target);
+        let offset = rig.nodes()[0].log().len();
+        let cfg = rig.dir().join("ciphers.conf");
+        std::fs::write(&cfg, extra).unwrap();
+        let out = imaging(rig, &cfg)
+            .args(["load", "--json", "-i", "small.img", "1"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}\n{}",
+            summary(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_same(target, &image);
+        let log = rig.nodes()[0].log();
+        let kex = "kex: client->server cipher: ";
+        let line = log[offset..]
+            .lines()
+            .find(|l| l.contains(kex))
+            .unwrap_or_else(|| panic!("no `{kex}` line in the sshd log:\n{log}"));
+        let after = &line[line.find(kex).unwrap() + kex.len()..];
+        after.split_whitespace().next().unwrap().to_string()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> = cpu
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    let has_aes = flags.contains(&"aes") && flags.contains(&"pclmulqdq");
+    let ssh_first = {
+        let out = Command::new("ssh")
+            .args(["-G", "-F", "/dev/null", "probe"])
+            .output()
+            .unwrap();
+        let dump = String::from_utf8(out.stdout).unwrap();
+        let line = dump.lines().find(|l| l.starts_with("ciphers ")).unwrap();
+        line["ciphers ".len()..]
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+
+    restart(&mut rig, "");
+    let expected = if has_aes && ssh_first.contains("chacha") {
+        "aes128-gcm@openssh.com"
+    } else {
+        ssh_first.as_str()
+    };
+    assert_eq!(load(&rig, ""), expected, "default [ssh] ciphers");
+    assert_eq!(
+        load(&rig, "[ssh]\nciphers = \"ssh\"\n"),
+        ssh_first,
+        "ciphers = \"ssh\""
+    );
+
+    restart(&mut rig, "Ciphers chacha20-poly1305@openssh.com\n");
+    assert_eq!(load(&rig, ""), "chacha20-poly1305@openssh.com");
+}
+
 /// A run killed while it uploaded the agent (with a version that renamed
 /// whatever had arrived into place) left a cut copy under the name every
 /// later run of that binary starts: they all failed with "the agent did not

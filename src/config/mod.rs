@@ -60,6 +60,18 @@ pub struct SshConfig {
     pub known_hosts_file: Option<String>,
     /// Seconds allowed for TCP connect plus the SSH handshake.
     pub connect_timeout: u64,
+    /// Which cipher ssh offers first.
+    pub ciphers: CipherPreference,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CipherPreference {
+    /// AES-GCM first when this machine has AES instructions (ssh's own
+    /// files still win: `crate::node::ciphers`).
+    Auto,
+    /// ssh's own choice: imaging passes no configuration of its own.
+    Ssh,
 }
 
 impl Default for SshConfig {
@@ -71,6 +83,7 @@ impl Default for SshConfig {
             known_hosts: KnownHostsPolicy::AcceptNew,
             known_hosts_file: None,
             connect_timeout: 5,
+            ciphers: CipherPreference::Auto,
         }
     }
 }

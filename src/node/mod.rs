@@ -2,6 +2,7 @@
 //! hooks run around a node's load.
 
 pub mod agent_link;
+pub mod ciphers;
 pub mod hooks;
 pub mod procs;
 pub mod ssh;

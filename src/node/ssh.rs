@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder};
 
-use crate::config::{Config, KnownHostsPolicy, expand_home};
+use crate::config::{CipherPreference, Config, KnownHostsPolicy, expand_home};
 use crate::inventory::Node;
 
 /// Resolved SSH settings (from `[ssh]`), shared by all nodes of a run.
@@ -22,11 +22,19 @@ pub struct SshSettings {
     pub known_hosts_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub control_dir: PathBuf,
+    /// The ssh configuration carrying imaging's cipher preference
+    /// (`-F`; [`super::ciphers`]), None: ssh's own files alone.
+    pub config_file: Option<PathBuf>,
 }
 
 impl SshSettings {
     pub fn from_config(config: &Config) -> std::io::Result<Self> {
         let ssh = &config.ssh;
+        let control_dir = control_dir()?;
+        let config_file = match ssh.ciphers {
+            CipherPreference::Auto => super::ciphers::write_config(&control_dir)?,
+            CipherPreference::Ssh => None,
+        };
         Ok(SshSettings {
             user: ssh.user.clone(),
             port: ssh.port,
@@ -34,7 +42,8 @@ impl SshSettings {
             known_hosts: ssh.known_hosts,
             known_hosts_file: ssh.known_hosts_file.as_deref().map(expand_home),
             connect_timeout: Duration::from_secs(ssh.connect_timeout.max(1)),
-            control_dir: control_dir()?,
+            control_dir,
+            config_file,
         })
     }
 }
@@ -195,6 +204,9 @@ pub async fn connect(
         ));
     if let Some(id) = &settings.identity_file {
         b.keyfile(id);
+    }
+    if let Some(file) = &settings.config_file {
+        b.config_file(file);
     }
     match settings.known_hosts {
         KnownHostsPolicy::Strict => {

@@ -656,3 +656,49 @@ fn a_cut_agent_left_in_the_nodes_cache_is_replaced() {
     assert_same(&rig.nodes()[0].target, &image);
     assert!(whole, "the node's cached agent is not this binary");
 }
+
+/// A raw chunk goes from the image file into the node's pipe unread by the
+/// controller (splice), so it is the node that finds an image changed after
+/// its manifest was built; the error still names the image, and the chunk,
+/// not the node.
+#[test]
+fn an_image_changed_behind_its_manifest_is_named_as_such() {
+    let rig = Rig::new(1);
+    let path = rig.dir().join("images/small.img");
+    // Random throughout: no chunk compresses, each goes spliced.
+    let mut image = vec![0u8; 8 * MIB];
+    fastrand::Rng::with_seed(11).fill(&mut image);
+    std::fs::write(&path, &image).unwrap();
+    let cfg = rig.dir().join("defaults.conf");
+    std::fs::write(&cfg, "").unwrap();
+    let load = || {
+        let _ = std::fs::remove_file(&rig.nodes()[0].target);
+        imaging(&rig, &cfg)
+            .args(["load", "--json", "-i", "small.img", "1"])
+            .output()
+            .unwrap()
+    };
+    let out = load();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_same(&rig.nodes()[0].target, &image);
+
+    // One byte of the second chunk changes; the file keeps its
+    // length and mtime, so the cached manifest is still taken as current.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    image[(4 << 20) + 100] ^= 0xff;
+    std::fs::write(&path, &image).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out = load();
+    let s = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    let error = node(&s, "node01")["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains("the image changed while loading (chunk 1 no longer matches its manifest)"),
+        "{error}"
+    );
+}

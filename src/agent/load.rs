@@ -814,7 +814,8 @@ impl Unpacker {
                     .decompress_to_buffer(data, &mut self.buf)
                     .map_err(|e| {
                         AgentError::Verify(format!(
-                            "chunk {i} failed verification: cannot decompress: {e}"
+                            "{}: cannot decompress: {e}",
+                            crate::proto::chunk_failed(i)
                         ))
                     })?;
                 &self.buf
@@ -822,12 +823,13 @@ impl Unpacker {
         };
         if bytes.len() != len {
             return Err(AgentError::Verify(format!(
-                "chunk {i} failed verification: {} bytes, expected {len}",
+                "{}: {} bytes, expected {len}",
+                crate::proto::chunk_failed(i),
                 bytes.len()
             )));
         }
         if chunk_digest(bytes) != req.digests[i] {
-            return Err(AgentError::Verify(format!("chunk {i} failed verification")));
+            return Err(AgentError::Verify(crate::proto::chunk_failed(i)));
         }
         Ok(bytes)
     }

@@ -55,6 +55,24 @@ pub fn cache_share(images: usize) -> u64 {
     CACHE_BYTES / images.max(1) as u64
 }
 
+/// A raw chunk that goes from the image file straight into a node's pipe
+/// ([`crate::node::splice`]), never through the controller's memory; the
+/// node still checks it against the manifest.
+pub struct FileChunk {
+    pub index: u32,
+    pub offset: u64,
+    pub len: usize,
+    file: Arc<ImageReader>,
+}
+
+impl FileChunk {
+    pub fn file(&self) -> &std::fs::File {
+        self.file
+            .raw_file()
+            .expect("a FileChunk is only made of a raw image")
+    }
+}
+
 type Slot = Arc<OnceCell<Arc<WireChunk>>>;
 
 pub struct ChunkSource {
@@ -134,6 +152,68 @@ impl ChunkSource {
         })
     }
 
+    /// Chunk `index` as a range of the image file, when it travels as it is
+    /// (blocking: reads a few samples to judge compression, and asks the
+    /// kernel to read the range ahead): the image is a plain file, the
+    /// chunk is not in the cache already, and it would go uncompressed.
+    /// Its digest is not checked here: the node checks it, and a mismatch it
+    /// reports is traced back to the image by [`ChunkSource::raw`].
+    pub fn from_file(&self, index: usize) -> Result<Option<FileChunk>, SourceError> {
+        let Some(file) = self.file.raw_file() else {
+            return Ok(None);
+        };
+        if self.cached(index) {
+            return Ok(None);
+        }
+        let m = &self.manifest;
+        let (offset, len) = (m.chunk_offset(index), m.chunk_len(index) as usize);
+        if self.level > 0 {
+            let sample = match probe_ranges(len) {
+                None => return Ok(None),
+                Some(ranges) => {
+                    let mut sample = vec![0u8; PROBE * PROBES];
+                    for (k, start) in ranges.into_iter().enumerate() {
+                        std::os::unix::fs::FileExt::read_exact_at(
+                            file,
+                            &mut sample[k * PROBE..(k + 1) * PROBE],
+                            offset + start as u64,
+                        )
+                        .map_err(|error| SourceError::Read { index, error })?;
+                    }
+                    sample
+                }
+            };
+            if sample_compresses(&sample, self.level) {
+                return Ok(None);
+            }
+        }
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: advice on a descriptor we hold; it fails harmlessly.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(FileChunk {
+            index: index as u32,
+            offset,
+            len,
+            file: self.file.clone(),
+        }))
+    }
+
+    /// Whether chunk `index` is prepared in the cache (or being prepared).
+    fn cached(&self, index: usize) -> bool {
+        let guard = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0.contains_key(&index)
+    }
+
     /// Chunk `index`'s bytes, read (blocking) and checked against the
     /// manifest; not cached. For a node's patch, whose blocks are its own.
     pub fn raw(&self, index: usize) -> Result<Vec<u8>, SourceError> {
@@ -186,15 +266,28 @@ const PROBES: usize = 4;
 /// compresses in its samples too; data that hides its redundancy from every
 /// sample goes raw, which costs bandwidth, never correctness.
 fn worth_compressing(raw: &[u8], level: i32) -> bool {
-    if raw.len() <= PROBE * PROBES {
+    let Some(ranges) = probe_ranges(raw.len()) else {
         return true;
-    }
-    let step = (raw.len() - PROBE) / (PROBES - 1);
+    };
     let mut sample = Vec::with_capacity(PROBE * PROBES);
-    for k in 0..PROBES {
-        sample.extend_from_slice(&raw[k * step..k * step + PROBE]);
+    for start in ranges {
+        sample.extend_from_slice(&raw[start..start + PROBE]);
     }
-    match zstd::bulk::compress(&sample, level) {
+    sample_compresses(&sample, level)
+}
+
+/// Where the samples of a chunk of `len` bytes start; None: it is small
+/// enough to be tried whole.
+fn probe_ranges(len: usize) -> Option<Vec<usize>> {
+    if len <= PROBE * PROBES {
+        return None;
+    }
+    let step = (len - PROBE) / (PROBES - 1);
+    Some((0..PROBES).map(|k| k * step).collect())
+}
+
+fn sample_compresses(sample: &[u8], level: i32) -> bool {
+    match zstd::bulk::compress(sample, level) {
         Ok(packed) => packed.len() < sample.len() / 100 * 97,
         Err(_) => false,
     }

@@ -128,6 +128,14 @@ impl ImageReader {
         }
     }
 
+    /// The file itself, when its bytes are the image's bytes (not an `.ndz`).
+    pub fn raw_file(&self) -> Option<&File> {
+        match self {
+            ImageReader::Raw { file, .. } => Some(file),
+            ImageReader::Ndz(_) => None,
+        }
+    }
+
     /// Fill `buf` from `offset`. Reading past the end is an
     /// `UnexpectedEof` error, as for a file.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use openssh::Session;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncRead, BufReader, BufWriter};
 use tokio::task::JoinHandle;
 
 use crate::node::ssh::{self, SshError};
@@ -146,6 +146,14 @@ impl AgentSource {
     }
 }
 
+/// The write end of the agent's stdin as tokio's pipe (non-blocking,
+/// registered), widened to 1 MiB.
+fn sender(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Sender> {
+    use std::os::fd::AsFd;
+    crate::proto::pipes::widen(fd.as_fd());
+    tokio::net::unix::pipe::Sender::from_owned_fd(fd)
+}
+
 /// This executable's bytes: those of the running file, else of `exe`.
 fn read_self(exe: &std::path::Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(SELF_EXE).or_else(|_| std::fs::read(exe))
@@ -209,8 +217,10 @@ enum Process {
     Local(tokio::process::Child),
 }
 
-/// The controller's side of the agent's stdin.
-pub type Tx = BufWriter<Box<dyn AsyncWrite + Unpin + Send>>;
+/// The controller's side of the agent's stdin: a pipe (to ssh, or to a
+/// local agent), so chunk data can be spliced into it from the image file
+/// ([`crate::node::splice`]).
+pub type Tx = BufWriter<tokio::net::unix::pipe::Sender>;
 /// The controller's side of the agent's stdout.
 pub type Rx = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
 
@@ -264,12 +274,15 @@ impl AgentLink {
         };
         {
             use std::os::fd::AsFd;
-            crate::proto::pipes::widen(stdin.as_fd());
             crate::proto::pipes::widen(stdout.as_fd());
         }
+        let stdin = stdin
+            .into_owned_fd()
+            .and_then(sender)
+            .map_err(|e| SshError::other(format!("the agent's stdin: {e}")))?;
         let stderr = stderr_collector(child.stderr().take());
         Ok(AgentLink {
-            tx: BufWriter::with_capacity(PIPE_BUFFER, Box::new(stdin)),
+            tx: BufWriter::with_capacity(PIPE_BUFFER, stdin),
             rx: BufReader::with_capacity(PIPE_BUFFER, Box::new(stdout)),
             end: LinkEnd {
                 stderr,
@@ -296,12 +309,15 @@ impl AgentLink {
         };
         {
             use std::os::fd::AsFd;
-            crate::proto::pipes::widen(stdin.as_fd());
             crate::proto::pipes::widen(stdout.as_fd());
         }
+        let stdin = stdin
+            .into_owned_fd()
+            .and_then(sender)
+            .map_err(|e| SshError::other(format!("the local agent's stdin: {e}")))?;
         let stderr = stderr_collector(child.stderr.take());
         Ok(AgentLink {
-            tx: BufWriter::with_capacity(PIPE_BUFFER, Box::new(stdin)),
+            tx: BufWriter::with_capacity(PIPE_BUFFER, stdin),
             rx: BufReader::with_capacity(PIPE_BUFFER, Box::new(stdout)),
             end: LinkEnd {
                 stderr,

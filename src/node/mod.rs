@@ -5,4 +5,5 @@ pub mod agent_link;
 pub mod ciphers;
 pub mod hooks;
 pub mod procs;
+pub mod splice;
 pub mod ssh;

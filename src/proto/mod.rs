@@ -1041,16 +1041,38 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(
     codec: Codec,
     data: &[u8],
 ) -> Result<(), ProtocolError> {
-    let body_len = 1 + 4 + 1 + 4 + data.len();
-    let mut head = Vec::with_capacity(4 + 10);
-    head.extend_from_slice(&(body_len as u32).to_le_bytes());
-    head.push(12);
-    head.extend_from_slice(&index.to_le_bytes());
-    head.push(codec as u8);
-    head.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    w.write_all(&head).await?;
+    w.write_all(&chunk_head(index, codec, data.len())).await?;
     w.write_all(data).await?;
     Ok(())
+}
+
+/// The agent's words for chunk `i`'s data not matching the manifest; the
+/// controller reads the index back with [`failed_chunk`].
+pub fn chunk_failed(i: usize) -> String {
+    format!("chunk {i} failed verification")
+}
+
+/// The chunk a message of [`chunk_failed`]'s (perhaps with more after it)
+/// names.
+pub fn failed_chunk(message: &str) -> Option<usize> {
+    let rest = message.strip_prefix("chunk ")?;
+    let (index, rest) = rest.split_once(' ')?;
+    rest.starts_with("failed verification")
+        .then(|| index.parse().ok())
+        .flatten()
+}
+
+/// The bytes of a `Chunk` frame before its `len` bytes of data: the frame
+/// a writer completes with the data from elsewhere (spliced from a file).
+pub fn chunk_head(index: u32, codec: Codec, len: usize) -> Vec<u8> {
+    let body_len = 1 + 4 + 1 + 4 + len;
+    let mut head = Vec::with_capacity(4 + 10);
+    head.extend_from_slice(&(body_len as u32).to_le_bytes());
+    head.push(CHUNK_TAG);
+    head.extend_from_slice(&index.to_le_bytes());
+    head.push(codec as u8);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head
 }
 
 /// Where a streamed frame's data sits in its chunk: `None` for a whole

@@ -490,3 +490,17 @@ mod bulk {
         assert!(err.to_string().contains("truncated frame"), "{err}");
     }
 }
+
+/// The agent's words for a chunk that failed verification carry its index
+/// back to the controller, with or without a reason after them.
+#[test]
+fn a_failed_chunk_is_read_back_from_the_agents_words() {
+    assert_eq!(failed_chunk(&chunk_failed(7)), Some(7));
+    assert_eq!(
+        failed_chunk(&format!("{}: 12 bytes, expected 64", chunk_failed(3))),
+        Some(3)
+    );
+    assert_eq!(failed_chunk("patch of chunk 3 failed verification"), None);
+    assert_eq!(failed_chunk("chunk x failed verification"), None);
+    assert_eq!(failed_chunk("chunk 3 written"), None);
+}

@@ -846,7 +846,9 @@ async fn member_inner(
                     counters.written.store(bytes_written, Ordering::Relaxed);
                     break Ok(NodeState::Done);
                 }
-                Ok(Msg::Error { kind, message }) => break Err(NodeError::Agent { kind, message }),
+                Ok(Msg::Error { kind, message }) => {
+                    break Err(delta::traced(&job.source, NodeError::Agent { kind, message }).await)
+                }
                 Ok(other) => break Err(NodeError::Protocol(format!("agent sent {} during the relay", other.name()))),
                 Err(e) => break Err(NodeError::Lost(format!("agent connection lost ({e})"))),
             },
@@ -904,7 +906,7 @@ async fn send_direct(
             .map_err(NodeError::from)?;
         job.on_wire(out.wire_len()).await;
         let mut tx = tx.lock().await;
-        out.write(&mut *tx)
+        out.write(&mut tx)
             .await
             .map_err(|e| NodeError::Lost(format!("sending chunk {c}: {e}")))?;
         counters.sent.fetch_add(out.raw_len(), Ordering::Relaxed);

@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::engine::error::NodeError;
-use crate::engine::source::{ChunkSource, SourceError, WireChunk};
+use crate::engine::source::{ChunkSource, FileChunk, SourceError, WireChunk};
 use crate::fmt::human_bytes;
 use crate::image::digest::{BlockDigest, DELTA_BLOCK, block_count, block_digests};
 use crate::image::manifest::Manifest;
-use crate::node::agent_link::Rx;
+use crate::node::agent_link::{Rx, Tx};
 use crate::proto::{self, Msg, ProtocolError, bitmap_len, set_bit};
 
 /// A node's block digests, by chunk.
@@ -74,6 +74,8 @@ fn differing_bytes(ours: &[BlockDigest], theirs: &[BlockDigest], len: usize) -> 
 pub(super) enum Outgoing {
     /// The chunk as every node gets it (shared, prepared once).
     Whole(Arc<WireChunk>),
+    /// The chunk raw, spliced from the image file into the node's pipe.
+    File(FileChunk),
     Patch(Box<Patch>),
 }
 
@@ -92,6 +94,7 @@ impl Outgoing {
     pub(super) fn wire_len(&self) -> u64 {
         match self {
             Outgoing::Whole(chunk) => chunk.data.len() as u64,
+            Outgoing::File(chunk) => chunk.len as u64,
             Outgoing::Patch(p) => p.wire,
         }
     }
@@ -100,6 +103,7 @@ impl Outgoing {
     pub(super) fn raw_len(&self) -> u64 {
         match self {
             Outgoing::Whole(chunk) => chunk.raw_len,
+            Outgoing::File(chunk) => chunk.len as u64,
             Outgoing::Patch(p) => p.raw,
         }
     }
@@ -107,20 +111,29 @@ impl Outgoing {
     /// Bytes of the chunk the node already holds and will not write.
     pub(super) fn spared(&self) -> u64 {
         match self {
-            Outgoing::Whole(_) => 0,
+            Outgoing::Whole(_) | Outgoing::File(_) => 0,
             Outgoing::Patch(p) => p.spared,
         }
     }
 
     /// Write it. A patch is flushed at once: it is small, and would
     /// otherwise wait in the link's buffer for the chunks after it.
-    pub(super) async fn write<W: AsyncWrite + Unpin>(
-        &self,
-        w: &mut W,
-    ) -> Result<(), ProtocolError> {
+    pub(super) async fn write(&self, w: &mut Tx) -> Result<(), ProtocolError> {
         match self {
             Outgoing::Whole(chunk) => {
                 proto::write_chunk(w, chunk.index, chunk.codec, &chunk.data).await
+            }
+            Outgoing::File(chunk) => {
+                let head = proto::chunk_head(chunk.index, proto::Codec::Raw, chunk.len);
+                crate::node::splice::write_from_file(
+                    w,
+                    &head,
+                    chunk.file(),
+                    chunk.offset,
+                    chunk.len,
+                )
+                .await?;
+                Ok(())
             }
             Outgoing::Patch(p) => {
                 proto::write_msg(w, &p.msg).await?;
@@ -147,7 +160,36 @@ pub(super) async fn outgoing(
             return Ok(Outgoing::Patch(Box::new(patch)));
         }
     }
-    Ok(Outgoing::Whole(source.get(c).await?))
+    let s = source.clone();
+    let file = tokio::task::spawn_blocking(move || s.from_file(c))
+        .await
+        .map_err(|e| SourceError::Reader(e.to_string()))??;
+    match file {
+        Some(chunk) => Ok(Outgoing::File(chunk)),
+        None => Ok(Outgoing::Whole(source.get(c).await?)),
+    }
+}
+
+/// An agent's report that chunk data failed verification, traced to the
+/// image when it is the image that changed: a chunk spliced from the file
+/// was never checked here ([`ChunkSource::from_file`]).
+pub(super) async fn traced(source: &Arc<ChunkSource>, e: NodeError) -> NodeError {
+    let NodeError::Agent {
+        kind: proto::ErrorKind::Verify,
+        message,
+    } = &e
+    else {
+        return e;
+    };
+    let Some(c) = proto::failed_chunk(message).filter(|&c| c < source.manifest().digests.len())
+    else {
+        return e;
+    };
+    let s = source.clone();
+    match tokio::task::spawn_blocking(move || s.raw(c)).await {
+        Ok(Err(changed @ SourceError::Changed { .. })) => changed.into(),
+        _ => e,
+    }
 }
 
 fn make_patch(
@@ -301,13 +343,13 @@ mod tests {
             far[k * DELTA_BLOCK] ^= 1;
         }
         let out = outgoing(&src, 0, Some(block_digests(&far))).await.unwrap();
-        assert!(matches!(out, Outgoing::Whole(_)));
+        assert!(matches!(out, Outgoing::Whole(_) | Outgoing::File(_)));
         // No block differs (the chunk digest did, say by a collision): whole.
         let out = outgoing(&src, 0, Some(block_digests(&data))).await.unwrap();
-        assert!(matches!(out, Outgoing::Whole(_)));
+        assert!(matches!(out, Outgoing::Whole(_) | Outgoing::File(_)));
         // Digests of another shape: whole.
         let out = outgoing(&src, 0, Some(vec![1, 2])).await.unwrap();
-        assert!(matches!(out, Outgoing::Whole(_)));
+        assert!(matches!(out, Outgoing::Whole(_) | Outgoing::File(_)));
         assert_eq!(out.raw_len(), 1 << 20);
 
         let map = |d: Vec<BlockDigest>| Arc::new(BlockMap::from([(0, d)]));

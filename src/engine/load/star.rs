@@ -189,7 +189,8 @@ async fn run_session(
                     return Ok(());
                 }
                 Msg::Error { kind, message } => {
-                    return Err(NodeError::Agent { kind, message });
+                    let e = NodeError::Agent { kind, message };
+                    return Err(delta::traced(&job.source, e).await);
                 }
                 other => {
                     return Err(NodeError::Protocol(format!(

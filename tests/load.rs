@@ -542,13 +542,7 @@ fn a_load_offers_aes_gcm_first_and_a_node_without_it_still_loads() {
             .args(["load", "--json", "-i", "small.img", "1"])
             .output()
             .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}\n{}",
-            summary(&out),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_success(&out);
         assert_same(target, &image);
         let log = rig.nodes()[0].log();
         let kex = "kex: client->server cipher: ";
@@ -646,13 +640,7 @@ fn a_cut_agent_left_in_the_nodes_cache_is_replaced() {
         .unwrap();
     let whole = std::fs::read(&cached).unwrap_or_default() == bytes;
     let _ = std::fs::remove_file(&cached);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        summary(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert_same(&rig.nodes()[0].target, &image);
     assert!(whole, "the node's cached agent is not this binary");
 }

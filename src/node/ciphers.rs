@@ -180,11 +180,7 @@ mod tests {
                 .stdin(Stdio::null())
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "ssh -G {host}: {out:?}");
             String::from_utf8(out.stdout).unwrap()
         };
         std::fs::write(

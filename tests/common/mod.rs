@@ -361,6 +361,11 @@ pub fn write_8mib_image(path: &Path, seed: u64) -> Vec<u8> {
     data
 }
 
+/// A `--json` run exited 0; else fail, showing its output.
+pub fn assert_success(out: &Output) {
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(out));
+}
+
 /// The last line of a `--json` run: the summary.
 pub fn summary(out: &Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);

@@ -30,10 +30,10 @@ const SELF_EXE: &str = "/proc/self/exe";
 impl AgentSource {
     pub fn new(configured: &str) -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
-        let bytes = read_self(&exe)?;
+        let (digest_hex, _) = file_digest(&open_self(&exe)?)?;
         Ok(AgentSource {
             configured: (!configured.is_empty()).then(|| configured.to_string()),
-            digest_hex: digest_hex(&bytes),
+            digest_hex,
             exe,
         })
     }
@@ -99,50 +99,36 @@ impl AgentSource {
     /// a cut upload (a killed run, a dropped link) never leaves a broken
     /// agent under the name later runs trust.
     async fn upload(&self, session: &Session, path: &str) -> Result<(), String> {
-        use tokio::io::AsyncWriteExt;
-        let bytes = self.bytes()?;
-        let mut child = session
-            .shell(upload_script(path, bytes.len()))
-            .stdin(openssh::Stdio::piped())
+        let (file, size) = self.checked_file()?;
+        let status = session
+            .shell(upload_script(path, size))
+            .stdin(openssh::Stdio::from(file))
             .stdout(openssh::Stdio::null())
             .stderr(openssh::Stdio::null())
-            .spawn()
+            .status()
             .await
             .map_err(|e| ssh::describe(&e).to_string())?;
-        let mut stdin = child
-            .stdin()
-            .take()
-            .ok_or_else(|| "the upload's stdin is missing".to_string())?;
-        let sent = stdin.write_all(&bytes).await;
-        drop(stdin);
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| ssh::describe(&e).to_string())?;
-        if let Err(e) = sent {
-            return Err(format!("uploading the agent to {path} failed: {e}"));
-        }
         if !status.success() {
             return Err(format!("uploading the agent to {path} failed ({status})"));
         }
         Ok(())
     }
-}
 
-impl AgentSource {
-    /// The bytes the digest names, read again: an executable changed in
+    /// This executable, opened and checked again: an executable changed in
     /// place since the run started is refused rather than sent under the
-    /// old name.
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        let bytes =
-            read_self(&self.exe).map_err(|e| format!("cannot read {}: {e}", self.exe.display()))?;
-        if digest_hex(&bytes) != self.digest_hex {
+    /// old name; its size. ssh reads it from the start (the digest is taken
+    /// with positioned reads).
+    fn checked_file(&self) -> Result<(std::fs::File, usize), String> {
+        let cannot = |e: std::io::Error| format!("cannot read {}: {e}", self.exe.display());
+        let file = open_self(&self.exe).map_err(cannot)?;
+        let (digest, size) = file_digest(&file).map_err(cannot)?;
+        if digest != self.digest_hex {
             return Err(format!(
                 "{} changed on disk since this run started (rebuilt in place?): run again",
                 self.exe.display()
             ));
         }
-        Ok(bytes)
+        Ok((file, size))
     }
 }
 
@@ -154,13 +140,27 @@ fn sender(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::net::unix::pipe::S
     tokio::net::unix::pipe::Sender::from_owned_fd(fd)
 }
 
-/// This executable's bytes: those of the running file, else of `exe`.
-fn read_self(exe: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    std::fs::read(SELF_EXE).or_else(|_| std::fs::read(exe))
+/// This executable: the running file, else `exe`.
+fn open_self(exe: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(SELF_EXE).or_else(|_| std::fs::File::open(exe))
 }
 
-fn digest_hex(bytes: &[u8]) -> String {
-    format!("{:032x}", crate::image::digest::chunk_digest(bytes))
+/// The file's digest (as `chunk_digest` of all of it, read a piece at a
+/// time: a debug build is over 100 MB) and its size.
+fn file_digest(file: &std::fs::File) -> std::io::Result<(String, usize)> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0usize;
+    loop {
+        let n = file.read_at(&mut buf, size as u64)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n;
+    }
+    Ok((format!("{:032x}", hasher.digest128()), size))
 }
 
 /// The node's side of an upload of `size` bytes to `path` (relative to the
@@ -551,9 +551,15 @@ mod tests {
     #[test]
     fn the_agent_is_read_from_the_running_file_and_checked_against_its_digest() {
         let mut source = AgentSource::new("").unwrap();
-        assert_eq!(source.bytes().unwrap(), std::fs::read(&source.exe).unwrap());
+        let bytes = std::fs::read(&source.exe).unwrap();
+        assert_eq!(
+            source.digest_hex,
+            format!("{:032x}", crate::image::digest::chunk_digest(&bytes))
+        );
+        let (_, size) = source.checked_file().unwrap();
+        assert_eq!(size, bytes.len());
         source.digest_hex = format!("{:032x}", 1);
-        let e = source.bytes().unwrap_err();
+        let e = source.checked_file().unwrap_err();
         assert!(e.contains("changed on disk since this run started"), "{e}");
     }
 }

@@ -566,12 +566,8 @@ fn a_load_offers_aes_gcm_first_and_a_node_without_it_still_loads() {
             .output()
             .unwrap();
         let dump = String::from_utf8(out.stdout).unwrap();
-        let line = dump.lines().find(|l| l.starts_with("ciphers ")).unwrap();
-        line["ciphers ".len()..]
-            .split(',')
-            .next()
-            .unwrap()
-            .to_string()
+        let list = imaging::node::ciphers::ciphers_line(&dump).unwrap();
+        list.split(',').next().unwrap().to_string()
     };
 
     restart(&mut rig, "");

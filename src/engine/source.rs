@@ -3,7 +3,7 @@
 //! it (a small cache of recent chunks), and a shared bandwidth cap.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,9 +81,16 @@ pub struct ChunkSource {
     level: i32,
     slots: Mutex<(HashMap<usize, Slot>, VecDeque<usize>)>,
     max_slots: usize,
+    /// Per chunk, whether its samples compress ([`UNJUDGED`], [`GOES_RAW`],
+    /// [`PACKS`]): judged once, whichever path asks first.
+    verdicts: Vec<AtomicU8>,
     /// Chunks read from disk (each chunk once, unless evicted and asked again).
     pub reads: AtomicU64,
 }
+
+const UNJUDGED: u8 = 0;
+const GOES_RAW: u8 = 1;
+const PACKS: u8 = 2;
 
 impl ChunkSource {
     /// A source keeping up to `cache_bytes` of prepared chunks (at least
@@ -95,12 +102,16 @@ impl ChunkSource {
         cache_bytes: u64,
     ) -> Arc<Self> {
         let max_slots = (cache_bytes / manifest.chunk_size.max(1)).max(4) as usize;
+        let verdicts = (0..manifest.digests.len())
+            .map(|_| AtomicU8::new(UNJUDGED))
+            .collect();
         Arc::new(ChunkSource {
             file: Arc::new(file),
             manifest,
             level,
             slots: Mutex::new((HashMap::new(), VecDeque::new())),
             max_slots,
+            verdicts,
             reads: AtomicU64::new(0),
         })
     }
@@ -143,7 +154,7 @@ impl ChunkSource {
     fn prepare(&self, index: usize) -> Result<WireChunk, SourceError> {
         let raw = self.raw(index)?;
         let raw_len = raw.len() as u64;
-        let (codec, data) = self.compress(raw);
+        let (codec, data) = self.compress(index, raw);
         Ok(WireChunk {
             index: index as u32,
             codec,
@@ -159,33 +170,28 @@ impl ChunkSource {
     /// Its digest is not checked here: the node checks it, and a mismatch it
     /// reports is traced back to the image by [`ChunkSource::raw`].
     pub fn from_file(&self, index: usize) -> Result<Option<FileChunk>, SourceError> {
-        let Some(file) = self.file.raw_file() else {
+        let Some(file) = self.file.raw_file().filter(|_| self.may_splice(index)) else {
             return Ok(None);
         };
-        if self.cached(index) {
-            return Ok(None);
-        }
         let m = &self.manifest;
         let (offset, len) = (m.chunk_offset(index), m.chunk_len(index) as usize);
-        if self.level > 0 {
-            let sample = match probe_ranges(len) {
-                None => return Ok(None),
-                Some(ranges) => {
-                    let mut sample = vec![0u8; PROBE * PROBES];
-                    for (k, start) in ranges.into_iter().enumerate() {
-                        std::os::unix::fs::FileExt::read_exact_at(
-                            file,
-                            &mut sample[k * PROBE..(k + 1) * PROBE],
-                            offset + start as u64,
-                        )
-                        .map_err(|error| SourceError::Read { index, error })?;
-                    }
-                    sample
+        let compresses = self.judged(index, || match probe_ranges(len) {
+            None => Ok(true),
+            Some(ranges) => {
+                let mut sample = vec![0u8; PROBE * PROBES];
+                for (k, start) in ranges.into_iter().enumerate() {
+                    std::os::unix::fs::FileExt::read_exact_at(
+                        file,
+                        &mut sample[k * PROBE..(k + 1) * PROBE],
+                        offset + start as u64,
+                    )
+                    .map_err(|error| SourceError::Read { index, error })?;
                 }
-            };
-            if sample_compresses(&sample, self.level) {
-                return Ok(None);
+                Ok(sample_compresses(&sample, self.level))
             }
+        })?;
+        if compresses {
+            return Ok(None);
         }
         {
             use std::os::fd::AsRawFd;
@@ -206,6 +212,44 @@ impl ChunkSource {
             len,
             file: self.file.clone(),
         }))
+    }
+
+    /// Whether [`ChunkSource::from_file`] may give chunk `index` (without
+    /// blocking): the image is a plain file, the chunk is not in the cache,
+    /// and it is not known to compress.
+    pub fn may_splice(&self, index: usize) -> bool {
+        self.file.raw_file().is_some()
+            && !self.cached(index)
+            && (self.level <= 0 || self.verdict(index) != PACKS)
+    }
+
+    fn verdict(&self, index: usize) -> u8 {
+        self.verdicts
+            .get(index)
+            .map_or(UNJUDGED, |v| v.load(Ordering::Relaxed))
+    }
+
+    /// Whether chunk `index` is sent compressed: never at level 0; else the
+    /// verdict already reached, or `judge`'s, kept for the next asker.
+    fn judged(
+        &self,
+        index: usize,
+        judge: impl FnOnce() -> Result<bool, SourceError>,
+    ) -> Result<bool, SourceError> {
+        if self.level <= 0 {
+            return Ok(false);
+        }
+        match self.verdict(index) {
+            GOES_RAW => Ok(false),
+            PACKS => Ok(true),
+            _ => {
+                let compresses = judge()?;
+                if let Some(v) = self.verdicts.get(index) {
+                    v.store(if compresses { PACKS } else { GOES_RAW }, Ordering::Relaxed);
+                }
+                Ok(compresses)
+            }
+        }
     }
 
     /// Whether chunk `index` is prepared in the cache (or being prepared).
@@ -242,13 +286,11 @@ impl ChunkSource {
         }
     }
 
-    fn compress(&self, raw: Vec<u8>) -> (Codec, Vec<u8>) {
-        if self.level <= 0 {
-            return (Codec::Raw, raw);
-        }
+    fn compress(&self, index: usize, raw: Vec<u8>) -> (Codec, Vec<u8>) {
         // Incompressible data (random, already compressed) costs CPU for
         // nothing: a chunk whose samples do not compress goes as it is.
-        if !worth_compressing(&raw, self.level) {
+        let worth = self.judged(index, || Ok(worth_compressing(&raw, self.level)));
+        if !matches!(worth, Ok(true)) {
             return (Codec::Raw, raw);
         }
         self.pack(raw)

@@ -9,6 +9,23 @@ pub fn chunk_digest(data: &[u8]) -> ChunkDigest {
     xxhash_rust::xxh3::xxh3_128(data)
 }
 
+/// [`chunk_digest`] of a whole file, read a piece at a time (positioned
+/// reads: the file's offset is left alone), and the file's size.
+pub fn file_digest(file: &std::fs::File) -> std::io::Result<(ChunkDigest, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, size)?;
+        if n == 0 {
+            return Ok((hasher.digest128(), size));
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+}
+
 /// The block of a chunk's delta: when a chunk differs on a node, the
 /// controller and the agent compare digests of its blocks of this size (at
 /// fixed offsets: disk images do not shift) and only the blocks that differ
@@ -67,6 +84,18 @@ pub fn is_zero(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_digest_is_the_chunk_digest_of_its_bytes() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..3_000_001u32).map(|i| (i % 241) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        assert_eq!(
+            file_digest(&file).unwrap(),
+            (chunk_digest(&data), data.len() as u64)
+        );
+    }
 
     #[test]
     fn zero_digest_matches_zero_bytes() {

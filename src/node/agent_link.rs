@@ -145,22 +145,11 @@ fn open_self(exe: &std::path::Path) -> std::io::Result<std::fs::File> {
     std::fs::File::open(SELF_EXE).or_else(|_| std::fs::File::open(exe))
 }
 
-/// The file's digest (as `chunk_digest` of all of it, read a piece at a
-/// time: a debug build is over 100 MB) and its size.
+/// The file's digest as 32 hex digits, and its size.
 fn file_digest(file: &std::fs::File) -> std::io::Result<(String, usize)> {
-    use std::os::unix::fs::FileExt;
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0usize;
-    loop {
-        let n = file.read_at(&mut buf, size as u64)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n;
-    }
-    Ok((format!("{:032x}", hasher.digest128()), size))
+    let (digest, size) = crate::image::digest::file_digest(file)?;
+    let size = usize::try_from(size).map_err(std::io::Error::other)?;
+    Ok((format!("{digest:032x}"), size))
 }
 
 /// The node's side of an upload of `size` bytes to `path` (relative to the

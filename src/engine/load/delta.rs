@@ -160,14 +160,16 @@ pub(super) async fn outgoing(
             return Ok(Outgoing::Patch(Box::new(patch)));
         }
     }
-    let s = source.clone();
-    let file = tokio::task::spawn_blocking(move || s.from_file(c))
-        .await
-        .map_err(|e| SourceError::Reader(e.to_string()))??;
-    match file {
-        Some(chunk) => Ok(Outgoing::File(chunk)),
-        None => Ok(Outgoing::Whole(source.get(c).await?)),
+    if source.may_splice(c) {
+        let s = source.clone();
+        let file = tokio::task::spawn_blocking(move || s.from_file(c))
+            .await
+            .map_err(|e| SourceError::Reader(e.to_string()))??;
+        if let Some(chunk) = file {
+            return Ok(Outgoing::File(chunk));
+        }
     }
+    Ok(Outgoing::Whole(source.get(c).await?))
 }
 
 /// An agent's report that chunk data failed verification, traced to the

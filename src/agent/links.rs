@@ -1,20 +1,23 @@
 //! What the relay's listener side and its successor side share: the load's
-//! event queue, the relay timeout and secret, and the table of relay sockets.
+//! event queues, the relay timeout and secret, and the table of relay sockets.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, RecvError, Sender};
+
 use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN};
 
-/// What the load's main loop reads: every source merged into one bounded
-/// queue, so a fast sender waits for the disk and the successor.
+/// What the load's main loop reads, from [`Inbox`]: every source merged into
+/// two bounded queues, so a fast sender waits for the disk and the successor.
 pub(super) enum Event {
     /// A frame from the controller, or why its stream stopped.
     Control(Result<Msg, ProtocolError>),
-    /// StreamChunk or StreamEnd from an authenticated predecessor.
-    Relayed { peer: String, msg: Msg },
+    /// StreamChunk, StreamPiece or StreamEnd from an authenticated
+    /// predecessor; `conn` numbers its connection (a later one is newer).
+    Relayed { peer: String, conn: u64, msg: Msg },
     /// An incoming relay connection was refused or dropped.
     Refused { peer: String, reason: String },
     /// The outcome of RelayConnect number `attempt`.
@@ -26,6 +29,93 @@ pub(super) enum Event {
     },
     /// The link that RelayConnect number `attempt` made broke.
     SuccessorGone { attempt: u64, reason: String },
+}
+
+/// The sending side of the load's queues: frames relayed by a predecessor
+/// go into a queue of their own, everything else (the controller's frames,
+/// link outcomes, refusals) into the control queue, which the main loop
+/// reads first. So a RelayConnect, or the link it made, takes effect at
+/// once: behind a slow successor, the relayed pieces queued before it take
+/// seconds to pass on, and until it takes effect the chain waits for that
+/// successor.
+#[derive(Clone)]
+pub(super) struct Events {
+    control: Sender<Event>,
+    relayed: Sender<Event>,
+}
+
+/// The load's main loop no longer reads its queues.
+#[derive(Debug)]
+pub(super) struct LoopGone;
+
+/// The receiving side of [`Events`].
+pub(super) struct Inbox {
+    control: Receiver<Event>,
+    relayed: Receiver<Event>,
+    control_open: bool,
+    relayed_open: bool,
+}
+
+/// Queues of `capacity` events each.
+pub(super) fn events(capacity: usize) -> (Events, Inbox) {
+    let (control, control_rx) = crossbeam_channel::bounded(capacity);
+    let (relayed, relayed_rx) = crossbeam_channel::bounded(capacity);
+    (
+        Events { control, relayed },
+        Inbox {
+            control: control_rx,
+            relayed: relayed_rx,
+            control_open: true,
+            relayed_open: true,
+        },
+    )
+}
+
+impl Events {
+    /// Queue `event`, waiting while its queue is full; an error once the
+    /// main loop is gone.
+    pub(super) fn send(&self, event: Event) -> Result<(), LoopGone> {
+        match event {
+            Event::Relayed { .. } => self.relayed.send(event),
+            _ => self.control.send(event),
+        }
+        .map_err(|_| LoopGone)
+    }
+}
+
+impl Inbox {
+    /// The next event, a control one first; `None` once every sender of
+    /// both queues is gone and both are empty.
+    pub(super) fn recv(&mut self) -> Option<Event> {
+        loop {
+            let (event, from_control) = crossbeam_channel::select_biased! {
+                recv(self.control) -> event => (event, true),
+                recv(self.relayed) -> event => (event, false),
+            };
+            match event {
+                Ok(event) => return Some(event),
+                // That queue is closed and empty: the other one alone from
+                // now on, if it is still open.
+                Err(RecvError) => {
+                    let open = if from_control {
+                        &mut self.control_open
+                    } else {
+                        &mut self.relayed_open
+                    };
+                    *open = false;
+                    if !self.control_open && !self.relayed_open {
+                        return None;
+                    }
+                    let closed = if from_control {
+                        &mut self.control
+                    } else {
+                        &mut self.relayed
+                    };
+                    *closed = crossbeam_channel::never();
+                }
+            }
+        }
+    }
 }
 
 /// How long a relay connect may take, a relay handshake as a whole, and one
@@ -107,5 +197,48 @@ impl Connections {
             let _ = stream.shutdown(Shutdown::Both);
         }
         table.open.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Event, events};
+    use crate::proto::Msg;
+
+    fn relayed(n: u32) -> Event {
+        Event::Relayed {
+            peer: format!("p{n}"),
+            conn: 1,
+            msg: Msg::StreamEnd,
+        }
+    }
+
+    fn name(event: Option<Event>) -> String {
+        match event {
+            Some(Event::Relayed { peer, .. }) => peer,
+            Some(Event::Control(Ok(msg))) => msg.name().to_string(),
+            Some(_) => "other".into(),
+            None => "closed".into(),
+        }
+    }
+
+    #[test]
+    fn control_events_go_first_and_the_inbox_ends_when_both_queues_do() {
+        let (tx, mut inbox) = events(4);
+        tx.send(relayed(1)).unwrap();
+        tx.send(relayed(2)).unwrap();
+        tx.send(Event::Control(Ok(Msg::Finish))).unwrap();
+        assert_eq!(name(inbox.recv()), "Finish");
+        assert_eq!(name(inbox.recv()), "p1");
+        // The control queue closes first (its senders gone): what is
+        // relayed still comes, then the end.
+        let (control, relayed_only) = (tx.control.clone(), tx.relayed.clone());
+        drop((tx, control));
+        relayed_only.send(relayed(3)).unwrap();
+        assert_eq!(name(inbox.recv()), "p2");
+        assert_eq!(name(inbox.recv()), "p3");
+        drop(relayed_only);
+        assert_eq!(name(inbox.recv()), "closed");
+        assert_eq!(name(inbox.recv()), "closed");
     }
 }

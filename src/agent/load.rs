@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use std::os::unix::fs::FileTypeExt;
 
@@ -12,8 +11,9 @@ use crate::agent::delta::{
 };
 use crate::agent::env::{AgentEnv, RECEIVE_QUEUE, WORKERS};
 use crate::agent::error::{AgentError, closed_as, malformed};
+use crate::agent::links::{Event, Events, Inbox, events};
 use crate::agent::lock::{Mode, TargetLock};
-use crate::agent::relay::{Event, Relay};
+use crate::agent::relay::Relay;
 use crate::agent::replies::Replies;
 use crate::agent::stamp::StampFile;
 use crate::agent::successor::Frame;
@@ -71,7 +71,7 @@ pub(super) fn load<R: Read + Send, W: Write>(
     let (needed, zeroed, held) = plan(&target, req, &Budget::new(DIGEST_BUDGET))?;
     send_needed(out, &needed, zeroed, held)?;
 
-    let (tx, rx) = sync_channel(RECEIVE_QUEUE);
+    let (tx, rx) = events(RECEIVE_QUEUE);
     std::thread::scope(|s| {
         let control = tx.clone();
         s.spawn(move || forward_frames(input, control));
@@ -272,7 +272,7 @@ pub(super) fn chunk_matches(
 
 /// The receiving thread: the controller's frames into the queue until the
 /// load's last one.
-pub(super) fn forward_frames<R: Read>(input: &mut R, tx: SyncSender<Event>) {
+pub(super) fn forward_frames<R: Read>(input: &mut R, tx: Events) {
     loop {
         let msg = read_msg_sync(input);
         if let Ok(msg) = &msg {
@@ -303,7 +303,7 @@ pub(super) const FROM_CONTROLLER: &str = "controller";
 /// Verify and write chunks, relay the stream, until Finish; sync. Returns
 /// bytes written.
 pub(super) fn receive<W: Write>(
-    rx: Receiver<Event>,
+    mut rx: Inbox,
     out: &mut Replies<W>,
     relay: &mut Relay<'_, '_>,
     mut load: Loading<'_>,
@@ -321,11 +321,14 @@ pub(super) fn receive<W: Write>(
         }
         let event = rx
             .recv()
-            .map_err(|_| AgentError::Closed("before the load finished"))?;
+            .ok_or(AgentError::Closed("before the load finished"))?;
         let msg = match event {
             Event::Control(msg) => msg.map_err(|e| closed_as(e, "before the load finished"))?,
-            Event::Relayed { peer, msg } => {
-                load.relayed(out, relay, &mut unpacker, &peer, msg)?;
+            Event::Relayed { peer, conn, msg } => {
+                if conn >= relay.predecessor {
+                    relay.predecessor = conn;
+                    load.relayed(out, relay, &mut unpacker, &peer, msg)?;
+                }
                 continue;
             }
             Event::Refused { peer, reason } => {

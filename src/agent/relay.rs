@@ -7,12 +7,11 @@ use std::io;
 use std::io::BufReader;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use crate::agent::error::{AgentError, malformed};
-pub(super) use crate::agent::links::{Connections, Event, RELAY_TIMEOUT, Secret};
+pub(super) use crate::agent::links::{Connections, Event, Events, RELAY_TIMEOUT, Secret};
 use crate::agent::successor::{
     Frame, STATS_EVERY, Stats, Successor, link_successor, watch_successor,
 };
@@ -66,7 +65,7 @@ pub(super) fn relay_secret(secret: &[u8]) -> Result<Secret, AgentError> {
 /// predecessors' frames into the load's queue) and its successor.
 pub(super) struct Relay<'scope, 'env> {
     pub(super) scope: &'scope Scope<'scope, 'env>,
-    pub(super) events: SyncSender<Event>,
+    pub(super) events: Events,
     pub(super) connections: Arc<Connections>,
     pub(super) listening: bool,
     /// RelayConnects so far: only the latest one's outcome counts.
@@ -74,11 +73,16 @@ pub(super) struct Relay<'scope, 'env> {
     /// Whether the latest RelayConnect asked for a lossy successor.
     pub(super) lossy: bool,
     pub(super) successor: Option<Successor>,
+    /// The newest predecessor connection that sent a frame. After a relink
+    /// the old predecessor's last frames may still come: they are dropped,
+    /// or their pieces would interleave with the new one's and break the
+    /// chunks of both, here and at every node after this one.
+    pub(super) predecessor: u64,
     pub(super) stats: Stats,
 }
 
 impl<'scope, 'env> Relay<'scope, 'env> {
-    pub(super) fn new(scope: &'scope Scope<'scope, 'env>, events: SyncSender<Event>) -> Self {
+    pub(super) fn new(scope: &'scope Scope<'scope, 'env>, events: Events) -> Self {
         Relay {
             scope,
             events,
@@ -87,6 +91,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             attempt: 0,
             lossy: false,
             successor: None,
+            predecessor: 0,
             stats: Stats {
                 forwarded: 0,
                 blocked: Duration::ZERO,
@@ -347,7 +352,7 @@ pub(super) fn accept_relays<'scope>(
     listener: TcpListener,
     secret: Secret,
     connections: Arc<Connections>,
-    events: SyncSender<Event>,
+    events: Events,
 ) {
     while !connections.closed() {
         if !wait_readable(&listener, ACCEPT_POLL) {
@@ -379,7 +384,7 @@ pub(super) fn accept_relays<'scope>(
                 let connections = Arc::clone(&connections);
                 let events = events.clone();
                 scope.spawn(move || {
-                    relay_predecessor(&stream, &peer, &secret, &events, || {
+                    relay_predecessor(&stream, &peer, id, &secret, &events, || {
                         connections.authenticated(id, MAX_RELAY_CONNECTIONS)
                     });
                     connections.remove(id);
@@ -412,8 +417,9 @@ pub(super) fn wait_readable(listener: &TcpListener, timeout: Duration) -> bool {
 pub(super) fn relay_predecessor(
     stream: &TcpStream,
     peer: &str,
+    conn: u64,
     secret: &Secret,
-    events: &SyncSender<Event>,
+    events: &Events,
     authenticated: impl FnOnce() -> Result<(), String>,
 ) {
     let refuse = |reason: String| {
@@ -441,6 +447,7 @@ pub(super) fn relay_predecessor(
                 crate::agent::throttle::throttle_input(&msg);
                 let relayed = Event::Relayed {
                     peer: peer.to_string(),
+                    conn,
                     msg,
                 };
                 if events.send(relayed).is_err() {
@@ -1010,6 +1017,171 @@ mod tests {
             // StreamEnd again: the same answer.
             a.send(&Msg::StreamEnd);
             assert!(no_bits(&a.missing()));
+            a.finish();
+            a_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    /// A RelayConnect takes effect before the relayed chunks queued ahead
+    /// of it: behind a slow successor those take long to pass on, and
+    /// until the relink the chain waits for that successor.
+    #[test]
+    fn a_relink_overtakes_the_relayed_chunks_queued_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        // 10 MiB: far more than the stuck successor's socket buffers hold.
+        let image = Image::new(&"r".repeat(160), 0, 41);
+        let chunks = image.layout().chunks;
+        let target = dir.path().join("a.img");
+        let (stuck, next) = (
+            TcpListener::bind((LOCALHOST, 0)).unwrap(),
+            TcpListener::bind((LOCALHOST, 0)).unwrap(),
+        );
+        let (stuck_port, next_port) = (
+            stuck.local_addr().unwrap().port(),
+            next.local_addr().unwrap().port(),
+        );
+        // What a successor gets: the chunk indices, in order, each checked.
+        let take = |listener: &TcpListener, go: &std::sync::atomic::AtomicBool| {
+            let (stream, _) = listener.accept().unwrap();
+            crate::proto::relay::accept_handshake_within(&stream, &SECRET, Duration::from_secs(5))
+                .unwrap();
+            stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+            while !go.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut input = std::io::BufReader::new(&stream);
+            let mut got = Vec::new();
+            while let Ok(msg) = crate::proto::read_msg_sync(&mut input) {
+                match msg {
+                    Msg::StreamChunk { index, data, .. } => {
+                        let sent = streamed(image.chunk(index as usize));
+                        assert!(
+                            matches!(sent, Msg::StreamChunk { data: d, .. } if d == data),
+                            "chunk {index} differs"
+                        );
+                        got.push(index as usize);
+                    }
+                    Msg::StreamEnd => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            got
+        };
+        let go = std::sync::atomic::AtomicBool::new(false);
+        let at_once = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            let port = a.listen();
+            // A successor that reads nothing until told to.
+            let stuck_reader = s.spawn(|| take(&stuck, &go));
+            a.link(stuck_port);
+            let image = &image;
+            let predecessor = s.spawn(move || {
+                let mut p = relay_peer(port, &SECRET);
+                for i in 0..chunks {
+                    write_msg_sync(&mut p, &streamed(image.chunk(i))).unwrap();
+                }
+                write_msg_sync(&mut p, &Msg::StreamEnd).unwrap();
+                p
+            });
+            // The agent is stuck passing chunk k on, having written k - 1,
+            // with the chunks after it queued.
+            a.settle(Duration::from_millis(300));
+            let k = a.written().last().map_or(0, |w| w + 1);
+            assert!(k + 10 < chunks, "the stuck successor took {k} chunks");
+            let next_reader = s.spawn(|| take(&next, &at_once));
+            a.send(&Msg::RelayConnect {
+                secret: SECRET.to_vec(),
+                addr: LOCALHOST.into(),
+                port: next_port,
+                lossy: false,
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            go.store(true, std::sync::atomic::Ordering::Relaxed);
+            a.wait_for("RelayLinked", |m| matches!(m, Msg::RelayLinked { .. }));
+            // Chunk k was on its way; the RelayConnect came next, before
+            // the chunks queued behind k, and dropped the old successor.
+            assert_eq!(stuck_reader.join().unwrap(), (0..=k).collect::<Vec<_>>());
+            let got = next_reader.join().unwrap();
+            let first = got[0];
+            assert!(first > k, "{first}");
+            assert_eq!(got, (first..chunks).collect::<Vec<_>>());
+            assert!(no_bits(&a.missing()));
+            a.finish();
+            a_session.join().unwrap().unwrap();
+            drop(predecessor.join().unwrap());
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    /// After a relink, the old predecessor's last pieces may still come:
+    /// once the new one has sent, they are dropped, not interleaved with
+    /// its pieces (which would break the chunks of both, here and at every
+    /// node after this one).
+    #[test]
+    fn the_old_predecessors_late_pieces_are_dropped_once_the_new_one_sends() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rr", 0, 43);
+        let target = dir.path().join("a.img");
+        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
+        let successor_port = listener.local_addr().unwrap().port();
+        let (zero, one) = (
+            pieces(image.chunk(0), 16_384),
+            pieces(image.chunk(1), 16_384),
+        );
+        assert!(zero.len() >= 4 && one.len() >= 2);
+        let id = |msg: &Msg| match msg {
+            Msg::StreamPiece { index, offset, .. } => (*index, *offset),
+            other => panic!("{other:?}"),
+        };
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            let port = a.listen();
+            let accepted = s.spawn(|| {
+                let (stream, _) = listener.accept().unwrap();
+                crate::proto::relay::accept_handshake_within(
+                    &stream,
+                    &SECRET,
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+                stream
+            });
+            a.link(successor_port);
+            let successor = accepted.join().unwrap();
+            let mut passed = std::io::BufReader::new(&successor);
+            let mut next = || crate::proto::read_msg_sync(&mut passed).unwrap();
+            let mut old = relay_peer(port, &SECRET);
+            for piece in &zero[..2] {
+                write_msg_sync(&mut old, piece).unwrap();
+                assert_eq!(id(&next()), id(piece));
+            }
+            // The relink: the new predecessor starts chunk 1.
+            let mut new = relay_peer(port, &SECRET);
+            write_msg_sync(&mut new, &one[0]).unwrap();
+            assert_eq!(id(&next()), id(&one[0]));
+            // The old one's rest of chunk 0 comes late.
+            for piece in &zero[2..] {
+                write_msg_sync(&mut old, piece).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            for piece in &one[1..] {
+                write_msg_sync(&mut new, piece).unwrap();
+            }
+            write_msg_sync(&mut new, &Msg::StreamEnd).unwrap();
+            for piece in &one[1..] {
+                assert_eq!(id(&next()), id(piece));
+            }
+            assert_eq!(next(), Msg::StreamEnd);
+            // Chunk 1 came whole from the new predecessor; chunk 0 is left
+            // to the catch-up.
+            assert_eq!(bits(&a.missing(), 2), vec![0]);
+            assert_eq!(a.written(), vec![1]);
+            a.send(&image.chunk(0));
             a.finish();
             a_session.join().unwrap().unwrap();
         });

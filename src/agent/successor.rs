@@ -5,10 +5,9 @@
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
-use crate::agent::links::{Connections, Event, RELAY_TIMEOUT, Secret};
+use crate::agent::links::{Connections, Event, Events, RELAY_TIMEOUT, Secret};
 use crate::proto::relay::{connect_handshake, time_left};
 use crate::proto::{
     Codec, Msg, PiecePlace, ProtocolError, write_msg_sync, write_stream_chunk_sync,
@@ -145,7 +144,7 @@ impl Drop for Successor {
 }
 
 /// Watch the successor link for its end: a successor never sends anything.
-pub(super) fn watch_successor(stream: TcpStream, attempt: u64, events: SyncSender<Event>) {
+pub(super) fn watch_successor(stream: TcpStream, attempt: u64, events: Events) {
     let mut byte = [0u8; 1];
     let reason = loop {
         match (&stream).read(&mut byte) {

@@ -334,6 +334,21 @@ impl Driven {
         }
     }
 
+    /// Take replies until none comes for `gap` (within [`REPLY_WAIT`]).
+    pub(super) fn settle(&mut self, gap: Duration) {
+        let deadline = Instant::now() + REPLY_WAIT;
+        while Instant::now() < deadline {
+            match self.replies.recv_timeout(gap) {
+                Ok(msg) => {
+                    self.log.push(msg.clone());
+                    self.pending.push_back(msg);
+                }
+                Err(_) => return,
+            }
+        }
+        panic!("{}: replies did not stop coming", self.name);
+    }
+
     pub(super) fn written(&self) -> Vec<usize> {
         self.log
             .iter()

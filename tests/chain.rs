@@ -230,13 +230,11 @@ fn a_relay_peer_with_a_wrong_secret_is_refused_and_the_run_succeeds() {
     assert!(refused, "{}", String::from_utf8_lossy(&out.stdout));
 }
 
-/// A member behind a slow link (its agent takes its input at 2 MiB/s, set
-/// by the debug-only IMAGING_TEST_INPUT_RATE through a wrapper that only
-/// node02's sshd runs it with) is moved to the tail: the healthy nodes go
-/// at the controller's 8 MiB/s and are done long before it; it still
-/// finishes, byte exact.
-#[test]
-fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
+/// A load of 32 MiB at the controller's 8 MiB/s onto nodes 1-5, node02's
+/// agent run with `var`=`rate` (a debug-only slow link) through a wrapper
+/// that only node02's sshd runs it with. It must succeed, byte exact;
+/// returns its log lines and the nodes' `elapsed_s`.
+fn load_with_node02_slow(var: &str, rate: u64) -> (Vec<String>, impl Fn(&str) -> f64) {
     let rig = Rig::new(5);
     let mut rng = fastrand::Rng::with_seed(11);
     let mut image = vec![0u8; 32 * MIB];
@@ -246,7 +244,7 @@ fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\ncase \"$SSH_CONNECTION\" in *\" {}\") export IMAGING_TEST_INPUT_RATE=2097152 ;; esac\nexec '{}' \"$@\"\n",
+            "#!/bin/sh\ncase \"$SSH_CONNECTION\" in *\" {}\") export {var}={rate} ;; esac\nexec '{}' \"$@\"\n",
             rig.nodes()[1].port,
             env!("CARGO_BIN_EXE_imaging")
         ),
@@ -276,11 +274,34 @@ fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
         "{s}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    for n in rig.nodes() {
+        assert_eq!(node(&s, &n.name)["state"], "done", "{s}");
+        assert_same(&n.target, &image);
+    }
     let logs: Vec<String> = lines(&out)
         .iter()
         .filter(|v| v["event"] == "log")
         .map(|v| v["text"].as_str().unwrap_or("").to_string())
         .collect();
+    (logs, move |name: &str| {
+        node(&s, name)["elapsed_s"].as_f64().unwrap()
+    })
+}
+
+/// The latest of the healthy nodes' times.
+fn healthy_done(elapsed: &impl Fn(&str) -> f64) -> f64 {
+    ["node01", "node03", "node04", "node05"]
+        .map(elapsed)
+        .into_iter()
+        .fold(0.0, f64::max)
+}
+
+/// A member behind a slow link (its agent takes its input at 2 MiB/s) is
+/// moved to the tail: the healthy nodes go at the controller's 8 MiB/s and
+/// are done long before it; it still finishes, byte exact.
+#[test]
+fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
+    let (logs, elapsed) = load_with_node02_slow("IMAGING_TEST_INPUT_RATE", 2 << 20);
     let moved = logs
         .iter()
         .find(|l| l.starts_with("node02: slow ("))
@@ -291,19 +312,38 @@ fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
         1,
         "only node02 is slow: {logs:?}"
     );
-    for n in rig.nodes() {
-        assert_eq!(node(&s, &n.name)["state"], "done", "{s}");
-        assert_same(&n.target, &image);
-    }
-    let elapsed = |name: &str| node(&s, name)["elapsed_s"].as_f64().unwrap();
-    let slow = elapsed("node02");
-    let healthy = ["node01", "node03", "node04", "node05"]
-        .map(elapsed)
-        .into_iter()
-        .fold(0.0, f64::max);
+    let (slow, healthy) = (elapsed("node02"), healthy_done(&elapsed));
     // Held to node02's pace, every node would take 16 s (32 MiB at 2 MiB/s).
     assert!(
         healthy < 0.6 * slow,
         "healthy nodes done at {healthy} s, node02 at {slow} s: {logs:?}"
+    );
+}
+
+/// A member whose link is slow outwards only (its agent passes the stream
+/// on at 1 MiB/s) makes its predecessor wait as a slow successor would: the
+/// successor may be moved first; when that does not help, the member is.
+/// The healthy nodes are not held to its pace.
+#[test]
+fn a_member_slow_to_pass_the_stream_on_is_moved_even_if_its_successor_was_first() {
+    let (logs, elapsed) = load_with_node02_slow("IMAGING_TEST_OUTPUT_RATE", 1 << 20);
+    let moved = logs
+        .iter()
+        .find(|l| l.starts_with("node02: slow ("))
+        .unwrap_or_else(|| panic!("node02 was not found slow: {logs:?}"));
+    assert!(moved.contains("moved to the tail of the chain"), "{moved}");
+    let others: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains(": slow (") && !l.starts_with("node02"))
+        .collect();
+    assert!(
+        others.is_empty() || moved.ends_with("(moving node03 did not help)"),
+        "{logs:?}"
+    );
+    // Held to node02's pace, every node would take 32 s (32 MiB at 1 MiB/s).
+    let healthy = healthy_done(&elapsed);
+    assert!(
+        healthy < 16.0,
+        "healthy nodes done at {healthy} s: {logs:?}"
     );
 }

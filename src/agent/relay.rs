@@ -231,6 +231,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         let result = if successor.lossy {
             successor.forward_lossy(&frame)
         } else {
+            crate::agent::throttle::throttle_output(frame.len());
             let sent = match frame {
                 Frame::Stream {
                     index,

@@ -13,9 +13,10 @@
 //! successor. Nothing already verified is sent again.
 //!
 //! A member that holds the chain back (see [`super::slow`]) is moved to the
-//! tail, once, and fed from there without waiting: what it cannot take as
-//! the stream passes comes directly from the controller after the stream,
-//! so the others go at their own pace and it at its own.
+//! tail, once (and the member that waited on it too, if the chain is still
+//! held back around that one), and fed from there without waiting: what it
+//! cannot take as the stream passes comes directly from the controller
+//! after the stream, so the others go at their own pace and it at its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use super::delta::{self, BlockMap, Tally};
 use super::job::LoadJob;
 use super::refusals::Refusals;
 use super::session::{Counters, Plan, begin, open_link};
-use super::slow::{Reading, Sample, Verdict, Watch};
+use super::slow::{Reading, Sample, Suspect, Verdict, Watch};
 use crate::engine::error::NodeError;
 use crate::engine::events::NodeState;
 use crate::engine::report::Reporter;
@@ -42,8 +43,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A head that takes no data for this long is cut out.
 const STALL: Duration = Duration::from_secs(10);
 /// How often the chain's waits are looked at while the head takes a chunk
-/// (members report them every 250 ms).
-const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// (members report them every 100 ms): a window is judged as soon as it
+/// shows a slow member, not up to a quarter of a second later.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 pub(super) type SharedTx = Arc<Mutex<Tx>>;
 
@@ -128,6 +130,9 @@ pub(super) struct Coordinator {
     slow: std::collections::HashSet<usize>,
     /// How many members may still be moved in this stream (one).
     moves_left: usize,
+    /// After the move, the member that had waited on the moved one: moved
+    /// too if the chain is still held back around it (see [`Suspect`]).
+    suspect: Option<Suspect>,
     watch: Watch,
 }
 
@@ -157,6 +162,7 @@ impl Coordinator {
             linked: std::collections::HashSet::new(),
             slow: std::collections::HashSet::new(),
             moves_left: 0,
+            suspect: None,
             watch: Watch::default(),
         }
     }
@@ -375,8 +381,10 @@ impl Coordinator {
         self.chain.sort_by_key(|m| m.node);
         // One move per stream: after it, the stream goes back through the
         // chain and the members after the moved one are busy catching up,
-        // which must not pass for another slow member.
+        // which must not pass for another slow member. A second move only
+        // corrects the first (see Suspect).
         self.moves_left = 1;
+        self.suspect = None;
         if self.chain.is_empty() {
             return self.drain().await;
         }
@@ -592,7 +600,7 @@ impl Coordinator {
     /// Returns the chunk to stream again from, after a move whose Replay
     /// could not be sent.
     async fn route_around_slow(&mut self, in_stream: &[usize]) -> Option<usize> {
-        if self.moves_left == 0 {
+        if self.moves_left == 0 && self.suspect.is_none() {
             return None;
         }
         // Members already moved are fed without waiting: they hold nobody back.
@@ -606,12 +614,28 @@ impl Coordinator {
                 blocked_ms: m.blocked_ms,
             })
             .collect();
-        let sample = Sample {
-            at: std::time::Instant::now(),
-            members,
-        };
+        let at = std::time::Instant::now();
+        let sample = Sample { at, members };
         let verdict = self.watch.observe(sample)?;
-        self.move_to_tail(verdict, in_stream).await
+        let moved = self.slow.len();
+        if self.moves_left > 0 {
+            let again = self.move_to_tail(&verdict, None, in_stream).await;
+            if self.slow.len() > moved {
+                self.moves_left -= 1;
+                self.suspect = Some(Suspect::of(&verdict, at));
+            }
+            again
+        } else {
+            // The first move did not help: its waiter was the slow one.
+            let suspect = self.suspect.take_if(|s| s.confirmed_by(&verdict, at))?;
+            let first = self.slow.iter().next().map(|&n| self.name(n).to_string());
+            let verdict = Verdict {
+                node: suspect.node,
+                ..verdict
+            };
+            self.move_to_tail(&verdict, first.as_deref(), in_stream)
+                .await
+        }
     }
 
     /// Move a slow member to the tail of the chain: its predecessor is
@@ -620,13 +644,17 @@ impl Coordinator {
     /// members after it lack of the stream so far, the predecessor passes
     /// on again from its own target (Replay): that costs the links from
     /// the predecessor on, not the whole chain from the controller.
-    async fn move_to_tail(&mut self, verdict: Verdict, in_stream: &[usize]) -> Option<usize> {
+    async fn move_to_tail(
+        &mut self,
+        verdict: &Verdict,
+        moved_before: Option<&str>,
+        in_stream: &[usize],
+    ) -> Option<usize> {
         let node = verdict.node;
         let p = self.position(node)?;
         if p == 0 || !self.slow.insert(node) {
             return None;
         }
-        self.moves_left -= 1;
         let mib = |rate: f64| rate / f64::from(1u32 << 20);
         let last = self.chain.len() - 1;
         let what = if p == last {
@@ -634,10 +662,11 @@ impl Coordinator {
         } else {
             "moved to the tail of the chain"
         };
+        let after = moved_before.map_or(String::new(), |n| format!(" (moving {n} did not help)"));
         self.report.log(
             Some(node),
             format!(
-                "{}: slow ({:.1} MiB/s against a median of {:.1} MiB/s): {what}",
+                "{}: slow ({:.1} MiB/s against a median of {:.1} MiB/s): {what}{after}",
                 self.name(node),
                 mib(verdict.rate),
                 mib(verdict.median)

@@ -28,6 +28,47 @@ pub(super) const SLOWER: f64 = 0.5;
 /// member slower than 1 MiB/s is never judged (too little to judge by).
 pub(super) const MIN_DATA: u64 = 512 << 10;
 
+/// A second verdict confirms a suspect if its rate is at most this many
+/// times the first one's: a stream going back through the chain at the
+/// link's speed after a move (the replay) is no sign of a slow member.
+pub(super) const AGAIN: f64 = 1.5;
+/// How long after the move a suspect may be confirmed: the new chain needs
+/// a window of its own to be judged, and a later verdict is about
+/// something else.
+pub(super) const SUSPECT_FOR: Duration = Duration::from_millis(2500);
+
+/// The member that waited on one found slow and moved. A member whose own
+/// link is slow (both ways, or only out) waits on its successor as a slow
+/// successor makes it wait: the two look alike, and the successor is the
+/// one moved. If the chain is still held back at about the same pace,
+/// with the suspect waiting or waited on, the suspect was the slow one.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Suspect {
+    pub node: usize,
+    /// The first verdict's rate.
+    pub rate: f64,
+    /// The end of [`SUSPECT_FOR`].
+    pub until: Instant,
+}
+
+impl Suspect {
+    /// The suspect of `verdict`, which moved a member at `at`.
+    pub(super) fn of(verdict: &Verdict, at: Instant) -> Suspect {
+        Suspect {
+            node: verdict.waiter,
+            rate: verdict.rate,
+            until: at + SUSPECT_FOR,
+        }
+    }
+
+    /// Whether `verdict`, found at `at`, points at the suspect.
+    pub(super) fn confirmed_by(&self, verdict: &Verdict, at: Instant) -> bool {
+        (verdict.waiter == self.node || verdict.node == self.node)
+            && verdict.rate <= AGAIN * self.rate
+            && at <= self.until
+    }
+}
+
 /// What one member had reported at some moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Reading {
@@ -49,6 +90,8 @@ pub(super) struct Sample {
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Verdict {
     pub node: usize,
+    /// The member before it, that waited on it.
+    pub waiter: usize,
     /// Bytes per second it took over the window.
     pub rate: f64,
     /// The median speed (bytes per second) of the members before it while
@@ -114,6 +157,7 @@ pub(super) fn bottleneck(then: &Sample, now: &Sample) -> Option<Verdict> {
     let median = speeds[speeds.len() / 2];
     (rate < SLOWER * median).then(|| Verdict {
         node: now.members[k + 1].node,
+        waiter: now.members[k].node,
         rate,
         median,
     })
@@ -297,5 +341,35 @@ mod tests {
         assert_eq!(watch.observe(at(625, 5 * MIB / 4, 562)), None);
         assert_eq!(watch.observe(at(1000, 2 * MIB, 900)), None);
         assert!(watch.observe(at(1125, 9 * MIB / 4, 1012)).is_some());
+    }
+
+    #[test]
+    fn a_suspect_is_confirmed_only_by_the_same_slow_pace_around_it() {
+        let first = Verdict {
+            node: 5,
+            waiter: 4,
+            rate: 2.0 * MIB as f64,
+            median: 12.0 * MIB as f64,
+        };
+        let t = Instant::now();
+        let suspect = Suspect::of(&first, t);
+        assert_eq!(suspect.node, 4);
+        let soon = t + Duration::from_secs(1);
+        // Node 4 still waits at that pace on its new successor, or its
+        // predecessor on it.
+        let again = |node, waiter, mib: f64| Verdict {
+            node,
+            waiter,
+            rate: mib * MIB as f64,
+            median: 20.0 * MIB as f64,
+        };
+        assert!(suspect.confirmed_by(&again(6, 4, 2.2), soon));
+        assert!(suspect.confirmed_by(&again(4, 3, 2.9), soon));
+        // The replay after a right move goes at the link's speed.
+        assert!(!suspect.confirmed_by(&again(6, 4, 8.0), soon));
+        // Somewhere else in the chain.
+        assert!(!suspect.confirmed_by(&again(7, 6, 2.0), soon));
+        // Long after the move.
+        assert!(!suspect.confirmed_by(&again(6, 4, 2.2), t + SUSPECT_FOR * 2));
     }
 }

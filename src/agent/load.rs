@@ -87,6 +87,7 @@ pub(super) fn load<R: Read + Send, W: Write>(
             replay: None,
             mid_chunk: None,
             orphaned: None,
+            end_owed: false,
         };
         let result = receive(rx, out, &mut relay, loading);
         // Close the listener, the relay links and the writeback requests:
@@ -319,6 +320,10 @@ pub(super) fn receive<W: Write>(
         if relay.successor.is_some() && load.replay.is_some() && load.mid_chunk.is_none() {
             load.replay(out, relay)?;
         }
+        if load.end_owed && !relay.linking && (relay.successor.is_none() || load.replay.is_none()) {
+            load.end_owed = false;
+            load.stream_end(out, relay)?;
+        }
         let event = rx
             .recv()
             .ok_or(AgentError::Closed("before the load finished"))?;
@@ -464,6 +469,10 @@ pub(super) struct Loading<'a> {
     /// A chunk whose start the successor did not get (it was linked in the
     /// middle of it): its other pieces are not passed on.
     pub(super) orphaned: Option<usize>,
+    /// The stream ended while a relink was under way: the end (and this
+    /// node's Missing) waits for the link and for any Replay through it,
+    /// or the nodes after this one would never hear of it.
+    pub(super) end_owed: bool,
 }
 
 /// A chunk arriving in [`Msg::StreamPiece`]s, in order.
@@ -760,12 +769,17 @@ impl Loading<'_> {
         Ok(())
     }
 
-    /// Pass the end of the stream on, then tell the controller what is missing.
+    /// Pass the end of the stream on, then tell the controller what is
+    /// missing; while a relink is under way, both wait for it.
     pub(super) fn stream_end<W: Write>(
         &mut self,
         out: &mut Replies<W>,
         relay: &mut Relay<'_, '_>,
     ) -> Result<(), AgentError> {
+        if relay.successor.is_none() && relay.linking {
+            self.end_owed = true;
+            return Ok(());
+        }
         let missing = Msg::Missing {
             bitmap: self.outstanding.clone(),
         };

@@ -72,6 +72,8 @@ pub(super) struct Relay<'scope, 'env> {
     pub(super) attempt: u64,
     /// Whether the latest RelayConnect asked for a lossy successor.
     pub(super) lossy: bool,
+    /// The latest RelayConnect's link is being made.
+    pub(super) linking: bool,
     pub(super) successor: Option<Successor>,
     /// The newest predecessor connection that sent a frame. After a relink
     /// the old predecessor's last frames may still come: they are dropped,
@@ -90,6 +92,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             listening: false,
             attempt: 0,
             lossy: false,
+            linking: false,
             successor: None,
             predecessor: 0,
             stats: Stats {
@@ -140,6 +143,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         self.successor = None;
         self.attempt += 1;
         self.lossy = lossy;
+        self.linking = port != 0;
         if port == 0 {
             // No successor any more (this node now ends the chain).
             return Ok(());
@@ -171,6 +175,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         if attempt != self.attempt {
             return None;
         }
+        self.linking = false;
         Some(
             match result.and_then(|stream| self.install(stream, attempt, format!("{addr}:{port}")))
             {
@@ -1183,6 +1188,60 @@ mod tests {
             assert_eq!(bits(&a.missing(), 2), vec![0]);
             assert_eq!(a.written(), vec![1]);
             a.send(&image.chunk(0));
+            a.finish();
+            a_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    /// The end of the stream that comes while a relink is under way is
+    /// passed on through the new link once it is up: the nodes after this
+    /// one would otherwise wait for it until the deadline.
+    #[test]
+    fn the_end_of_the_stream_waits_for_a_relink_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rr", 0, 47);
+        let target = dir.path().join("a.img");
+        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            for i in image.data_chunks() {
+                a.send(&streamed(image.chunk(i)));
+            }
+            // A successor slow to answer the handshake: the end of the
+            // stream comes while the link is being made.
+            let next = s.spawn(|| {
+                let (stream, _) = listener.accept().unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                crate::proto::relay::accept_handshake_within(
+                    &stream,
+                    &SECRET,
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+                let mut input = std::io::BufReader::new(&stream);
+                crate::proto::read_msg_sync(&mut input)
+            });
+            a.send(&Msg::RelayConnect {
+                secret: SECRET.to_vec(),
+                addr: LOCALHOST.into(),
+                port,
+                lossy: false,
+            });
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            assert_eq!(next.join().unwrap().unwrap(), Msg::StreamEnd);
+            // Its Missing came once the end had gone on.
+            let order: Vec<&str> = a
+                .log
+                .iter()
+                .map(Msg::name)
+                .filter(|n| ["RelayLinked", "Missing"].contains(n))
+                .collect();
+            assert_eq!(order, ["RelayLinked", "Missing"]);
             a.finish();
             a_session.join().unwrap().unwrap();
         });

@@ -321,12 +321,12 @@ fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
 }
 
 /// A member whose link is slow outwards only (its agent passes the stream
-/// on at 1 MiB/s) makes its predecessor wait as a slow successor would: the
+/// on at 2 MiB/s) makes its predecessor wait as a slow successor would: the
 /// successor may be moved first; when that does not help, the member is.
 /// The healthy nodes are not held to its pace.
 #[test]
 fn a_member_slow_to_pass_the_stream_on_is_moved_even_if_its_successor_was_first() {
-    let (logs, elapsed) = load_with_node02_slow("IMAGING_TEST_OUTPUT_RATE", 1 << 20);
+    let (logs, elapsed) = load_with_node02_slow("IMAGING_TEST_OUTPUT_RATE", 2 << 20);
     let moved = logs
         .iter()
         .find(|l| l.starts_with("node02: slow ("))
@@ -340,10 +340,11 @@ fn a_member_slow_to_pass_the_stream_on_is_moved_even_if_its_successor_was_first(
         others.is_empty() || moved.ends_with("(moving node03 did not help)"),
         "{logs:?}"
     );
-    // Held to node02's pace, every node would take 32 s (32 MiB at 1 MiB/s).
+    // Held to node02's pace, every node would take 16 s (32 MiB at 2 MiB/s);
+    // alone they take 4 s at the controller's 8 MiB/s.
     let healthy = healthy_done(&elapsed);
     assert!(
-        healthy < 16.0,
+        healthy < 10.0,
         "healthy nodes done at {healthy} s: {logs:?}"
     );
 }

@@ -616,26 +616,33 @@ impl Coordinator {
             .collect();
         let at = std::time::Instant::now();
         let sample = Sample { at, members };
-        let verdict = self.watch.observe(sample)?;
-        let moved = self.slow.len();
+        let verdict = self.watch.observe(sample);
         if self.moves_left > 0 {
+            let verdict = verdict?;
+            let moved = self.slow.len();
             let again = self.move_to_tail(&verdict, None, in_stream).await;
             if self.slow.len() > moved {
                 self.moves_left -= 1;
                 self.suspect = Some(Suspect::of(&verdict, at));
             }
-            again
-        } else {
-            // The first move did not help: its waiter was the slow one.
-            let suspect = self.suspect.take_if(|s| s.confirmed_by(&verdict, at))?;
-            let first = self.slow.iter().next().map(|&n| self.name(n).to_string());
-            let verdict = Verdict {
-                node: suspect.node,
-                ..verdict
-            };
-            self.move_to_tail(&verdict, first.as_deref(), in_stream)
-                .await
+            return again;
         }
+        // The first move did not help: its waiter was the slow one.
+        let suspect = self.suspect.as_mut()?;
+        if !suspect.confirmed(verdict.as_ref(), at) {
+            if suspect.expired(at) {
+                self.suspect = None;
+            }
+            return None;
+        }
+        let (suspect, verdict) = (self.suspect.take()?, verdict?);
+        let first = self.slow.iter().next().map(|&n| self.name(n).to_string());
+        let verdict = Verdict {
+            node: suspect.node,
+            ..verdict
+        };
+        self.move_to_tail(&verdict, first.as_deref(), in_stream)
+            .await
     }
 
     /// Move a slow member to the tail of the chain: its predecessor is

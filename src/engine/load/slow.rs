@@ -28,20 +28,21 @@ pub(super) const SLOWER: f64 = 0.5;
 /// member slower than 1 MiB/s is never judged (too little to judge by).
 pub(super) const MIN_DATA: u64 = 512 << 10;
 
-/// A second verdict confirms a suspect if its rate is at most this many
-/// times the first one's: a stream going back through the chain at the
-/// link's speed after a move (the replay) is no sign of a slow member.
-pub(super) const AGAIN: f64 = 1.5;
+/// A verdict points at a suspect if its rate is at most this many times
+/// the first one's: a stream going back through the chain at the link's
+/// speed after a move (the replay) is no sign of a slow member.
+pub(super) const AGAIN: f64 = 2.0;
 /// How long after the move a suspect may be confirmed: the new chain needs
 /// a window of its own to be judged, and a later verdict is about
 /// something else.
-pub(super) const SUSPECT_FOR: Duration = Duration::from_millis(2500);
+pub(super) const SUSPECT_FOR: Duration = Duration::from_secs(4);
 
 /// The member that waited on one found slow and moved. A member whose own
 /// link is slow (both ways, or only out) waits on its successor as a slow
 /// successor makes it wait: the two look alike, and the successor is the
-/// one moved. If the chain is still held back at about the same pace,
-/// with the suspect waiting or waited on, the suspect was the slow one.
+/// one moved. If the chain is then held back around the suspect at about
+/// the same pace, in looks a whole [`WINDOW`] apart (a new link's first
+/// moments can look slow once), the suspect was the slow one.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Suspect {
     pub node: usize,
@@ -49,6 +50,8 @@ pub(super) struct Suspect {
     pub rate: f64,
     /// The end of [`SUSPECT_FOR`].
     pub until: Instant,
+    /// Since when every look found the chain held back around it.
+    since: Option<Instant>,
 }
 
 impl Suspect {
@@ -58,14 +61,38 @@ impl Suspect {
             node: verdict.waiter,
             rate: verdict.rate,
             until: at + SUSPECT_FOR,
+            since: None,
         }
     }
 
-    /// Whether `verdict`, found at `at`, points at the suspect.
-    pub(super) fn confirmed_by(&self, verdict: &Verdict, at: Instant) -> bool {
+    /// Whether `verdict` points at the suspect.
+    pub(super) fn points_at(&self, verdict: &Verdict) -> bool {
         (verdict.waiter == self.node || verdict.node == self.node)
             && verdict.rate <= AGAIN * self.rate
-            && at <= self.until
+    }
+
+    /// Take what a look at `at` found (a verdict or none); whether the
+    /// suspect is now confirmed: looks a window apart or more pointed at it,
+    /// and none in between at another member or pace. A look may find no
+    /// verdict while the pattern holds (a member's report comes late).
+    pub(super) fn confirmed(&mut self, verdict: Option<&Verdict>, at: Instant) -> bool {
+        match verdict {
+            _ if at > self.until => false,
+            Some(v) if self.points_at(v) => {
+                let since = *self.since.get_or_insert(at);
+                at.saturating_duration_since(since) >= WINDOW
+            }
+            Some(_) => {
+                self.since = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Whether it can no longer be confirmed.
+    pub(super) fn expired(&self, at: Instant) -> bool {
+        at > self.until
     }
 }
 
@@ -344,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn a_suspect_is_confirmed_only_by_the_same_slow_pace_around_it() {
+    fn a_suspect_is_confirmed_only_by_the_same_slow_pace_around_it_for_a_window() {
         let first = Verdict {
             node: 5,
             waiter: 4,
@@ -352,24 +379,40 @@ mod tests {
             median: 12.0 * MIB as f64,
         };
         let t = Instant::now();
-        let suspect = Suspect::of(&first, t);
+        let mut suspect = Suspect::of(&first, t);
         assert_eq!(suspect.node, 4);
-        let soon = t + Duration::from_secs(1);
-        // Node 4 still waits at that pace on its new successor, or its
-        // predecessor on it.
         let again = |node, waiter, mib: f64| Verdict {
             node,
             waiter,
             rate: mib * MIB as f64,
             median: 20.0 * MIB as f64,
         };
-        assert!(suspect.confirmed_by(&again(6, 4, 2.2), soon));
-        assert!(suspect.confirmed_by(&again(4, 3, 2.9), soon));
+        // Node 4 still waits at that pace on its new successor, or its
+        // predecessor on it.
+        assert!(suspect.points_at(&again(6, 4, 2.2)));
+        assert!(suspect.points_at(&again(4, 3, 2.9)));
         // The replay after a right move goes at the link's speed.
-        assert!(!suspect.confirmed_by(&again(6, 4, 8.0), soon));
+        assert!(!suspect.points_at(&again(6, 4, 8.0)));
         // Somewhere else in the chain.
-        assert!(!suspect.confirmed_by(&again(7, 6, 2.0), soon));
-        // Long after the move.
-        assert!(!suspect.confirmed_by(&again(6, 4, 2.2), t + SUSPECT_FOR * 2));
+        assert!(!suspect.points_at(&again(7, 6, 2.0)));
+
+        // Confirmed by looks a window apart that point at it.
+        let ms = |n: u64| t + Duration::from_millis(n);
+        let held = again(6, 4, 2.2);
+        assert!(!suspect.confirmed(Some(&held), ms(700)));
+        assert!(!suspect.confirmed(None, ms(800)));
+        assert!(!suspect.confirmed(Some(&held), ms(1000)));
+        // A look that points elsewhere starts over.
+        assert!(!suspect.confirmed(Some(&again(6, 4, 9.0)), ms(1100)));
+        assert!(!suspect.confirmed(Some(&held), ms(1400)));
+        assert!(!suspect.confirmed(None, ms(1600)));
+        assert!(!suspect.confirmed(Some(&held), ms(1800)));
+        assert!(suspect.confirmed(Some(&held), ms(1900)));
+        // Long after the move, nothing confirms it.
+        let mut late = Suspect::of(&first, t);
+        for n in (0..10).map(|k| SUSPECT_FOR.as_millis() as u64 + 100 * k) {
+            assert!(!late.confirmed(Some(&held), ms(n)));
+        }
+        assert!(late.expired(ms(SUSPECT_FOR.as_millis() as u64 + 1)));
     }
 }

@@ -74,6 +74,9 @@ pub(super) struct Relay<'scope, 'env> {
     pub(super) lossy: bool,
     /// The latest RelayConnect's link is being made.
     pub(super) linking: bool,
+    /// The end of the stream went to the successor: when it closes the
+    /// link now, it has finished, and nothing was lost.
+    pub(super) end_passed: bool,
     pub(super) successor: Option<Successor>,
     /// The newest predecessor connection that sent a frame. After a relink
     /// the old predecessor's last frames may still come: they are dropped,
@@ -93,6 +96,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             attempt: 0,
             lossy: false,
             linking: false,
+            end_passed: false,
             successor: None,
             predecessor: 0,
             stats: Stats {
@@ -141,6 +145,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
     ) -> Result<(), AgentError> {
         let secret = relay_secret(secret)?;
         self.successor = None;
+        self.end_passed = false;
         self.attempt += 1;
         self.lossy = lossy;
         self.linking = port != 0;
@@ -220,9 +225,8 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         if self.successor.as_ref()?.attempt != attempt {
             return None;
         }
-        let peer = self.successor.as_ref()?.peer.clone();
-        self.successor = None;
-        Some(Msg::RelayLost { peer, reason })
+        let peer = self.successor.take()?.peer.clone();
+        (!self.end_passed).then_some(Msg::RelayLost { peer, reason })
     }
 
     /// Send a frame to the successor, if any. On failure the successor is
@@ -233,6 +237,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
     pub(super) fn forward(&mut self, frame: Frame<'_>) -> Option<Msg> {
         let successor = self.successor.as_mut()?;
         let started = Instant::now();
+        let end = matches!(frame, Frame::End);
         let result = if successor.lossy {
             successor.forward_lossy(&frame)
         } else {
@@ -252,6 +257,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             }
             sent
         };
+        self.end_passed |= end && result.is_ok();
         let e = result.err()?;
         let successor = self.successor.as_ref()?;
         let peer = successor.peer.clone();
@@ -1040,20 +1046,10 @@ mod tests {
         let image = Image::new(&"r".repeat(160), 0, 41);
         let chunks = image.layout().chunks;
         let target = dir.path().join("a.img");
-        let (stuck, next) = (
-            TcpListener::bind((LOCALHOST, 0)).unwrap(),
-            TcpListener::bind((LOCALHOST, 0)).unwrap(),
-        );
-        let (stuck_port, next_port) = (
-            stuck.local_addr().unwrap().port(),
-            next.local_addr().unwrap().port(),
-        );
+        let ((stuck, stuck_port), (next, next_port)) = (successor_listener(), successor_listener());
         // What a successor gets: the chunk indices, in order, each checked.
         let take = |listener: &TcpListener, go: &std::sync::atomic::AtomicBool| {
-            let (stream, _) = listener.accept().unwrap();
-            crate::proto::relay::accept_handshake_within(&stream, &SECRET, Duration::from_secs(5))
-                .unwrap();
-            stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+            let stream = accept_successor(listener, Duration::ZERO);
             while !go.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -1132,8 +1128,7 @@ mod tests {
         let env = env(&dir);
         let image = Image::new("rr", 0, 43);
         let target = dir.path().join("a.img");
-        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
-        let successor_port = listener.local_addr().unwrap().port();
+        let (listener, successor_port) = successor_listener();
         let (zero, one) = (
             pieces(image.chunk(0), 16_384),
             pieces(image.chunk(1), 16_384),
@@ -1146,17 +1141,7 @@ mod tests {
         std::thread::scope(|s| {
             let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
             let port = a.listen();
-            let accepted = s.spawn(|| {
-                let (stream, _) = listener.accept().unwrap();
-                crate::proto::relay::accept_handshake_within(
-                    &stream,
-                    &SECRET,
-                    Duration::from_secs(5),
-                )
-                .unwrap();
-                stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
-                stream
-            });
+            let accepted = s.spawn(|| accept_successor(&listener, Duration::ZERO));
             a.link(successor_port);
             let successor = accepted.join().unwrap();
             let mut passed = std::io::BufReader::new(&successor);
@@ -1203,8 +1188,7 @@ mod tests {
         let env = env(&dir);
         let image = Image::new("rr", 0, 47);
         let target = dir.path().join("a.img");
-        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = successor_listener();
         std::thread::scope(|s| {
             let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
             for i in image.data_chunks() {
@@ -1213,15 +1197,7 @@ mod tests {
             // A successor slow to answer the handshake: the end of the
             // stream comes while the link is being made.
             let next = s.spawn(|| {
-                let (stream, _) = listener.accept().unwrap();
-                std::thread::sleep(Duration::from_millis(300));
-                crate::proto::relay::accept_handshake_within(
-                    &stream,
-                    &SECRET,
-                    Duration::from_secs(5),
-                )
-                .unwrap();
-                stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+                let stream = accept_successor(&listener, Duration::from_millis(300));
                 let mut input = std::io::BufReader::new(&stream);
                 crate::proto::read_msg_sync(&mut input)
             });
@@ -1246,5 +1222,39 @@ mod tests {
             a_session.join().unwrap().unwrap();
         });
         assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    /// A successor that closes its link after it got the end of the stream
+    /// has finished: no RelayLost (the controller would take it out of the
+    /// chain and send the end again to every node after it, ahead of data
+    /// still on its way to them).
+    #[test]
+    fn a_successor_that_leaves_after_the_end_of_the_stream_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        let image = Image::new("rr", 0, 53);
+        let target = dir.path().join("a.img");
+        let (listener, port) = successor_listener();
+        std::thread::scope(|s| {
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            let next = s.spawn(|| {
+                let stream = accept_successor(&listener, Duration::ZERO);
+                let mut input = std::io::BufReader::new(&stream);
+                while crate::proto::read_msg_sync(&mut input).unwrap() != Msg::StreamEnd {}
+                stream
+            });
+            a.link(port);
+            for i in image.data_chunks() {
+                a.send(&streamed(image.chunk(i)));
+            }
+            a.send(&Msg::StreamEnd);
+            assert!(no_bits(&a.missing()));
+            // The successor finished and left before this node's Finish.
+            drop(next.join().unwrap());
+            a.settle(Duration::from_millis(300));
+            assert_eq!(a.count("RelayLost"), 0, "{:?}", a.log);
+            a.finish();
+            a_session.join().unwrap().unwrap();
+        });
     }
 }

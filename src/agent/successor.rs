@@ -197,13 +197,11 @@ pub(super) fn link_successor(
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
     use std::time::{Duration, Instant};
 
     use crate::agent::links::RELAY_TIMEOUT;
     use crate::agent::testkit::*;
     use crate::proto::Msg;
-    use crate::proto::relay::accept_handshake_within;
 
     /// A successor linked in the middle of a chunk gets none of that
     /// chunk's other pieces (useless without its start), and the next
@@ -214,8 +212,7 @@ mod tests {
         let env = env(&dir);
         let image = Image::new("rr", 0, 37);
         let target = dir.path().join("a.img");
-        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = successor_listener();
         std::thread::scope(|s| {
             let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
             let first = pieces(image.chunk(0), 10_000);
@@ -223,11 +220,7 @@ mod tests {
             for piece in &first[..3] {
                 a.send(piece);
             }
-            let next = s.spawn(|| {
-                let (stream, _) = listener.accept().unwrap();
-                accept_handshake_within(&stream, &SECRET, Duration::from_secs(5)).unwrap();
-                stream
-            });
+            let next = s.spawn(|| accept_successor(&listener, Duration::ZERO));
             assert!(matches!(
                 a.connect_fed(port, &SECRET, false),
                 Msg::RelayLinked { .. }
@@ -273,14 +266,9 @@ mod tests {
         let data = image.data_chunks();
         let target = dir.path().join("a.img");
         // A successor that authenticates, then reads nothing for a while.
-        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = successor_listener();
         std::thread::scope(|s| {
-            let slow = s.spawn(|| {
-                let (stream, _) = listener.accept().unwrap();
-                accept_handshake_within(&stream, &SECRET, Duration::from_secs(5)).unwrap();
-                stream
-            });
+            let slow = s.spawn(|| accept_successor(&listener, Duration::ZERO));
             let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
             assert!(matches!(
                 a.connect_fed(port, &SECRET, true),

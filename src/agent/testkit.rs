@@ -474,6 +474,23 @@ pub(super) fn no_bits(bitmap: &[u8]) -> bool {
     bitmap.iter().all(|&b| b == 0)
 }
 
+/// A raw successor's listener on loopback, and its port.
+pub(super) fn successor_listener() -> (std::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind((LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (listener, port)
+}
+
+/// Accept one relay link on `listener`, answer its handshake after
+/// `delay`; its reads time out after [`REPLY_WAIT`].
+pub(super) fn accept_successor(listener: &std::net::TcpListener, delay: Duration) -> TcpStream {
+    let (stream, _) = listener.accept().unwrap();
+    std::thread::sleep(delay);
+    crate::proto::relay::accept_handshake_within(&stream, &SECRET, Duration::from_secs(5)).unwrap();
+    stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+    stream
+}
+
 /// A raw relay peer that passed the handshake.
 pub(super) fn relay_peer(port: u16, secret: &Secret) -> TcpStream {
     let stream = TcpStream::connect((LOCALHOST, port)).unwrap();

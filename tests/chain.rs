@@ -288,6 +288,13 @@ fn load_with_node02_slow(var: &str, rate: u64) -> (Vec<String>, impl Fn(&str) ->
     })
 }
 
+/// The log line that moved node02.
+fn node02_moved(logs: &[String]) -> &String {
+    logs.iter()
+        .find(|l| l.starts_with("node02: slow ("))
+        .unwrap_or_else(|| panic!("node02 was not found slow: {logs:?}"))
+}
+
 /// The latest of the healthy nodes' times.
 fn healthy_done(elapsed: &impl Fn(&str) -> f64) -> f64 {
     ["node01", "node03", "node04", "node05"]
@@ -302,10 +309,7 @@ fn healthy_done(elapsed: &impl Fn(&str) -> f64) -> f64 {
 #[test]
 fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
     let (logs, elapsed) = load_with_node02_slow("IMAGING_TEST_INPUT_RATE", 2 << 20);
-    let moved = logs
-        .iter()
-        .find(|l| l.starts_with("node02: slow ("))
-        .unwrap_or_else(|| panic!("node02 was not found slow: {logs:?}"));
+    let moved = node02_moved(&logs);
     assert!(moved.ends_with("moved to the tail of the chain"), "{moved}");
     assert_eq!(
         logs.iter().filter(|l| l.contains(": slow (")).count(),
@@ -327,10 +331,7 @@ fn a_slow_member_is_moved_to_the_tail_and_the_others_do_not_wait_for_it() {
 #[test]
 fn a_member_slow_to_pass_the_stream_on_is_moved_even_if_its_successor_was_first() {
     let (logs, elapsed) = load_with_node02_slow("IMAGING_TEST_OUTPUT_RATE", 2 << 20);
-    let moved = logs
-        .iter()
-        .find(|l| l.starts_with("node02: slow ("))
-        .unwrap_or_else(|| panic!("node02 was not found slow: {logs:?}"));
+    let moved = node02_moved(&logs);
     assert!(moved.contains("moved to the tail of the chain"), "{moved}");
     let others: Vec<&String> = logs
         .iter()

@@ -6,7 +6,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::proto::{Msg, ProtocolError, RELAY_SECRET_LEN};
 
@@ -52,8 +52,6 @@ pub(super) struct LoopGone;
 pub(super) struct Inbox {
     control: Receiver<Event>,
     relayed: Receiver<Event>,
-    control_open: bool,
-    relayed_open: bool,
 }
 
 /// Queues of `capacity` events each.
@@ -65,8 +63,6 @@ pub(super) fn events(capacity: usize) -> (Events, Inbox) {
         Inbox {
             control: control_rx,
             relayed: relayed_rx,
-            control_open: true,
-            relayed_open: true,
         },
     )
 }
@@ -84,37 +80,20 @@ impl Events {
 }
 
 impl Inbox {
-    /// The next event, a control one first; `None` once every sender of
-    /// both queues is gone and both are empty.
+    /// The next event, a control one first; `None` once every sender is
+    /// gone and both queues are empty.
     pub(super) fn recv(&mut self) -> Option<Event> {
-        loop {
-            let (event, from_control) = crossbeam_channel::select_biased! {
-                recv(self.control) -> event => (event, true),
-                recv(self.relayed) -> event => (event, false),
-            };
-            match event {
-                Ok(event) => return Some(event),
-                // That queue is closed and empty: the other one alone from
-                // now on, if it is still open.
-                Err(RecvError) => {
-                    let open = if from_control {
-                        &mut self.control_open
-                    } else {
-                        &mut self.relayed_open
-                    };
-                    *open = false;
-                    if !self.control_open && !self.relayed_open {
-                        return None;
-                    }
-                    let closed = if from_control {
-                        &mut self.control
-                    } else {
-                        &mut self.relayed
-                    };
-                    *closed = crossbeam_channel::never();
-                }
-            }
-        }
+        let event = crossbeam_channel::select_biased! {
+            recv(self.control) -> event => event,
+            recv(self.relayed) -> event => event,
+        };
+        // Every sender ([`Events`]) holds both queues, so they close
+        // together; a closed queue is always ready, and what either still
+        // holds comes first.
+        event
+            .ok()
+            .or_else(|| self.control.try_recv().ok())
+            .or_else(|| self.relayed.try_recv().ok())
     }
 }
 

@@ -330,8 +330,7 @@ pub(super) fn receive<W: Write>(
         let msg = match event {
             Event::Control(msg) => msg.map_err(|e| closed_as(e, "before the load finished"))?,
             Event::Relayed { peer, conn, msg } => {
-                if conn >= relay.predecessor {
-                    relay.predecessor = conn;
+                if relay.takes_from(conn) {
                     load.relayed(out, relay, &mut unpacker, &peer, msg)?;
                 }
                 continue;

@@ -229,6 +229,16 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         (!self.end_passed).then_some(Msg::RelayLost { peer, reason })
     }
 
+    /// Whether a frame from predecessor connection `conn` is taken: not
+    /// once a newer connection has sent one (see `predecessor`).
+    pub(super) fn takes_from(&mut self, conn: u64) -> bool {
+        if conn < self.predecessor {
+            return false;
+        }
+        self.predecessor = conn;
+        true
+    }
+
     /// Send a frame to the successor, if any. On failure the successor is
     /// dropped and the RelayLost for the controller returned. A lossy
     /// successor is never waited for: a chunk it cannot take at once is

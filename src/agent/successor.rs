@@ -14,7 +14,7 @@ use crate::proto::{
 };
 
 /// How often at most an agent sends RelayStats while it forwards.
-pub(super) const STATS_EVERY: Duration = Duration::from_millis(100);
+pub(super) const STATS_EVERY: Duration = Duration::from_millis(250);
 
 /// What an agent forwarded and how long it waited on its successor.
 pub(super) struct Stats {

@@ -43,9 +43,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A head that takes no data for this long is cut out.
 const STALL: Duration = Duration::from_secs(10);
 /// How often the chain's waits are looked at while the head takes a chunk
-/// (members report them every 100 ms): a window is judged as soon as it
-/// shows a slow member, not up to a quarter of a second later.
-const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// (members report them every 250 ms). Not more often: a member's wait is
+/// counted when its write ends, in lumps that can outlast a window judged
+/// too soon after a lump's start (seen as a slow member never found).
+const WATCH_EVERY: Duration = Duration::from_millis(250);
 
 pub(super) type SharedTx = Arc<Mutex<Tx>>;
 

@@ -35,7 +35,7 @@ pub(super) const AGAIN: f64 = 2.0;
 /// How long after the move a suspect may be confirmed: the new chain needs
 /// a window of its own to be judged, and a later verdict is about
 /// something else.
-pub(super) const SUSPECT_FOR: Duration = Duration::from_secs(4);
+pub(super) const SUSPECT_FOR: Duration = Duration::from_secs(8);
 
 /// The member that waited on one found slow and moved. A member whose own
 /// link is slow (both ways, or only out) waits on its successor as a slow

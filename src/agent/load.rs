@@ -618,9 +618,7 @@ impl Loading<'_> {
             place: None,
             data,
         };
-        if let Some(lost) = relay.forward(frame) {
-            out.reply(&lost)?;
-        }
+        relay.forward(out, frame)?;
         self.mid_chunk = None;
         match bytes {
             Some(bytes) => self.write(out, i, bytes),
@@ -670,10 +668,8 @@ impl Loading<'_> {
         if self.orphaned.is_some_and(|c| c != i || offset == 0) {
             self.orphaned = None;
         }
-        if self.orphaned.is_none()
-            && let Some(lost) = relay.forward(frame)
-        {
-            out.reply(&lost)?;
+        if self.orphaned.is_none() {
+            relay.forward(out, frame)?;
         }
         let last = end == u64::from(total);
         if last {
@@ -733,8 +729,9 @@ impl Loading<'_> {
                 place: Some(((k * STREAM_PIECE) as u32, total)),
                 data,
             };
-            if let Some(lost) = relay.forward(frame) {
-                return out.reply(&lost);
+            relay.forward(out, frame)?;
+            if relay.successor.is_none() {
+                return Ok(());
             }
         }
         Ok(())
@@ -788,9 +785,7 @@ impl Loading<'_> {
         if lossy {
             out.reply(&missing)?;
         }
-        if let Some(lost) = relay.forward(Frame::End) {
-            out.reply(&lost)?;
-        }
+        relay.forward(out, Frame::End)?;
         if lossy { Ok(()) } else { out.reply(&missing) }
     }
 }

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::agent::error::{AgentError, malformed};
 pub(super) use crate::agent::links::{Connections, Event, Events, RELAY_TIMEOUT, Secret};
-use crate::agent::successor::{
-    Frame, STATS_EVERY, Stats, Successor, link_successor, watch_successor,
-};
+use crate::agent::replies::Replies;
+use crate::agent::successor::{Frame, Stats, Successor, Waiting, link_successor, watch_successor};
 use crate::proto::relay::accept_handshake_within;
 use crate::proto::{
     Msg, ProtocolError, RELAY_SECRET_LEN, read_msg_sync, write_msg_sync, write_stream_chunk_sync,
@@ -99,12 +98,7 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             end_passed: false,
             successor: None,
             predecessor: 0,
-            stats: Stats {
-                forwarded: 0,
-                blocked: Duration::ZERO,
-                reported: 0,
-                last: Instant::now(),
-            },
+            stats: Stats::new(),
         }
     }
 
@@ -239,39 +233,54 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         true
     }
 
-    /// Send a frame to the successor, if any. On failure the successor is
-    /// dropped and the RelayLost for the controller returned. A lossy
+    /// Send a frame to the successor, if any, and tell the controller
+    /// what it needs to know meanwhile (see [`Waiting`]). On failure the
+    /// successor is dropped and the controller told by RelayLost. A lossy
     /// successor is never waited for: a chunk it cannot take at once is
     /// skipped, and at the end of the stream, if it has not taken the one
     /// it was being passed, it is dropped.
-    pub(super) fn forward(&mut self, frame: Frame<'_>) -> Option<Msg> {
-        let successor = self.successor.as_mut()?;
-        let started = Instant::now();
+    pub(super) fn forward<W: io::Write>(
+        &mut self,
+        out: &mut Replies<W>,
+        frame: Frame<'_>,
+    ) -> Result<(), AgentError> {
+        let Some(successor) = self.successor.as_mut() else {
+            return Ok(());
+        };
         let end = matches!(frame, Frame::End);
         let result = if successor.lossy {
             successor.forward_lossy(&frame)
         } else {
+            let started = Instant::now();
             crate::agent::throttle::throttle_output(frame.len());
+            self.stats.blocked += started.elapsed();
+            let mut w = Waiting {
+                stream: &successor.stream,
+                stats: &mut self.stats,
+                out,
+                failed: None,
+            };
             let sent = match frame {
                 Frame::Stream {
                     index,
                     codec,
                     place,
                     data,
-                } => write_stream_chunk_sync(&mut successor.stream, index, codec, place, data),
-                Frame::End => write_msg_sync(&mut successor.stream, &Msg::StreamEnd),
+                } => write_stream_chunk_sync(&mut w, index, codec, place, data),
+                Frame::End => write_msg_sync(&mut w, &Msg::StreamEnd),
             };
-            if sent.is_ok() {
-                self.stats.blocked += started.elapsed();
-                self.stats.forwarded += frame.len() as u64;
+            if let Some(e) = w.failed.take() {
+                return Err(e);
             }
             sent
         };
         self.end_passed |= end && result.is_ok();
-        let e = result.err()?;
-        let successor = self.successor.as_ref()?;
-        let peer = successor.peer.clone();
-        self.successor = None;
+        let Err(e) = result else {
+            return Ok(());
+        };
+        let Some(successor) = self.successor.take() else {
+            return Ok(());
+        };
         let reason = match e {
             ProtocolError::Io(e)
                 if matches!(
@@ -283,7 +292,10 @@ impl<'scope, 'env> Relay<'scope, 'env> {
             }
             e => format!("successor link failed: {e}"),
         };
-        Some(Msg::RelayLost { peer, reason })
+        out.reply(&Msg::RelayLost {
+            peer: successor.peer.clone(),
+            reason,
+        })
     }
 
     /// Whether the successor is fed lossily (see [`Relay::forward`]).
@@ -291,19 +303,14 @@ impl<'scope, 'env> Relay<'scope, 'env> {
         self.successor.as_ref().is_some_and(|s| s.lossy)
     }
 
-    /// A RelayStats for the controller, at most every [`STATS_EVERY`] and
-    /// only if something was forwarded since the last one.
+    /// A RelayStats for the controller, if one is due (see [`Stats::due`]).
     pub(super) fn stats_due(&mut self) -> Option<Msg> {
-        let stats = &mut self.stats;
-        if stats.forwarded == stats.reported || stats.last.elapsed() < STATS_EVERY {
-            return None;
-        }
-        stats.last = Instant::now();
-        stats.reported = stats.forwarded;
-        Some(Msg::RelayStats {
-            forwarded: stats.forwarded,
-            blocked_ms: u64::try_from(stats.blocked.as_millis()).unwrap_or(u64::MAX),
-        })
+        let waited_for = self
+            .successor
+            .as_ref()
+            .filter(|s| !s.lossy)
+            .map(|s| &s.stream);
+        self.stats.due(waited_for)
     }
 }
 

@@ -2,12 +2,14 @@
 //! that waits for it or (a slow successor at the tail) never does, and what
 //! the waiting cost.
 
-use std::io::{self, Read};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use crate::agent::error::AgentError;
 use crate::agent::links::{Connections, Event, Events, RELAY_TIMEOUT, Secret};
+use crate::agent::replies::Replies;
 use crate::proto::relay::{connect_handshake, time_left};
 use crate::proto::{
     Codec, Msg, PiecePlace, ProtocolError, write_msg_sync, write_stream_chunk_sync,
@@ -16,13 +18,146 @@ use crate::proto::{
 /// How often at most an agent sends RelayStats while it forwards.
 pub(super) const STATS_EVERY: Duration = Duration::from_millis(250);
 
-/// What an agent forwarded and how long it waited on its successor.
+/// What an agent passed on and how long it waited on its successor.
 pub(super) struct Stats {
+    /// Bytes handed to successor sockets so far.
     pub(super) forwarded: u64,
+    /// Time spent waiting for a successor socket to take more.
     pub(super) blocked: Duration,
-    /// `forwarded` in the last RelayStats, and when it went.
-    pub(super) reported: u64,
-    pub(super) last: Instant,
+    /// What the last RelayStats said (bytes taken, waits), and when it went.
+    reported: (u64, Duration),
+    last: Instant,
+}
+
+impl Stats {
+    pub(super) fn new() -> Self {
+        Stats {
+            forwarded: 0,
+            blocked: Duration::ZERO,
+            reported: (0, Duration::ZERO),
+            last: Instant::now(),
+        }
+    }
+
+    /// A RelayStats for the controller, at most every [`STATS_EVERY`] and
+    /// only if something changed: what the successor has taken (what went
+    /// to its socket less what waits there unacknowledged, so the figure
+    /// grows at the successor's pace, not in the lumps a full socket takes
+    /// more in) and the waits so far. `successor`: the socket fed with
+    /// waiting, if any.
+    pub(super) fn due(&mut self, successor: Option<&TcpStream>) -> Option<Msg> {
+        if self.last.elapsed() < STATS_EVERY {
+            return None;
+        }
+        let queued = successor.map_or(0, unacknowledged);
+        let taken = self.forwarded.saturating_sub(queued).max(self.reported.0);
+        if (taken, self.blocked) == self.reported {
+            return None;
+        }
+        self.last = Instant::now();
+        self.reported = (taken, self.blocked);
+        Some(Msg::RelayStats {
+            forwarded: taken,
+            blocked_ms: u64::try_from(self.blocked.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// How long a wait may last before a RelayStats may be due.
+    fn until_due(&self) -> Duration {
+        match STATS_EVERY.checked_sub(self.last.elapsed()) {
+            Some(left) if !left.is_zero() => left,
+            // Due, but nothing had changed: look again soon.
+            _ => STATS_EVERY / 5,
+        }
+    }
+}
+
+/// Bytes in `stream`'s send queue: not sent yet, or not acknowledged by
+/// the peer yet (0 if the kernel cannot say).
+fn unacknowledged(stream: &TcpStream) -> u64 {
+    let mut queued: libc::c_int = 0;
+    // SIOCOUTQ, which is TIOCOUTQ on Linux. SAFETY: the call writes one
+    // int, on a socket we own.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 {
+        u64::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// What a successor socket is written through when the successor is
+/// waited for: the wait is counted as it goes, and a RelayStats goes to
+/// the controller whenever one is due, in the middle of a long wait too.
+/// A full socket takes more only once half its buffer is free, which on a
+/// slow link is most of a second: counted when the write ends, the waits
+/// of a member held back would reach the controller in lumps longer than
+/// the window it judges by.
+pub(super) struct Waiting<'a, W: Write> {
+    pub(super) stream: &'a TcpStream,
+    pub(super) stats: &'a mut Stats,
+    pub(super) out: &'a mut Replies<W>,
+    /// The controller could not be told: the load is over.
+    pub(super) failed: Option<AgentError>,
+}
+
+impl<W: Write> Write for Waiting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    /// What the socket takes of `bufs`, waiting until it takes something
+    /// ([`RELAY_TIMEOUT`] at most).
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Ok(0);
+        }
+        let since = Instant::now();
+        loop {
+            let sent = send_now(self.stream, bufs)?;
+            if sent > 0 {
+                self.stats.forwarded += sent as u64;
+                return Ok(sent);
+            }
+            let left = RELAY_TIMEOUT
+                .checked_sub(since.elapsed())
+                .filter(|left| !left.is_zero())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))?;
+            let waiting = Instant::now();
+            wait_writable(self.stream, left.min(self.stats.until_due()))?;
+            self.stats.blocked += waiting.elapsed();
+            if let Some(stats) = self.stats.due(Some(self.stream))
+                && let Err(e) = self.out.reply(&stats)
+            {
+                self.failed = Some(e);
+                return Err(io::Error::other("the controller link failed"));
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Wait until `stream` takes more, it fails, or `timeout` passes.
+fn wait_writable(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // Whole milliseconds, rounded up: a wait of 0 would spin.
+    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000).max(1))
+        .unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut fd, 1, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// One frame of the stream, for the successor.
@@ -81,7 +216,7 @@ impl Successor {
             // controller, told by RelayLost, sends it the end and what it
             // lacks directly), rather than this node staying busy for the
             // seconds that chunk takes on a slow link.
-            let sent = send_now(&self.stream, &self.pending)?;
+            let sent = send_all_now(&self.stream, &self.pending)?;
             self.pending.drain(..sent);
             if !self.pending.is_empty() {
                 return Err(ProtocolError::Io(io::Error::new(
@@ -91,7 +226,7 @@ impl Successor {
             }
             return write_msg_sync(&mut self.stream, &Msg::StreamEnd);
         };
-        let sent = send_now(&self.stream, &self.pending)?;
+        let sent = send_all_now(&self.stream, &self.pending)?;
         self.pending.drain(..sent);
         let starts = place.is_none_or(|(offset, _)| offset == 0);
         if starts {
@@ -101,36 +236,57 @@ impl Successor {
             return Ok(());
         }
         write_stream_chunk_sync(&mut self.pending, index, codec, place, data)?;
-        let sent = send_now(&self.stream, &self.pending)?;
+        let sent = send_all_now(&self.stream, &self.pending)?;
         self.pending.drain(..sent);
         Ok(())
     }
 }
 
-/// Write what the socket takes without waiting; how much that was.
-fn send_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    let mut sent = 0;
-    while sent < buf.len() {
-        let rest = &buf[sent..];
-        // SAFETY: a valid buffer for the call, on a socket we own.
+/// Write what the socket takes of `bufs` without waiting; how much that
+/// was.
+fn send_now(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: zeroed is a valid msghdr (no address, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    loop {
+        // SAFETY: the iovecs point into `bufs`, valid for the call, and
+        // the kernel only reads them; a socket we own.
         let n = unsafe {
-            libc::send(
+            libc::sendmsg(
                 stream.as_raw_fd(),
-                rest.as_ptr().cast(),
-                rest.len(),
+                &msg,
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
         match usize::try_from(n) {
-            Ok(n) => sent += n,
+            Ok(n) => return Ok(n),
             Err(_) => {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::WouldBlock => return Ok(0),
                     io::ErrorKind::Interrupted => {}
                     _ => return Err(e),
                 }
             }
+        }
+    }
+}
+
+/// Write what the socket takes of `buf` without waiting; how much that was.
+fn send_all_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        match send_now(stream, &[IoSlice::new(&buf[sent..])])? {
+            0 => break,
+            n => sent += n,
         }
     }
     Ok(sent)
@@ -199,9 +355,11 @@ pub(super) fn link_successor(
 mod tests {
     use std::time::{Duration, Instant};
 
+    use std::io::Read;
+
     use crate::agent::links::RELAY_TIMEOUT;
     use crate::agent::testkit::*;
-    use crate::proto::Msg;
+    use crate::proto::{Msg, write_msg_sync};
 
     /// A successor linked in the middle of a chunk gets none of that
     /// chunk's other pieces (useless without its start), and the next
@@ -253,6 +411,105 @@ mod tests {
             assert_eq!(chunk1, image.chunk_data(1));
             a.finish();
             a_session.join().unwrap().unwrap();
+        });
+        assert!(std::fs::read(&target).unwrap() == image.data);
+    }
+
+    /// A member held back by its successor tells the controller while it
+    /// waits, not when the write ends: the controller judges the chain over
+    /// half a second, and a full socket may take nothing for longer. What
+    /// it reports as forwarded is what the successor took, not what went
+    /// into the socket.
+    #[test]
+    fn a_member_held_back_reports_its_wait_as_it_waits_and_only_what_its_successor_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(&dir);
+        // 8 MiB: more than the sending socket's buffer grows to.
+        let image = Image::new(&"r".repeat(128), 0, 41);
+        let target = dir.path().join("a.img");
+        let (listener, port) = successor_listener();
+        // A small receive buffer (inherited by the accepted socket), so
+        // that what the successor took stays apart from what was sent.
+        let small: libc::c_int = 64 << 10;
+        // SAFETY: one int, on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                std::ptr::from_ref(&small).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        const PAUSE: Duration = Duration::from_millis(2500);
+        std::thread::scope(|s| {
+            let next = s.spawn(|| accept_successor(&listener, Duration::ZERO));
+            let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));
+            assert!(matches!(
+                a.connect_fed(port, &SECRET, false),
+                Msg::RelayLinked { .. }
+            ));
+            let mut stream = next.join().unwrap();
+            let mut feed = a.ctl.try_clone().unwrap();
+            let image = &image;
+            let feeding = s.spawn(move || {
+                for i in image.data_chunks() {
+                    write_msg_sync(&mut feed, &streamed(image.chunk(i))).unwrap();
+                }
+                write_msg_sync(&mut feed, &Msg::StreamEnd).unwrap();
+            });
+            // The successor takes nothing for a while: what the agent says
+            // meanwhile.
+            let started = Instant::now();
+            let mut during = Vec::new();
+            while let Some(left) = PAUSE.checked_sub(started.elapsed()) {
+                let Ok(msg) = a.replies.recv_timeout(left) else {
+                    break;
+                };
+                a.log.push(msg.clone());
+                if let Msg::RelayStats {
+                    forwarded,
+                    blocked_ms,
+                } = msg
+                {
+                    during.push((started.elapsed(), forwarded, blocked_ms));
+                }
+            }
+            // Then it takes everything.
+            let reader = s.spawn(move || {
+                let mut sink = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                loop {
+                    match stream.read(&mut sink) {
+                        Ok(0) => return total,
+                        Ok(n) => total += n as u64,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+            feeding.join().unwrap();
+            assert!(no_bits(&a.missing()));
+            a.finish();
+            a_session.join().unwrap().unwrap();
+            let read = reader.join().unwrap();
+            assert!(read > 8 << 20, "{read}");
+            // Once the buffers were full (a second at most), the wait
+            // was told every quarter second or so, growing each time, and
+            // what the successor took stayed at what its buffer holds.
+            let late: Vec<_> = during
+                .iter()
+                .filter(|(at, _, _)| *at > Duration::from_secs(1))
+                .collect();
+            assert!(late.len() >= 3, "RelayStats during the pause: {during:?}");
+            assert!(
+                late.windows(2).all(|w| w[1].2 > w[0].2),
+                "the wait did not grow: {during:?}"
+            );
+            assert!(
+                late.iter().all(|(_, taken, _)| *taken < 1 << 20),
+                "more than the successor took: {during:?}"
+            );
         });
         assert!(std::fs::read(&target).unwrap() == image.data);
     }

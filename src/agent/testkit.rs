@@ -334,12 +334,22 @@ impl Driven {
         }
     }
 
-    /// Take replies until none comes for `gap` (within [`REPLY_WAIT`]).
+    /// Take replies until none comes for `gap` (within [`REPLY_WAIT`]),
+    /// but the RelayStats an agent sends every so often while it waits on
+    /// its successor.
     pub(super) fn settle(&mut self, gap: Duration) {
         let deadline = Instant::now() + REPLY_WAIT;
+        let mut quiet_since = Instant::now();
         while Instant::now() < deadline {
-            match self.replies.recv_timeout(gap) {
+            let left = gap.saturating_sub(quiet_since.elapsed());
+            if left.is_zero() {
+                return;
+            }
+            match self.replies.recv_timeout(left) {
                 Ok(msg) => {
+                    if !matches!(msg, Msg::RelayStats { .. }) {
+                        quiet_since = Instant::now();
+                    }
                     self.log.push(msg.clone());
                     self.pending.push_back(msg);
                 }

@@ -213,8 +213,9 @@ pub enum Msg {
         lossy: bool,
     },
     /// How long the agent waited on its successor so far (in writes that
-    /// did not go through at once), and what it forwarded: the controller
-    /// finds the member that holds the chain back from these.
+    /// did not go through at once, counted while they wait), and how many
+    /// bytes its successors took (acknowledged): the controller finds the
+    /// member that holds the chain back from these.
     RelayStats {
         forwarded: u64,
         blocked_ms: u64,

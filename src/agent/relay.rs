@@ -1067,7 +1067,9 @@ mod tests {
         // What a successor gets: the chunk indices, in order, each checked.
         let take = |listener: &TcpListener, go: &std::sync::atomic::AtomicBool| {
             let stream = accept_successor(listener, Duration::ZERO);
+            let deadline = Instant::now() + REPLY_WAIT;
             while !go.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(Instant::now() < deadline, "never told to read");
                 std::thread::sleep(Duration::from_millis(5));
             }
             let mut input = std::io::BufReader::new(&stream);

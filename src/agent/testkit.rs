@@ -494,7 +494,20 @@ pub(super) fn successor_listener() -> (std::net::TcpListener, u16) {
 /// Accept one relay link on `listener`, answer its handshake after
 /// `delay`; its reads time out after [`REPLY_WAIT`].
 pub(super) fn accept_successor(listener: &std::net::TcpListener, delay: Duration) -> TcpStream {
-    let (stream, _) = listener.accept().unwrap();
+    // Within REPLY_WAIT: a test that failed before its agent linked must
+    // end, not leave this thread waiting for ever in its scope.
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + REPLY_WAIT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("no relay link came: {e}"),
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
     std::thread::sleep(delay);
     crate::proto::relay::accept_handshake_within(&stream, &SECRET, Duration::from_secs(5)).unwrap();
     stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();

@@ -1063,7 +1063,8 @@ mod tests {
         let image = Image::new(&"r".repeat(160), 0, 41);
         let chunks = image.layout().chunks;
         let target = dir.path().join("a.img");
-        let ((stuck, stuck_port), (next, next_port)) = (successor_listener(), successor_listener());
+        let ((stuck, stuck_port), (next, next_port)) =
+            (small_buffer_listener(), successor_listener());
         // What a successor gets: the chunk indices, in order, each checked.
         let take = |listener: &TcpListener, go: &std::sync::atomic::AtomicBool| {
             let stream = accept_successor(listener, Duration::ZERO);

@@ -427,21 +427,9 @@ mod tests {
         // 8 MiB: more than the sending socket's buffer grows to.
         let image = Image::new(&"r".repeat(128), 0, 41);
         let target = dir.path().join("a.img");
-        let (listener, port) = successor_listener();
-        // A small receive buffer (inherited by the accepted socket), so
-        // that what the successor took stays apart from what was sent.
-        let small: libc::c_int = 64 << 10;
-        // SAFETY: one int, on a socket we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&listener),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                std::ptr::from_ref(&small).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        // A small receive buffer, so that what the successor took stays
+        // apart from what was sent.
+        let (listener, port) = small_buffer_listener();
         const PAUSE: Duration = Duration::from_millis(2500);
         std::thread::scope(|s| {
             let next = s.spawn(|| accept_successor(&listener, Duration::ZERO));
@@ -523,7 +511,7 @@ mod tests {
         let data = image.data_chunks();
         let target = dir.path().join("a.img");
         // A successor that authenticates, then reads nothing for a while.
-        let (listener, port) = successor_listener();
+        let (listener, port) = small_buffer_listener();
         std::thread::scope(|s| {
             let slow = s.spawn(|| accept_successor(&listener, Duration::ZERO));
             let (mut a, a_session, _) = Driven::start(s, &env, "a", image.begin(&target, false));

@@ -491,6 +491,27 @@ pub(super) fn successor_listener() -> (std::net::TcpListener, u16) {
     (listener, port)
 }
 
+/// A successor's listener whose connections keep a small receive buffer
+/// (64 KiB, not grown by the kernel): a successor that reads nothing then
+/// holds little, whatever the machine lets TCP buffers grow to
+/// (`net.ipv4.tcp_rmem` allows 32 MiB on recent kernels).
+pub(super) fn small_buffer_listener() -> (std::net::TcpListener, u16) {
+    let (listener, port) = successor_listener();
+    let small: libc::c_int = 64 << 10;
+    // SAFETY: one int, on a socket we own; accepted sockets inherit it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_ref(&small).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    (listener, port)
+}
+
 /// Accept one relay link on `listener`, answer its handshake after
 /// `delay`; its reads time out after [`REPLY_WAIT`].
 pub(super) fn accept_successor(listener: &std::net::TcpListener, delay: Duration) -> TcpStream {

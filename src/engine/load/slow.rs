@@ -77,7 +77,7 @@ impl Suspect {
     /// verdict while the pattern holds (a member's report comes late).
     pub(super) fn confirmed(&mut self, verdict: Option<&Verdict>, at: Instant) -> bool {
         match verdict {
-            _ if at > self.until => false,
+            _ if self.expired(at) => false,
             Some(v) if self.points_at(v) => {
                 let since = *self.since.get_or_insert(at);
                 at.saturating_duration_since(since) >= WINDOW
